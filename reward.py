@@ -1,0 +1,457 @@
+"""The verifier: pull the committed final answer out of a completion and decide whether it equals the gold answer.
+
+The 0/1 verdict of `score` is the only learning signal of GRPO and ExPO and decides every pass@k we report, so this
+file is strict in both directions:
+
+* `extract_answer` takes only an answer the text *commits* to -- the last `\\boxed{}`, else a GSM8K `####` line, else
+  an "answer is ..." phrase -- and never falls back to "the last number in the text" (that turns `\\frac{1}{2}` into 2).
+* `is_equiv` normalises LaTeX surface forms, then compares values. Plain numbers compare exactly as rationals
+  (`fractions.Fraction`), so `0.5 == \\frac{1}{2}` but `0.67 != \\frac{2}{3}`. Anything with `\\sqrt`, `\\pi`, powers or
+  variables goes through a small recursive-descent evaluator (no `eval`, no sympy) and is compared numerically to a
+  relative tolerance of 1e-9, at several fixed points when it has variables. Tuples and intervals compare element-wise
+  keeping their brackets, `\\{...\\}` sets ignore order, bare comma lists keep it. Anything else is compared as text.
+
+Model output is untrusted text, so nothing here can raise or run long: answers longer than `MAX_ANSWER_CHARS` are
+compared as plain strings, the parser caps tokens and nesting depth, exact powers are size-checked before they are
+computed, and the regexes have no nested quantifiers that could backtrack.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from fractions import Fraction
+
+MAX_ANSWER_CHARS = 1000  # longer "answers" are compared as plain strings: no real answer is that long
+MAX_TOKENS = 300  # the evaluator gives up (text comparison) on longer expressions
+MAX_DEPTH = 40  # nesting depth the recursive-descent parser accepts
+MAX_EXACT_DIGITS = 5000  # an exact power larger than this is computed in floats (and may overflow to "unparseable")
+MAX_SET_PAIRING = 16  # set elements left to match pairwise after identical ones pair off
+REL_TOL = 1e-9
+SAMPLE_POINTS = (0.5377, 1.8339, 2.2588, 0.8622, 1.3188, 3.5784)  # where expressions in variables are compared
+
+# ----------------------------------------------------------------------------------------------------- extraction
+
+
+def _braced(text: str, start: int) -> str | None:
+    """Content of the balanced {...} opening at text[start], or None when the braces never close."""
+    depth = 0
+    for i in range(start, len(text)):
+        if text[i] == "{":
+            depth += 1
+        elif text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[start + 1 : i]
+    return None
+
+
+def _last_boxed(text: str) -> str | None:
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
+        return None
+    i = start + (6 if text.startswith("\\boxed", start) else 5)
+    if i < len(text) and text[i] == "{":
+        return _braced(text, i)
+    m = re.match(r"[ \t]+([^\s$]+)", text[i : i + 200])  # `\boxed 5`: a single token
+    return m.group(1) if m else None
+
+
+def _clean(answer: str) -> str | None:
+    answer = answer.strip().strip("*").strip()
+    answer = re.sub(r"^\\?\$\s*", "", answer)  # `#### $18`
+    answer = answer.rstrip(".").strip().strip("$").strip()
+    return answer or None
+
+
+def _after_hashes(text: str) -> str | None:
+    line = text[text.rfind("####") + 4 :].lstrip().split("\n", 1)[0]
+    return _clean(line)
+
+
+_PHRASE = re.compile(r"answer is\s*:?", re.IGNORECASE)
+
+
+def _after_phrase(text: str) -> str | None:
+    last = None
+    for last in _PHRASE.finditer(text):
+        pass
+    if last is None:
+        return None
+    rest = text[last.end() : last.end() + 500].lstrip().lstrip("*").lstrip()
+    for left, right in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
+        if rest.startswith(left):  # a math span: take exactly its content
+            end = rest.find(right, len(left))
+            return _clean(rest[len(left) : end]) if end > 0 else None
+    rest = rest.split("\n", 1)[0]
+    rest = re.split(r"\.(?:\s|$)", rest, maxsplit=1)[0]  # end of the sentence (a decimal point is not followed by space)
+    return _clean(rest)
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer `text` commits to, or None.
+
+    Order: the last `\\boxed{...}` / `\\fbox{...}` (balanced braces, or `\\boxed 5`); else what follows the last
+    `####`; else what follows the last "answer is" ("The answer is 42.", "The final answer is $\\frac12$").
+    An empty or unbalanced box, or text with no committed answer, gives None.
+    """
+    if not isinstance(text, str):
+        return None
+    if "\\boxed" in text or "\\fbox" in text:
+        boxed = _last_boxed(text)
+        return boxed.strip() or None if boxed is not None else None
+    if "####" in text:
+        return _after_hashes(text)
+    return _after_phrase(text)
+
+
+# -------------------------------------------------------------------------------------------------- normalisation
+
+_UNWRAP = re.compile(r"\\(?:text|textbf|textit|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")
+_DROP = re.compile(r"\\left|\\right|\\!|\\,|\\;|\\:|\\displaystyle|\\\$|\$|~|\\%|%|\{,\}")
+_DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|°|\\degree")
+_UNITS = re.compile(  # trailing words after a number or a closing brace: `5 cm^2`, `18 dollars`, `\frac12 cup`
+    r"(?<=[\d})])\s*(?:[A-Za-z]{2,}\.?(?:\s+|$|(?=\^)))+(?:\^\s*\{?\d\}?\s*)?$"
+)
+_ASSIGN = re.compile(r"^\s*(?:[A-Za-z]|\\[a-z]+)\s*=(?!=)")  # `x = ...`, `k=...`, `\theta = ...`
+_THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+_MATH_WORDS = {"sqrt", "pi", "infty", "inf", "sin", "cos", "tan", "log", "ln", "exp", "cdot", "times", "div"}
+
+
+def normalize(answer: str) -> str:
+    """A canonical spelling of an answer string (LaTeX noise, units, `x =` and separators removed)."""
+    s = answer.strip()
+    s = re.sub(r"\\[dtc]frac", r"\\frac", s)
+    for _ in range(3):  # nested wrappers: \text{\textbf{C}}
+        s = _UNWRAP.sub(r"\1", s)
+    s = _DEGREES.sub("", _DROP.sub("", s))
+    s = s.replace("\\le", "\\le ").replace("\\ge", "\\ge ")  # keep `\le5` from reading as a command `\le5`
+    s = s.strip().rstrip(".").strip()
+    m = _UNITS.search(s)
+    if m and not any(w.lower() in _MATH_WORDS for w in re.findall(r"[A-Za-z]+", m.group(0))):
+        s = s[: m.start()]
+    if s.count("=") == 1:
+        s = _ASSIGN.sub("", s)
+    s = s.strip()
+    if _THOUSANDS.fullmatch(s):  # `2,500` but not `1, 2` or `(1,234)`: decided before spaces go
+        s = s.replace(",", "")
+    s = re.sub(r"\s+", "", s)
+    s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)  # \frac12
+    s = re.sub(r"\\frac(\d)\{", r"\\frac{\1}{", s)  # \frac1{2}
+    s = re.sub(r"\\frac\{([^{}]*)\}(\d)", r"\\frac{\1}{\2}", s)  # \frac{1}2
+    s = re.sub(r"\\sqrt(\d)", r"\\sqrt{\1}", s)  # \sqrt2
+    return s
+
+
+# ------------------------------------------------------------------------------------------------------ evaluator
+
+
+class _ParseError(Exception):
+    pass
+
+
+_TOKEN = re.compile(r"\d+\.?\d*|\.\d+|\\[A-Za-z]+|\\\{|\\\}|[A-Za-z]|\S")
+_FUNCS = {"\\sin": math.sin, "\\cos": math.cos, "\\tan": math.tan, "\\ln": math.log, "\\log": math.log10,
+          "\\exp": math.exp}
+_OPERATORS = {"\\cdot": "*", "\\times": "*", "\\div": "/"}
+
+
+def _tokenize(s: str) -> list[str]:
+    if re.search(r"[A-Za-z]{2,}", re.sub(r"\\[A-Za-z]+", " ", s)):
+        raise _ParseError  # a word that is not a LaTeX command means text ("Tuesday"), not a product of variables
+    tokens = _TOKEN.findall(s)
+    if len(tokens) > MAX_TOKENS:
+        raise _ParseError
+    return [_OPERATORS.get(t, t) for t in tokens]
+
+
+class _Parser:
+    """Recursive descent over tokens -> a tiny AST of tuples:  ('num', Fraction) ('var', 'x') ('pi',) ('inf',)
+    ('neg', a) ('+', a, b) ('-', a, b) ('*', a, b) ('/', a, b) ('^', a, b) ('sqrt', a, n) ('fn', name, a)."""
+
+    def __init__(self, tokens: list[str]):
+        self.toks, self.i, self.depth = tokens, 0, 0
+
+    def peek(self) -> str | None:
+        return self.toks[self.i] if self.i < len(self.toks) else None
+
+    def take(self, expected: str | None = None) -> str:
+        tok = self.peek()
+        if tok is None or (expected is not None and tok != expected):
+            raise _ParseError
+        self.i += 1
+        return tok
+
+    def parse(self):
+        tree = self.expr()
+        if self.peek() is not None:
+            raise _ParseError
+        return tree
+
+    def expr(self):
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise _ParseError
+        tree = self.term()
+        while self.peek() in ("+", "-"):
+            op = self.take()
+            tree = (op, tree, self.term())
+        self.depth -= 1
+        return tree
+
+    def term(self):
+        tree = self.unary()
+        while True:
+            tok = self.peek()
+            if tok in ("*", "/"):
+                self.take()
+                tree = (tok, tree, self.unary())
+            elif tok is not None and self.starts_atom(tok):  # implicit product: 2\sqrt{3}, 3x, (x+1)(x-1)
+                tree = ("*", tree, self.power())
+            else:
+                return tree
+
+    def unary(self):
+        if self.peek() in ("+", "-"):
+            sign = self.take()
+            operand = self.unary()
+            return ("neg", operand) if sign == "-" else operand
+        return self.power()
+
+    def power(self):
+        base = self.atom()
+        if self.peek() == "^":
+            self.take()
+            return ("^", base, self.unary() if self.peek() in ("+", "-") else self.power())
+        return base
+
+    @staticmethod
+    def starts_atom(tok: str) -> bool:
+        return tok[0].isdigit() or tok[0] == "." or tok.isalpha() or tok in ("(", "{", "\\frac", "\\sqrt", "\\pi") \
+            or tok in _FUNCS
+
+    def group(self):
+        """A braced group, or a single token (`\\sqrt x`, `\\frac{1}x`)."""
+        if self.peek() == "{":
+            self.take()
+            tree = self.expr()
+            self.take("}")
+            return tree
+        return self.atom()
+
+    def atom(self):
+        tok = self.take()
+        if tok in ("\\pi", "\\infty"):
+            return (tok[1:],)
+        if tok[0].isdigit() or tok[0] == ".":
+            return ("num", Fraction(tok))
+        if tok.isalpha() and len(tok) == 1:
+            return ("var", tok)
+        if tok in ("(", "{", "["):
+            tree = self.expr()
+            self.take({"(": ")", "{": "}", "[": "]"}[tok])
+            return tree
+        if tok == "\\frac":
+            return ("/", self.group(), self.group())
+        if tok == "\\sqrt":
+            index = ("num", Fraction(2))
+            if self.peek() == "[":
+                self.take()
+                index = self.expr()
+                self.take("]")
+            return ("sqrt", self.group(), index)
+        if tok in _FUNCS:
+            return ("fn", tok, self.power())
+        raise _ParseError
+
+
+def _pow(base, exp):
+    if isinstance(base, Fraction) and isinstance(exp, Fraction) and exp.denominator == 1:
+        size = max(abs(base.numerator), base.denominator).bit_length() * abs(exp.numerator)
+        if size * 0.302 <= MAX_EXACT_DIGITS:  # exact, when the result has a sane number of digits
+            return base ** int(exp)
+    result = float(base) ** float(exp)  # may raise OverflowError or ZeroDivisionError: both mean "no value"
+    if isinstance(result, complex):
+        raise ValueError("complex power")
+    return result
+
+
+def _root(x, n):
+    if isinstance(x, Fraction) and isinstance(n, Fraction) and n.denominator == 1 and 2 <= n <= 10 and x >= 0:
+        num, den = round(float(x.numerator) ** (1 / int(n))), round(float(x.denominator) ** (1 / int(n)))
+        if num ** int(n) == x.numerator and den ** int(n) == x.denominator:  # a perfect power stays exact
+            return Fraction(num, den)
+    if x < 0:
+        raise ValueError("root of a negative number")
+    return float(x) ** (1 / float(n))
+
+
+def _evaluate(tree, env: dict[str, float]):
+    """The value of an AST: a Fraction while every step is exact, else a float. Raises on division by zero etc."""
+    kind = tree[0]
+    if kind == "num":
+        return tree[1]
+    if kind == "var":
+        return env[tree[1]]
+    if kind == "pi":
+        return math.pi
+    if kind == "infty":
+        return math.inf
+    if kind == "neg":
+        return -_evaluate(tree[1], env)
+    if kind == "fn":
+        return _FUNCS[tree[1]](float(_evaluate(tree[2], env)))
+    a, b = _evaluate(tree[1], env), _evaluate(tree[2], env)
+    if kind == "sqrt":
+        return _root(a, b)
+    if kind == "^":
+        return _pow(a, b)
+    return {"+": lambda: a + b, "-": lambda: a - b, "*": lambda: a * b, "/": lambda: a / b}[kind]()
+
+
+def _variables(tree) -> set[str]:
+    if tree[0] == "var":
+        return {tree[1]}
+    return set().union(*(_variables(t) for t in tree[1:] if isinstance(t, tuple)))
+
+
+def _parse(s: str):
+    try:
+        return _Parser(_tokenize(s)).parse()
+    except (_ParseError, ValueError, ZeroDivisionError, RecursionError):
+        return None
+
+
+def _close(a, b) -> bool:
+    if isinstance(a, Fraction) and isinstance(b, Fraction):
+        return a == b
+    a, b = float(a), float(b)
+    if math.isinf(a) or math.isinf(b) or math.isnan(a) or math.isnan(b):
+        return a == b
+    return abs(a - b) <= REL_TOL * max(abs(a), abs(b)) + 1e-12
+
+
+_NO_VALUE = (ValueError, ZeroDivisionError, OverflowError, KeyError, TypeError, RecursionError)
+
+
+def _equal_values(ta, tb) -> bool:
+    """Compare two ASTs: exactly/numerically for constants, at SAMPLE_POINTS when they have variables."""
+    names = sorted(_variables(ta) | _variables(tb))
+    if not names:
+        try:
+            return _close(_evaluate(ta, {}), _evaluate(tb, {}))
+        except _NO_VALUE:
+            return False  # division by zero (or no value at all) equals nothing
+    agreed = 0
+    for k, _ in enumerate(SAMPLE_POINTS):
+        env = {name: SAMPLE_POINTS[(k + 2 * j) % len(SAMPLE_POINTS)] for j, name in enumerate(names)}
+        try:
+            va, vb = float(_evaluate(ta, env)), float(_evaluate(tb, env))
+        except _NO_VALUE:
+            continue  # outside the domain of one side (log of a negative, say): try the next point
+        if not abs(va - vb) <= REL_TOL * max(1.0, abs(va), abs(vb)):
+            return False
+        agreed += 1
+    return agreed >= 3
+
+
+# ------------------------------------------------------------------------------------------------ equivalence
+
+
+def _split_top(s: str, sep: str) -> list[str]:
+    """Split on `sep` where it is outside every (), [], {} pair."""
+    parts, depth, start, i = [], 0, 0, 0
+    while i < len(s):
+        if s[i] in "([{":
+            depth += 1
+        elif s[i] in ")]}":
+            depth -= 1
+        elif depth == 0 and s.startswith(sep, i):
+            parts.append(s[start:i])
+            start = i + len(sep)
+            i = start
+            continue
+        i += 1
+    return parts + [s[start:]]
+
+
+def _closing_index(s: str) -> int:
+    """Index of the bracket closing the one at s[0] (any bracket type), or -1."""
+    depth = 0
+    for i, c in enumerate(s):
+        depth += c in "([{"
+        depth -= c in ")]}"
+        if depth == 0:
+            return i
+    return -1
+
+
+def _equiv_norm(a: str, b: str) -> bool:
+    if not a or not b:
+        return False
+    for sep in ("\\cup", ","):  # unions of intervals, then tuples / lists
+        pa, pb = _split_top(a, sep), _split_top(b, sep)
+        if len(pa) > 1 or len(pb) > 1:
+            return len(pa) == len(pb) and all(_equiv_norm(x, y) for x, y in zip(pa, pb))
+    if a.startswith("\\{") and a.endswith("\\}") and b.startswith("\\{") and b.endswith("\\}"):
+        return _equiv_sets(_split_top(a[2:-2], ","), _split_top(b[2:-2], ","))
+    ta, tb = _tuple(a), _tuple(b)
+    if ta or tb:  # (3,-1), [0,5): same bracket types, same elements in order
+        return bool(ta and tb) and ta[0] == tb[0] and len(ta[1]) == len(tb[1]) and all(
+            _equiv_norm(x, y) for x, y in zip(ta[1], tb[1]))
+    if a == b:
+        return _parse(a) is None or _equal_values(_parse(a), _parse(a))  # `1/0` is not even equal to itself
+    letter_a, letter_b = re.fullmatch(r"\(?([A-Za-z])\)?", a), re.fullmatch(r"\(?([A-Za-z])\)?", b)
+    if letter_a or letter_b:  # multiple choice: C == (C)
+        return bool(letter_a and letter_b) and letter_a.group(1).upper() == letter_b.group(1).upper()
+    tree_a, tree_b = _parse(a), _parse(b)
+    if tree_a is not None and tree_b is not None:
+        return _equal_values(tree_a, tree_b)
+    return a.lower() == b.lower()  # text answers
+
+
+def _is_bracketed(s: str) -> bool:
+    return len(s) >= 2 and s[0] in "([" and s[-1] in ")]" and _closing_index(s) == len(s) - 1
+
+
+def _tuple(s: str):
+    """('()' or '(]' ..., [elements]) when s is a bracketed comma list, else None."""
+    if not _is_bracketed(s):
+        return None
+    items = _split_top(s[1:-1], ",")
+    return (s[0] + s[-1], items) if len(items) > 1 else None
+
+
+def _equiv_sets(xs: list[str], ys: list[str]) -> bool:
+    """Order-free matching: identical spellings pair off first, the few left are matched pairwise."""
+    if len(xs) != len(ys):
+        return False
+    left_x, left_y = Counter(xs), Counter(ys)
+    common = left_x & left_y
+    left_x, left_y = list((left_x - common).elements()), list((left_y - common).elements())
+    if len(left_x) > MAX_SET_PAIRING:  # pairing is quadratic: refuse rather than run long on hostile input
+        return False
+    for x in left_x:
+        hit = next((i for i, y in enumerate(left_y) if _equiv_norm(x, y)), None)
+        if hit is None:
+            return False
+        left_y.pop(hit)
+    return True
+
+
+def is_equiv(pred: str, gold: str) -> bool:
+    """Do two answer strings denote the same answer? Never raises; False for empty or non-string input."""
+    if not isinstance(pred, str) or not isinstance(gold, str):
+        return False
+    if len(pred) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS:
+        return pred.strip() == gold.strip() != ""  # no real answer is this long: do no work on it
+    try:
+        return _equiv_norm(normalize(pred), normalize(gold))
+    except Exception:  # untrusted text must never crash a training run: any surprise is "not equal"
+        return False
+
+
+def score(completion: str, gold: str) -> float:
+    """1.0 when the answer `completion` commits to is equivalent to `gold`, else 0.0."""
+    pred = extract_answer(completion)
+    return 1.0 if pred is not None and is_equiv(pred, gold) else 0.0

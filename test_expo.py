@@ -351,3 +351,115 @@ def test_explanation_targets_and_leak_filter():
     assert targets == [None, "7 + 8 = 15\nThe answer is \\boxed{15}.", None] and dropped == 2
     assert expo.explanation_targets(["The given answer is 85"], ["85"], drop_leaks=False)[1] == 0
     assert not expo.mentions_hint("So the final answer is 85.")  # an ordinary closing line is not a leak
+
+
+# =========================================================================================================== rollout
+
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+import rollout  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The SmolLM2 tokenizer (pad == EOS == <|im_end|>), from the embedded model converted once."""
+    return AutoTokenizer.from_pretrained(rollout.embedded_model_dir())
+
+
+def tiny_llama(tokenizer, seed=0):
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_gpt2(tokenizer, seed=0):
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=512,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    return GPT2LMHeadModel(config).eval()
+
+
+def test_completion_mask_by_position_with_pad_equal_eos():
+    ids = torch.tensor([[5, 7, 2, 2], [5, 2, 9, 2], [5, 7, 8, 9], [2, 2, 2, 2]])
+    mask, truncated = rollout.completion_mask(ids, stop=[2])
+    assert mask.tolist() == [[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert truncated.tolist() == [False, False, True, False]
+
+
+def test_encode_prompts_uses_chat_template_without_double_bos(tokenizer):
+    ids = rollout.encode_prompts(tokenizer, ["What is 2 + 2?"])[0]
+    text = tokenizer.decode(ids)
+    assert text.startswith("<|im_start|>system") and text.endswith("<|im_start|>assistant\n")
+    assert "What is 2 + 2?" in text and ids[1] != tokenizer.bos_token_id
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
+def test_left_padded_logprobs_equal_rows_scored_alone(tokenizer, make):
+    model = make(tokenizer)
+    prompts = [[1, 400, 401, 402, 403, 404], [1, 500], [1, 600, 601]]
+    completions = torch.tensor([[10, 11, 12, 2], [20, 21, 2, 2], [30, 31, 32, 33]])
+    p_ids, p_mask = rollout.left_pad(prompts, tokenizer.pad_token_id)
+    batch = rollout.token_logprobs(model, p_ids, p_mask, completions, temperature=0.7)
+    for i, p in enumerate(prompts):
+        alone = rollout.token_logprobs(model, torch.tensor([p]), torch.ones(1, len(p), dtype=torch.long),
+                                       completions[i : i + 1], temperature=0.7)
+        assert torch.allclose(batch[i], alone[0], atol=1e-5)
+    assert batch.dtype == torch.float32
+
+
+def test_scored_logprobs_are_log_softmax_of_tempered_logits(tokenizer):
+    model = tiny_llama(tokenizer)
+    prompt = rollout.encode_prompts(tokenizer, ["Hi"])
+    out = rollout.sample(model, tokenizer, prompt, group_size=2, max_new_tokens=6, temperature=0.8, seed=1)
+    scored, entropy = rollout.token_logprobs(model, out.prompt_ids, out.prompt_mask, out.completion_ids, 0.8,
+                                             with_entropy=True)
+    full = torch.cat([out.prompt_ids, out.completion_ids], dim=1)
+    logits = model(full).logits[:, out.prompt_ids.shape[1] - 1 : -1].float() / 0.8
+    expected = torch.log_softmax(logits, -1).gather(-1, out.completion_ids[..., None]).squeeze(-1)
+    assert torch.allclose(scored, expected, atol=1e-5)
+    probs = torch.softmax(logits, -1)
+    assert torch.allclose(entropy, -(probs * probs.log()).sum(-1), atol=1e-4)
+
+
+def test_sampling_is_seeded_grouped_and_greedy_at_zero_temperature(tokenizer):
+    model = tiny_llama(tokenizer)
+    prompts = rollout.encode_prompts(tokenizer, ["What is 1 + 1?", "Name a color."])
+    a = rollout.sample(model, tokenizer, prompts, group_size=3, max_new_tokens=8, temperature=1.0, seed=7)
+    b = rollout.sample(model, tokenizer, prompts, group_size=3, max_new_tokens=8, temperature=1.0, seed=7)
+    c = rollout.sample(model, tokenizer, prompts, group_size=3, max_new_tokens=8, temperature=1.0, seed=8)
+    assert torch.equal(a.completion_ids, b.completion_ids) and not torch.equal(a.completion_ids, c.completion_ids)
+    assert a.prompt_index.tolist() == [0, 0, 0, 1, 1, 1]
+    for row in range(6):
+        prompt = prompts[a.prompt_index[row]]
+        assert a.prompt_ids[row, -len(prompt):].tolist() == prompt
+    assert a.completion_mask.shape == a.completion_ids.shape and len(a.texts) == 6
+    # temperature near 0 is greedy, and greedy equals transformers' own generate (left padding included)
+    cold = rollout.sample(model, tokenizer, prompts, group_size=2, max_new_tokens=8, temperature=1e-6, seed=3)
+    ids, mask = rollout.left_pad(prompts, tokenizer.pad_token_id)
+    reference = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                               pad_token_id=tokenizer.pad_token_id)[:, ids.shape[1]:]
+    assert torch.equal(cold.completion_ids, reference.repeat_interleave(2, 0))
+
+
+def test_static_cache_decoder_matches_dynamic_one(tokenizer):
+    """The GPU path (static cache + 4D mask, replayed as a CUDA graph there) runs eagerly here: same samples."""
+    model = tiny_llama(tokenizer)
+    prompts = rollout.encode_prompts(tokenizer, ["What is 1 + 1?", "Hi"])
+    dynamic = rollout.sample(model, tokenizer, prompts, 2, 10, temperature=1.0, seed=5, cuda_graph=False)
+    static = rollout.sample(model, tokenizer, prompts, 2, 10, temperature=1.0, seed=5, cuda_graph=True)
+    assert torch.equal(dynamic.completion_ids, static.completion_ids)
+
+
+def test_sampling_uses_kv_cache_under_gradient_checkpointing(tokenizer):
+    model = tiny_llama(tokenizer).train()
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()  # renamed in 5.2x
+    lengths = []
+    handle = model.model.register_forward_pre_hook(lambda mod, args, kw: lengths.append(kw["input_ids"].shape[1]),
+                                                   with_kwargs=True)
+    rollout.sample(model, tokenizer, rollout.encode_prompts(tokenizer, ["Hi"]), 2, 6, seed=0)
+    handle.remove()
+    assert lengths[0] > 1 and lengths[1:] == [1] * 5  # one prefill, then one token per step: the cache is on
+    assert model.training  # the caller's mode is restored

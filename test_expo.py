@@ -472,3 +472,141 @@ def test_inverse_cdf_sampling_matches_the_distribution():
     assert torch.allclose(freq, torch.tensor([0.1, 0.2, 0.7, 0.0]), atol=0.01) and freq[3] == 0
     hot = rollout._pick(torch.tensor([[1.0, 3.0, 2.0, 0.0]]).repeat(5, 1), 0, None)
     assert hot.tolist() == [1] * 5
+
+
+# ============================================================================================================= train
+
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+import evaluate  # noqa: E402
+import train  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, tokenizer):
+    """A tiny random Llama with the SmolLM2 tokenizer, saved like any hub model."""
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    tiny_llama(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _args(tiny_dir, out, *extra):
+    return ["--model", str(tiny_dir), "--output_dir", str(out), "--batch_size", "2", "--num_generations", "2",
+            "--max_new_tokens", "6", "--eval_limit", "2", "--eval_k", "2", "--grad_accum", "2", *extra]
+
+
+def _steps(out):
+    return [json.loads(line) for line in open(out / "metrics.jsonl") if '"eval"' not in line]
+
+
+@pytest.mark.parametrize("method", train.METHODS)
+def test_two_steps_of_each_method_write_log_and_checkpoint(tiny_dir, tmp_path, method):
+    train.main(_args(tiny_dir, tmp_path, "--method", method, "--steps", "2"))
+    steps = _steps(tmp_path)
+    assert [s["step"] for s in steps] == [0, 1]
+    loss_key = "loss_dpo" if "dpo" in method else "loss_pg"
+    assert all(math.isfinite(s[loss_key]) and "reward" in s and "t_sample" in s for s in steps)
+    if method in ("expo", "grpo_sft_gt"):
+        assert all(s["loss_sft"] > 0 and s["targets"] == 2 for s in steps)
+    evals = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if '"eval"' in line]
+    assert [e["eval"] for e in evals] == ["before", "after"] and "pass@2" in evals[0]["all"]
+    state = json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == 2 and state["config"]["method"] == method
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint") is not None
+    assert (tmp_path / "samples.md").read_text().count("## step") >= 1
+
+
+def test_resume_reproduces_the_uninterrupted_run(tiny_dir, tmp_path):
+    extra = ["--method", "expo", "--kl_coef", "0.1", "--ppo_epochs", "2", "--learning_rate", "1e-3"]
+    train.main(_args(tiny_dir, tmp_path / "full", *extra, "--steps", "4"))
+    train.main(_args(tiny_dir, tmp_path / "cut", *extra, "--steps", "2"))
+    train.main(_args(tiny_dir, tmp_path / "cut", *extra, "--steps", "4", "--resume"))
+    full, cut = _steps(tmp_path / "full"), _steps(tmp_path / "cut")
+    assert [s["step"] for s in cut] == [0, 1, 2, 3]
+    for a, b in zip(full, cut):
+        for key in ("loss_pg", "loss_sft", "kl", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-8), (a["step"], key)
+    w_full = AutoModelForCausalLM.from_pretrained(tmp_path / "full" / "checkpoint").state_dict()
+    w_cut = AutoModelForCausalLM.from_pretrained(tmp_path / "cut" / "checkpoint").state_dict()
+    assert all(torch.allclose(w_full[k], w_cut[k], atol=1e-6) for k in w_full)
+
+
+def test_grpo_learns_a_synthetic_reward(tokenizer, tmp_path, monkeypatch):
+    """A tiny policy over 20 tokens; reward 1 when the completion starts with a digit (half of them at first)."""
+    model = tiny_llama(tokenizer)
+    allowed = [tokenizer.convert_tokens_to_ids(c) for c in "0123456789abcdefghij"]
+    head = torch.nn.Linear(32, len(tokenizer), bias=True)
+    with torch.no_grad():  # every other token gets a -30 bias: effectively a 20-token vocabulary
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.fill_(-30.0)
+        head.bias[allowed] = 0.0
+    model.lm_head = head
+    monkeypatch.setattr(train.rollout, "load_policy", lambda name, device="cpu", dtype=None: (model, tokenizer))
+    monkeypatch.setattr(train.reward, "score", lambda text, gold: float(text[:1].isdigit()))
+
+    def digit_rate():
+        out = rollout.sample(model, tokenizer, rollout.encode_prompts(tokenizer, ["What is 1 + 2?"] * 8), 8, 2,
+                             seed=123)
+        return sum(t[:1].isdigit() for t in out.texts) / len(out.texts)
+
+    before = digit_rate()
+    cfg = train.parse_args(["--method", "grpo", "--steps", "6", "--batch_size", "4", "--num_generations", "8",
+                            "--max_new_tokens", "2", "--learning_rate", "1e-2", "--temperature", "1.0",
+                            "--output_dir", str(tmp_path), "--grad_accum", "1"])
+    trainer = train.Trainer(cfg)
+    for step in range(6):
+        trainer.grpo_step([trainer.train_set[i] for i in train.batch_indices(len(trainer.train_set), 4, step, 0)])
+        trainer.step += 1
+    assert 0.3 < before < 0.7 and digit_rate() > before + 0.25
+
+
+def test_non_finite_loss_skips_the_update(tiny_dir, tmp_path, monkeypatch):
+    real = expo.grpo_loss
+    monkeypatch.setattr(train.expo, "grpo_loss", lambda *a, **k: (real(*a, **k)[0] * float("nan"), real(*a, **k)[1]))
+    cfg = train.parse_args(_args(tiny_dir, tmp_path, "--method", "grpo", "--steps", "1"))
+    trainer = train.Trainer(cfg)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.grpo_step(trainer.train_set[:2])
+    assert trainer.skipped == 1
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+
+
+def test_batches_cover_each_epoch_once():
+    seen = [i for step in range(5) for i in train.batch_indices(10, 2, step, seed=1)]
+    assert sorted(seen) == list(range(10))
+    assert train.batch_indices(10, 2, 3, seed=1) == train.batch_indices(10, 2, 3, seed=1)
+
+
+def test_bad_flags_and_missing_checkpoint_give_one_line_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--num_generations", "1"])
+    assert "--num_generations must be at least 2" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.parse_args(["--method", "ppo"])
+    assert "invalid choice: 'ppo'" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        train.main(["--resume", "--output_dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="unknown dataset"):
+        train.main(["--dataset", "nope"])
+
+
+def test_pass_at_k_estimator():
+    assert evaluate.pass_at_k(4, 1, 1) == 0.25
+    assert evaluate.pass_at_k(4, 1, 4) == 1.0 and evaluate.pass_at_k(4, 0, 4) == 0.0
+    assert evaluate.pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)
+    assert evaluate.pass_at_k(10, 3, 5) == pytest.approx(1 - 21 / 252)
+    ex = [data.Example("q", "1", level=1), data.Example("q", "1", level=1), data.Example("q", "1", level=5)]
+    summary = evaluate.summarize([(ex[0], 2, ""), (ex[1], 0, ""), (ex[2], 1, "")], k=2)
+    assert summary["all"]["pass@1"] == pytest.approx(0.5) and summary["all"]["pass@2"] == pytest.approx(2 / 3)
+    assert summary["level"]["1"]["pass@2"] == 0.5 and summary["level"]["5"]["pass@1"] == 0.5
+
+
+def test_embedded_model_answers_and_stops(tokenizer):
+    """The real SmolLM2-135M: greedy output ends at its EOS, and the mask stops there."""
+    model, tok = rollout.load_policy(None)
+    out = rollout.sample(model, tok, rollout.encode_prompts(tok, ["What is 2 + 3? Answer with one number."]), 1, 40,
+                         temperature=0)
+    length = int(out.completion_mask.sum())
+    assert not out.truncated[0] and out.completion_ids[0, length - 1] == tok.eos_token_id
+    assert "5" in out.texts[0] and "<|im_end|>" not in out.texts[0]

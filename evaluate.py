@@ -1,0 +1,106 @@
+"""Evaluation: pass@k on a held-out split, overall and by level / subject (the paper: pass@4 at temperature 0.7).
+
+    python evaluate.py --model runs/expo/checkpoint --dataset math --levels 5 --k 4
+    python evaluate.py                      # the embedded SmolLM2-135M on the default arith test set
+
+For each question we sample n = k completions and count the correct ones, c. The unbiased estimator of
+pass@k (Chen et al., 2021) is  1 - C(n - c, k) / C(n, k);  with n = k it is simply "any of the k is right", and
+pass@1 is the mean of c / n. Scores are means over questions.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from collections import defaultdict
+
+import torch
+from tqdm import tqdm
+
+import data
+import expo
+import reward
+import rollout
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k)."""
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
+    return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def evaluate(model, tokenizer, examples: list[data.Example], k: int = 4, temperature: float = 0.7,
+             max_new_tokens: int = 256, batch_size: int = 16, seed: int = 0,
+             progress: bool = True) -> dict:
+    """pass@1 and pass@k of `model` on `examples`, overall and per level / subject, with one sample per question."""
+    rows = []  # (example, number correct, first completion)
+    batches = range(0, len(examples), batch_size)
+    for start in tqdm(batches, desc="eval", disable=not progress, leave=False):
+        chunk = examples[start : start + batch_size]
+        prompts = rollout.encode_prompts(tokenizer, [expo.solve_prompt(e.question) for e in chunk])
+        out = rollout.sample(model, tokenizer, prompts, k, max_new_tokens, temperature, seed=seed + start)
+        for i, e in enumerate(chunk):
+            texts = out.texts[i * k : (i + 1) * k]
+            rows.append((e, sum(reward.score(t, e.answer) for t in texts), texts[0]))
+    return summarize(rows, k)
+
+
+def summarize(rows, k: int) -> dict:
+    """Mean pass@1 / pass@k over all rows and within each level and subject."""
+    def scores(subset):
+        return {"n": len(subset), "pass@1": sum(c / k for _, c, _ in subset) / len(subset),
+                f"pass@{k}": sum(pass_at_k(k, int(c), k) for _, c, _ in subset) / len(subset)}
+
+    result = {"all": scores(rows)}
+    for key in ("level", "subject"):
+        groups = defaultdict(list)
+        for row in rows:
+            if getattr(row[0], key) is not None:
+                groups[getattr(row[0], key)].append(row)
+        if len(groups) > 1:
+            result[key] = {str(name): scores(groups[name]) for name in sorted(groups)}
+    result["samples"] = [{"question": e.question, "gold": e.answer, "completion": text, "correct": c}
+                         for e, c, text in rows[:5]]
+    return result
+
+
+def table(before: dict, after: dict | None, k: int) -> str:
+    """A plain-text table of pass@1 / pass@k, before and (optionally) after training, by level when known."""
+    lines = [f"{'':>12} {'n':>5} {'pass@1':>14} {f'pass@{k}':>14}"]
+
+    def cell(b, a, name):
+        return f"{b[name]:.3f}" + (f" -> {a[name]:.3f}" if a else "")
+
+    names = [("all", before["all"], after["all"] if after else None)]
+    for key in ("level", "subject"):
+        for group, b in before.get(key, {}).items():
+            names.append((f"{key} {group}"[:12], b, after[key][group] if after else None))
+    for name, b, a in names:
+        lines.append(f"{name:>12} {b['n']:>5} {cell(b, a, 'pass@1'):>14} {cell(b, a, f'pass@{k}'):>14}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="hub id or local folder (a checkpoint); default: embedded")
+    parser.add_argument("--dataset", default="arith", help="gsm8k | math | math500 | arith | path.jsonl")
+    parser.add_argument("--split", default="test", help="split to evaluate on")
+    parser.add_argument("--levels", type=int, nargs="*", default=None, help="keep only these levels")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate a random subset of this many questions")
+    parser.add_argument("--k", type=int, default=4, help="samples per question; reports pass@1 and pass@k")
+    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
+    parser.add_argument("--max_new_tokens", type=int, default=256, help="generation budget per completion")
+    parser.add_argument("--batch_size", type=int, default=16, help="questions sampled together")
+    parser.add_argument("--seed", type=int, default=0, help="sampling and subset seed")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu | cuda")
+    args = parser.parse_args()
+    examples = data.load(args.dataset, args.split, levels=args.levels, limit=args.limit, seed=args.seed)
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    model, tokenizer = rollout.load_policy(args.model, args.device, dtype)
+    result = evaluate(model, tokenizer, examples, args.k, args.temperature, args.max_new_tokens, args.batch_size,
+                      args.seed)
+    print(table(result, None, args.k))
+
+
+if __name__ == "__main__":
+    main()

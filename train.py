@@ -1,0 +1,569 @@
+"""Train a policy with ExP-GRPO (ExPO), GRPO, GRPO + expert SFT, or DPO on self-explanations / expert solutions.
+
+    python train.py                                   # the CPU demo: embedded SmolLM2-135M on the arith task
+    python train.py --method grpo                     # the same run without the self-explanation term
+    python train.py --model Qwen/Qwen2.5-1.5B-Instruct --dataset math --levels 5 ...   # see README: GPU recipe
+
+One ExP-GRPO step (`grpo_step`), for a batch of B questions:
+  1. sample G answer-free rollouts per question from the current policy (rollout.sample, prompt expo.solve_prompt)
+  2. score them with the verifier (reward.score) and normalise rewards within each group (expo.group_advantages)
+  3. sample one self-explanation per question from the *current* policy with the answer in the prompt
+     (expo.explain_prompt), turn it into a target ending in \\boxed{gold} (expo.explanation_targets), and pair it
+     with the *answer-free* prompt: the hint is never in the context the target is scored under
+  4. freeze old log-probs (only needed when --ppo_epochs > 1: with one pass, old == current, detached)
+  5. for each PPO epoch: loss = grpo_loss(rollouts) + beta(step) * sft_loss(targets), accumulated over
+     micro-batches so that their sum is exactly the full-batch loss; clip the gradient norm; one optimizer step
+`--method grpo` skips 3, `grpo_sft_gt` uses the dataset's expert solutions as targets in 3, and the DPO methods
+(`dpo_step`) pair a chosen response (a self-explanation, or the expert solution for `dpo_gt`) with one of the
+policy's own wrong rollouts and minimise expo.dpo_loss against the frozen initial policy.
+
+Design choices, each for a reason:
+* Weights and optimizer state stay fp32; on a GPU the forward passes run under bf16 autocast. Pure-bf16 weights
+  would silently drop updates smaller than 1/256 of a weight, which at RL learning rates is most of them.
+* Each step's batch and sampling seed are functions of (seed, step), so `--resume` replays exactly the run that was
+  interrupted (tested), and two methods with the same seed see the same questions in the same order.
+* A step whose loss or gradient is not finite is skipped and logged; it never reaches the weights.
+* Outputs (in --output_dir): metrics.jsonl (one line per step, plus eval lines), samples.md (readable rollouts and
+  self-explanations), checkpoint/ (safetensors weights + tokenizer + trainer_state.json, written atomically,
+  loadable with from_pretrained), curve.png when matplotlib is installed.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+import data
+import evaluate
+import expo
+import reward
+import rollout
+
+METHODS = ("expo", "grpo", "grpo_sft_gt", "expo_dpo", "dpo_gt")
+
+
+@dataclass
+class Config:
+    method: str = "expo"  # expo = ExP-GRPO
+    model: str | None = None  # None = the embedded SmolLM2-135M-Instruct
+    dataset: str = "arith"
+    levels: list[int] | None = (3,)
+    num_generations: int = 4  # G rollouts per question
+    batch_size: int = 8  # questions per step
+    beta: float = 0.04  # weight of the self-explanation / expert SFT term
+    beta_schedule: str = "constant"
+    explain_on: str = "all"  # "all" questions (the paper) or only those whose whole group "failed"
+    drop_leaks: bool = True
+    kl_coef: float = 0.0
+    clip_eps: float = 0.2
+    loss_norm: str = "seq"
+    adv_scale: str = "std"
+    dpo_beta: float = 0.1
+    dpo_refresh: int = 0  # expo_dpo: 0 = offline (explanations of the initial model), N = regenerate every N steps
+    learning_rate: float = 1e-5
+    max_grad_norm: float = 1.0
+    max_new_tokens: int = 160
+    temperature: float = 0.7
+    steps: int = 12
+    ppo_epochs: int = 1
+    grad_accum: int = 4  # micro-batches per optimizer step
+    gradient_checkpointing: bool = False
+    eval_every: int = 0  # 0 = only before and after training
+    eval_k: int = 4
+    eval_temperature: float = 0.7
+    eval_limit: int | None = 32
+    eval_max_new_tokens: int | None = None  # None = max_new_tokens
+    save_every: int = 0  # 0 = only at the end (and on Ctrl-C)
+    seed: int = 0
+    output_dir: str = "runs/expo"
+    resume: bool = False
+    device: str = "auto"
+    dtype: str = "auto"
+
+
+HELP = {
+    "method": "expo = ExP-GRPO; grpo; grpo_sft_gt = GRPO + SFT on expert solutions; expo_dpo; dpo_gt",
+    "model": "hub id or local folder (default: the embedded SmolLM2-135M-Instruct)",
+    "dataset": "gsm8k | math | math500 | arith | path/to/file.jsonl",
+    "levels": "train and evaluate only on these difficulty levels (e.g. 5); 'all' for every level",
+    "num_generations": "G: answer-free rollouts sampled per question",
+    "batch_size": "questions per step",
+    "beta": "weight of the self-explanation (expo) or expert-solution (grpo_sft_gt) log-likelihood term",
+    "beta_schedule": "constant, or linear decay of beta to 0 over --steps",
+    "explain_on": "self-explain every question (all, as in the paper) or only all-wrong groups (failed)",
+    "drop_leaks": "drop self-explanations that mention being given the answer",
+    "kl_coef": "weight of the k3 KL penalty to the frozen initial policy (0 = no reference model)",
+    "clip_eps": "PPO clipping range for the token ratio",
+    "loss_norm": "seq (mean per sequence), token (mean over tokens) or constant (Dr. GRPO)",
+    "adv_scale": "std: divide advantages by the group std; none: only subtract the mean (Dr. GRPO)",
+    "dpo_beta": "DPO temperature beta",
+    "dpo_refresh": "expo_dpo: 0 = offline self-explanations of the initial model; N = regenerate every N steps",
+    "learning_rate": "AdamW learning rate",
+    "max_grad_norm": "gradient norm clipping",
+    "max_new_tokens": "generation budget for rollouts and self-explanations",
+    "temperature": "sampling temperature of rollouts (log-probs are scored at the same temperature)",
+    "steps": "optimizer steps per PPO epoch count (total training steps)",
+    "ppo_epochs": "optimizer passes over each step's rollouts (1 = on-policy, no old-policy forward)",
+    "grad_accum": "micro-batches per step (same result, less memory)",
+    "gradient_checkpointing": "recompute activations in the backward pass to save memory",
+    "eval_every": "evaluate every N steps (0 = only before and after)",
+    "eval_k": "samples per eval question: reports pass@1 and pass@k",
+    "eval_temperature": "sampling temperature for evaluation (the paper: 0.7)",
+    "eval_limit": "evaluate on a fixed random subset of this many test questions ('all' for the whole split)",
+    "eval_max_new_tokens": "generation budget for evaluation (default: --max_new_tokens)",
+    "save_every": "write a checkpoint every N steps (0 = only at the end and on Ctrl-C)",
+    "seed": "seed for data order, sampling and evaluation subsets",
+    "output_dir": "where metrics.jsonl, samples.md, checkpoint/ and curve.png go",
+    "resume": "continue from output_dir/checkpoint, reproducing the uninterrupted run",
+    "device": "auto | cpu | cuda | cuda:N",
+    "dtype": "auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16",
+}
+
+
+def _optional_int(text: str) -> int | None:
+    return None if text.lower() in ("all", "none") else int(text)
+
+
+def parse_args(argv=None) -> Config:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    choices = {"method": METHODS, "beta_schedule": ("constant", "linear"), "explain_on": ("all", "failed"),
+               "loss_norm": expo.LOSS_NORMS, "adv_scale": ("std", "none"), "dtype": ("auto", "fp32", "bf16")}
+    for f in fields(Config):
+        flag = f"--{f.name}"
+        if f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=HELP[f.name])
+        elif f.name == "levels":
+            parser.add_argument(flag, nargs="+", default=list(f.default), help=HELP[f.name])
+        else:
+            kind = {"int": int, "float": float, "str": str, "int | None": _optional_int, "str | None": str}[f.type]
+            parser.add_argument(flag, type=kind, default=f.default, choices=choices.get(f.name), help=HELP[f.name])
+    cfg = Config(**vars(parser.parse_args(argv)))
+    cfg.levels = None if cfg.levels in (None, ["all"]) else [int(x) for x in cfg.levels]
+    problems = [msg for bad, msg in [
+        (cfg.num_generations < 2, "--num_generations must be at least 2 (advantages compare rollouts in a group)"),
+        (cfg.batch_size < 1 or cfg.steps < 1 or cfg.ppo_epochs < 1, "--batch_size, --steps, --ppo_epochs must be >= 1"),
+        (cfg.grad_accum < 1, "--grad_accum must be >= 1"),
+        (cfg.beta < 0 or cfg.kl_coef < 0, "--beta and --kl_coef must be >= 0"),
+        (not 0 < cfg.clip_eps < 1, "--clip_eps must be in (0, 1)"),
+        (cfg.temperature <= 0 or cfg.eval_temperature <= 0, "temperatures must be > 0"),
+        (cfg.learning_rate <= 0, "--learning_rate must be > 0"),
+        (cfg.max_new_tokens < 1, "--max_new_tokens must be >= 1"),
+    ] if bad]
+    if problems:
+        parser.error(problems[0])
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------------------- helpers
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """The questions of `step`: consecutive slices of per-epoch shuffles, a pure function of (seed, step)."""
+    out = []
+    for position in range(step * batch_size, (step + 1) * batch_size):
+        epoch, offset = divmod(position, n)
+        order = list(range(n))
+        random.Random(f"{seed}/{epoch}").shuffle(order)
+        out.append(order[offset])
+    return out
+
+
+def step_seed(seed: int, step: int, salt: int = 0) -> int:
+    return (seed * 1_000_003 + step * 7919 + salt) % (2**31)
+
+
+def micro_batches(n_rows: int, grad_accum: int) -> list[list[int]]:
+    size = math.ceil(n_rows / grad_accum)
+    return [list(range(i, min(i + size, n_rows))) for i in range(0, n_rows, size)]
+
+
+def target_batch(tokenizer, questions: list[str], targets: list[str], stop_id: int) -> rollout.Rollouts:
+    """Targets as completions of the answer-free solve prompt, each ending in one EOS, masked by length."""
+    prompts = rollout.encode_prompts(tokenizer, [expo.solve_prompt(q) for q in questions])
+    completions = [tokenizer(t, add_special_tokens=False).input_ids + [stop_id] for t in targets]
+    p_ids, p_mask = rollout.left_pad(prompts, tokenizer.pad_token_id)
+    width = max(len(c) for c in completions)
+    c_ids = torch.full((len(completions), width), tokenizer.pad_token_id, dtype=torch.long)
+    c_mask = torch.zeros_like(c_ids)
+    for i, c in enumerate(completions):
+        c_ids[i, : len(c)], c_mask[i, : len(c)] = torch.tensor(c), 1
+    return rollout.Rollouts(p_ids, p_mask, c_ids, c_mask, targets, torch.zeros(len(targets), dtype=torch.bool),
+                            torch.arange(len(targets)))
+
+
+def to_device(batch: rollout.Rollouts, device) -> rollout.Rollouts:
+    return rollout.Rollouts(*(x.to(device) if torch.is_tensor(x) else x for x in vars(batch).values()))
+
+
+def logprobs(model, batch: rollout.Rollouts, rows, temperature: float, **kw):
+    return rollout.token_logprobs(model, batch.prompt_ids[rows], batch.prompt_mask[rows], batch.completion_ids[rows],
+                                  temperature, **kw)
+
+
+# ------------------------------------------------------------------------------------------------- the trainer
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available()
+                                   else "cpu")
+        use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and self.device.type == "cuda")
+        self.amp = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=False)) \
+            if use_bf16 else contextlib.nullcontext
+        self.out = Path(cfg.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.seed)
+        self.train_set = data.load(cfg.dataset, "train", levels=cfg.levels)
+        self.eval_set = data.load(cfg.dataset, "test", levels=cfg.levels, limit=cfg.eval_limit, seed=cfg.seed)
+        if cfg.method in ("grpo_sft_gt", "dpo_gt") and not all(e.solution for e in self.train_set):
+            raise data.DataError(f"--method {cfg.method} needs expert solutions, and {cfg.dataset} has rows without "
+                                 "a 'solution'")
+        start = self.out / "checkpoint" if cfg.resume else None
+        if start is not None and not (start / "trainer_state.json").exists():
+            raise FileNotFoundError(f"--resume: no checkpoint in {start}")
+        self.model, self.tokenizer = rollout.load_policy(str(start) if start else cfg.model, self.device)
+        if cfg.gradient_checkpointing:
+            (getattr(self.model, "activation_checkpointing_enable", None)
+             or self.model.gradient_checkpointing_enable)()
+        self.model.train()
+        self.stop_id = rollout.stop_ids(self.model, self.tokenizer)[0]
+        # The frozen reference is the *initial* policy, also after --resume: KL and DPO are measured against it.
+        needs_ref = cfg.kl_coef > 0 or cfg.method in ("expo_dpo", "dpo_gt")
+        self.ref = None
+        if needs_ref:
+            self.ref = (rollout.load_policy(cfg.model, self.device)[0] if start else copy.deepcopy(self.model)).eval()
+            self.ref.requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.99),
+                                           weight_decay=0.0)
+        self.step, self.skipped = 0, 0
+        self.dpo_chosen: dict[str, tuple[int, str]] = {}  # question id -> (step made, target) for ExP-DPO
+        if start:
+            state = json.loads((start / "trainer_state.json").read_text())
+            self.step = state["step"]
+            self.optimizer.load_state_dict(unflatten_optimizer(load_file(start / "optimizer.safetensors"),
+                                                               state["optimizer"]))
+            self.dpo_chosen = {k: tuple(v) for k, v in state.get("dpo_chosen", {}).items()}
+
+    # ------------------------------------------------------------------------------------------------- sampling
+
+    def sample(self, user_texts: list[str], group_size: int, seed: int, model=None) -> rollout.Rollouts:
+        prompts = rollout.encode_prompts(self.tokenizer, user_texts)
+        with self.amp():
+            return rollout.sample(model or self.model, self.tokenizer, prompts, group_size, self.cfg.max_new_tokens,
+                                  self.cfg.temperature, seed=seed)
+
+    def self_explanations(self, questions: list[data.Example], seed: int, model=None):
+        """Targets from self-explanations (None where dropped), and their stats."""
+        out = self.sample([expo.explain_prompt(e.question, e.answer) for e in questions], 1, seed, model)
+        targets, dropped = expo.explanation_targets(out.texts, [e.answer for e in questions], self.cfg.drop_leaks)
+        stats = {"explain_len": float(out.completion_mask.sum(1).float().mean()), "explain_dropped": dropped,
+                 "explain_truncated": float(out.truncated.float().mean()),
+                 "explain_correct": sum(reward.score(t, e.answer) for t, e in zip(out.texts, questions)) / len(questions)}
+        return targets, out.texts, stats
+
+    # ------------------------------------------------------------------------------------------------ GRPO family
+
+    def grpo_step(self, batch: list[data.Example]) -> dict:
+        cfg, G = self.cfg, self.cfg.num_generations
+        t0 = time.perf_counter()
+        roll = self.sample([expo.solve_prompt(e.question) for e in batch], G, step_seed(cfg.seed, self.step))
+        t_sample = time.perf_counter() - t0
+        rewards = torch.tensor([reward.score(text, batch[i].answer)
+                                for text, i in zip(roll.texts, roll.prompt_index.tolist())])
+        adv = expo.group_advantages(rewards, G, cfg.adv_scale).to(self.device)
+        groups = rewards.view(-1, G)
+        stats = {"reward": float(rewards.mean()), "all_wrong": float((groups.sum(1) == 0).float().mean()),
+                 "all_right": float((groups.sum(1) == G).float().mean()),
+                 "completion_len": float(roll.completion_mask.sum(1).float().mean()),
+                 "truncated": float(roll.truncated.float().mean()),
+                 "gen_tok_s": float(roll.completion_mask.sum()) / max(t_sample, 1e-9)}
+        t1 = time.perf_counter()
+        # the SFT-style term: self-explanations (expo) or expert solutions (grpo_sft_gt), scored answer-free
+        targets, first_explanation = None, None
+        if cfg.method == "expo":
+            chosen = [i for i, g in enumerate(groups) if cfg.explain_on == "all" or g.sum() == 0]
+            if chosen:
+                texts, explanations, ex_stats = self.self_explanations([batch[i] for i in chosen],
+                                                                       step_seed(cfg.seed, self.step, 1))
+                stats.update(ex_stats)
+                targets = [(batch[i].question, t) for i, t in zip(chosen, texts) if t is not None]
+                first_explanation = explanations[0] if chosen[0] == 0 else None
+        elif cfg.method == "grpo_sft_gt":
+            targets = [(e.question, e.solution) for e in batch]
+        stats["t_explain"] = time.perf_counter() - t1
+        tgt = to_device(target_batch(self.tokenizer, *zip(*targets), self.stop_id), self.device) if targets else None
+        beta = expo.beta_at(self.step, cfg.steps, cfg.beta, cfg.beta_schedule)
+
+        t2 = time.perf_counter()
+        rows = micro_batches(roll.completion_ids.shape[0], cfg.grad_accum)
+        n_tokens = int(roll.completion_mask.sum())
+        old = ref = None
+        with torch.no_grad(), self.amp():
+            if cfg.ppo_epochs > 1:  # with one pass the old policy *is* the current one: use logp.detach()
+                old = torch.cat([logprobs(self.model, roll, r, cfg.temperature) for r in rows])
+            if cfg.kl_coef > 0:
+                ref = torch.cat([logprobs(self.ref, roll, r, cfg.temperature) for r in rows])
+        for _ in range(cfg.ppo_epochs):
+            self.optimizer.zero_grad(set_to_none=True)
+            totals = {"loss_pg": 0.0, "loss_sft": 0.0, "clip_frac": 0.0, "kl": 0.0, "entropy": 0.0}
+            for r in rows:
+                with self.amp():
+                    logp, entropy = logprobs(self.model, roll, r, cfg.temperature, with_entropy=True)
+                mask = roll.completion_mask[r]
+                loss, st = expo.grpo_loss(logp, logp.detach() if old is None else old[r],
+                                          None if ref is None else ref[r], adv[r], mask, cfg.clip_eps,
+                                          cfg.kl_coef, cfg.loss_norm, max_tokens=cfg.max_new_tokens)
+                weight = expo.accumulation_weight(cfg.loss_norm, mask, len(roll.texts), n_tokens)
+                (loss * weight).backward()
+                share = float(mask.sum()) / max(1, n_tokens)
+                totals["loss_pg"] += loss.item() * weight
+                for key in ("clip_frac", "kl"):
+                    totals[key] += st[key] * share
+                totals["entropy"] += float((entropy * mask).sum()) / max(1, n_tokens)
+            if tgt is not None and beta > 0:
+                t_tokens = int(tgt.completion_mask.sum())
+                for r in micro_batches(tgt.completion_ids.shape[0], cfg.grad_accum):
+                    with self.amp():
+                        logp = logprobs(self.model, tgt, r, 1.0)  # the policy's own likelihood (temperature 1)
+                    mask = tgt.completion_mask[r]
+                    loss = expo.sft_loss(logp, mask) * (float(mask.sum()) / t_tokens)
+                    (beta * loss).backward()
+                    totals["loss_sft"] += loss.item()
+            stats.update(totals)
+            stats["grad_norm"] = self.optimizer_step()
+        stats.update({"beta": beta, "targets": 0 if tgt is None else len(tgt.texts), "t_sample": t_sample,
+                      "t_update": time.perf_counter() - t2})
+        self.write_samples(batch[0], roll.texts[:G], rewards[:G].tolist(), first_explanation)
+        return stats
+
+    # ------------------------------------------------------------------------------------------------- DPO family
+
+    def dpo_step(self, batch: list[data.Example]) -> dict:
+        cfg, G = self.cfg, self.cfg.num_generations
+        t0 = time.perf_counter()
+        roll = self.sample([expo.solve_prompt(e.question) for e in batch], G, step_seed(cfg.seed, self.step))
+        t_sample = time.perf_counter() - t0
+        scores = [reward.score(text, batch[i].answer) for text, i in zip(roll.texts, roll.prompt_index.tolist())]
+        stats = {"reward": sum(scores) / len(scores), "t_sample": t_sample,
+                 "completion_len": float(roll.completion_mask.sum(1).float().mean()),
+                 "truncated": float(roll.truncated.float().mean())}
+        chosen = self.chosen_responses(batch, stats)
+        pairs = []  # (question, chosen text, rejected text): the first wrong rollout of the question
+        for i, e in enumerate(batch):
+            wrong = [roll.texts[i * G + j] for j in range(G) if scores[i * G + j] == 0]
+            if chosen[i] is not None and wrong:
+                pairs.append((e.question, chosen[i], wrong[0]))
+        stats["pairs"] = len(pairs)
+        t2 = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        stats["loss_dpo"] = 0.0
+        if pairs:
+            questions, good, bad = zip(*pairs)
+            both = to_device(target_batch(self.tokenizer, questions + questions, good + bad, self.stop_id),
+                             self.device)
+            n = len(pairs)
+            for r in micro_batches(n, cfg.grad_accum):
+                rows = r + [i + n for i in r]  # chosen rows, then their rejected partners
+                with torch.no_grad(), self.amp():
+                    ref_seq = expo.sequence_logp(logprobs(self.ref, both, rows, 1.0), both.completion_mask[rows])
+                with self.amp():
+                    seq = expo.sequence_logp(logprobs(self.model, both, rows, 1.0), both.completion_mask[rows])
+                k = len(r)
+                loss = expo.dpo_loss(seq[:k], seq[k:], ref_seq[:k], ref_seq[k:], cfg.dpo_beta) * (k / n)
+                loss.backward()
+                stats["loss_dpo"] += loss.item()
+            self.write_samples(batch[0], roll.texts[:G], scores[:G], chosen[0])
+        stats["grad_norm"] = self.optimizer_step()
+        stats["t_update"] = time.perf_counter() - t2
+        return stats
+
+    def chosen_responses(self, batch: list[data.Example], stats: dict) -> list[str | None]:
+        """dpo_gt: expert solutions. expo_dpo: self-explanations, cached per question -- made once by the initial
+        (reference) policy when offline, or by the current policy and renewed every --dpo_refresh steps."""
+        if self.cfg.method == "dpo_gt":
+            return [e.solution for e in batch]
+        refresh = self.cfg.dpo_refresh
+        stale = [e for e in batch if e.id not in self.dpo_chosen
+                 or (refresh and self.step - self.dpo_chosen[e.id][0] >= refresh)]
+        if stale:
+            targets, _, ex_stats = self.self_explanations(stale, step_seed(self.cfg.seed, self.step, 1),
+                                                          model=self.model if refresh else self.ref)
+            stats.update(ex_stats)
+            for e, t in zip(stale, targets):
+                self.dpo_chosen[e.id] = (self.step, t)
+        return [self.dpo_chosen[e.id][1] for e in batch]
+
+    # ------------------------------------------------------------------------------------------------- plumbing
+
+    def optimizer_step(self) -> float:
+        """Clip and apply the accumulated gradient, unless it is not finite (then nothing changes)."""
+        norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm))
+        if math.isfinite(norm):
+            self.optimizer.step()
+        else:
+            self.skipped += 1
+            print(f"step {self.step}: non-finite loss or gradient (norm {norm}); update skipped", file=sys.stderr)
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def write_samples(self, example: data.Example, texts, rewards, explanation) -> None:
+        with open(self.out / "samples.md", "a") as f:
+            f.write(f"\n## step {self.step}\n\n**Question** ({example.id}, gold `{example.answer}`): "
+                    f"{example.question}\n\n")
+            for text, r in zip(texts[:3], rewards):
+                f.write(f"- reward {r:.0f}: {text.strip()[:600]!r}\n")
+            if explanation:
+                f.write(f"\n**Self-explanation / chosen target:** {explanation.strip()[:800]!r}\n")
+
+    def log(self, record: dict) -> None:
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def evaluate(self, label: str) -> dict:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        with self.amp():
+            result = evaluate.evaluate(self.model, self.tokenizer, self.eval_set, cfg.eval_k, cfg.eval_temperature,
+                                       cfg.eval_max_new_tokens or cfg.max_new_tokens, seed=cfg.seed + 10**6)
+        self.model.train()
+        record = {"eval": label, "step": self.step, "t_eval": time.perf_counter() - t0,
+                  **{k: v for k, v in result.items() if k != "samples"}}
+        self.log(record)
+        return result
+
+    def save(self) -> Path:
+        """Write output_dir/checkpoint atomically: a temporary folder, then a rename over the old one."""
+        target, tmp = self.out / "checkpoint", self.out / ".checkpoint-tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.model.save_pretrained(tmp, safe_serialization=True)
+        self.tokenizer.save_pretrained(tmp)
+        tensors, layout = flatten_optimizer(self.optimizer.state_dict())
+        save_file(tensors, tmp / "optimizer.safetensors")
+        (tmp / "trainer_state.json").write_text(json.dumps(
+            {"step": self.step, "config": asdict(self.cfg), "optimizer": layout,
+             "dpo_chosen": self.dpo_chosen}, indent=1))
+        old = self.out / ".checkpoint-old"
+        if target.exists():
+            target.rename(old)
+        tmp.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+        return target
+
+    def train(self) -> tuple[dict | None, dict | None]:
+        cfg = self.cfg
+        print(f"{cfg.method} on {cfg.dataset} levels={cfg.levels}: {len(self.train_set)} train / "
+              f"{len(self.eval_set)} eval questions, device {self.device}, output {self.out}", flush=True)
+        before = self.evaluate("before") if self.step == 0 else None
+        bar = tqdm(range(self.step, cfg.steps), desc=cfg.method, initial=self.step, total=cfg.steps)
+        try:
+            for _ in bar:
+                batch = [self.train_set[i] for i in batch_indices(len(self.train_set), cfg.batch_size, self.step,
+                                                                  cfg.seed)]
+                t0 = time.perf_counter()
+                stats = (self.dpo_step if "dpo" in cfg.method else self.grpo_step)(batch)
+                stats.update(step=self.step, t_step=time.perf_counter() - t0, skipped_updates=self.skipped,
+                             **self.memory())
+                self.log(stats)
+                bar.set_postfix(reward=f"{stats['reward']:.2f}", tok_s=f"{stats.get('gen_tok_s', 0):.0f}")
+                self.step += 1
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                    self.evaluate(f"step {self.step}")
+                if cfg.save_every and self.step % cfg.save_every == 0:
+                    self.save()
+        except KeyboardInterrupt:
+            print(f"\ninterrupted: checkpoint of step {self.step} in {self.save()}; continue with --resume")
+            raise SystemExit(130)
+        after = self.evaluate("after")
+        path = self.save()
+        if before:
+            print("\n" + evaluate.table(before, after, cfg.eval_k))
+        plot(self.out)
+        print(f"\nlogs: {self.out / 'metrics.jsonl'}\nsamples: {self.out / 'samples.md'}\ncheckpoint: {path}")
+        return before, after
+
+    def memory(self) -> dict:
+        if self.device.type == "cuda":
+            return {"peak_mem_gb": torch.cuda.max_memory_allocated(self.device) / 2**30}
+        try:
+            import resource
+            return {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+        except ImportError:
+            return {}
+
+
+# ---------------------------------------------------------------------------------------- optimizer <-> safetensors
+
+
+def flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """AdamW's state dict as flat tensors (for safetensors) plus a JSON-able layout of everything else."""
+    tensors, scalars = {}, {}
+    for pid, entry in state["state"].items():
+        for name, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"{pid}.{name}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{pid}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], layout: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, value in list(tensors.items()) + list(layout["scalars"].items()):
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    return {"state": state, "param_groups": layout["param_groups"]}
+
+
+def plot(out: Path) -> None:
+    """curve.png: training reward per step and eval pass@1, when matplotlib is installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(pip install matplotlib for curve.png; or plot metrics.jsonl with any tool)")
+        return
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    steps = [r for r in records if "eval" not in r]
+    evals = [r for r in records if "eval" in r]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in steps], [r["reward"] for r in steps], label="train reward (mean)")
+    ax.plot([r["step"] for r in evals], [r["all"]["pass@1"] for r in evals], "o-", label="eval pass@1")
+    ax.set_xlabel("step")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "curve.png", dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    cfg = parse_args(argv)
+    try:
+        trainer = Trainer(cfg)
+    except (OSError, data.DataError) as e:  # missing package or model, bad data, no checkpoint: one clear line
+        sys.exit(f"error: {e}")
+    try:
+        trainer.train()
+    except torch.cuda.OutOfMemoryError:
+        sys.exit("error: out of GPU memory; try a larger --grad_accum, a smaller --batch_size / --num_generations / "
+                 "--max_new_tokens, or --gradient_checkpointing")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    main()

@@ -564,7 +564,7 @@ def test_grpo_learns_a_synthetic_reward(tokenizer, tmp_path, monkeypatch):
 def test_non_finite_loss_skips_the_update(tiny_dir, tmp_path, monkeypatch):
     real = expo.grpo_loss
     monkeypatch.setattr(train.expo, "grpo_loss", lambda *a, **k: (real(*a, **k)[0] * float("nan"), real(*a, **k)[1]))
-    cfg = train.parse_args(_args(tiny_dir, tmp_path, "--method", "grpo", "--steps", "1"))
+    cfg = train.parse_args(_args(tiny_dir, tmp_path, "--method", "grpo", "--steps", "1", "--kl_coef", "0.1"))
     trainer = train.Trainer(cfg)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     trainer.grpo_step(trainer.train_set[:2])
@@ -610,3 +610,17 @@ def test_embedded_model_answers_and_stops(tokenizer):
     length = int(out.completion_mask.sum())
     assert not out.truncated[0] and out.completion_ids[0, length - 1] == tok.eos_token_id
     assert "5" in out.texts[0] and "<|im_end|>" not in out.texts[0]
+
+
+@pytest.mark.parametrize("norm", expo.LOSS_NORMS)
+def test_zero_advantage_rows_can_be_skipped_exactly(norm):
+    """train.py skips rows whose advantage is 0 (all-equal groups) when kl_coef == 0: the gradient must not change."""
+    logp, mask, adv = _rollout_tensors()
+    adv[1] = 0.0
+    old = logp.detach() - 0.05
+    full, _ = expo.grpo_loss(logp, old, None, adv, mask, norm=norm, max_tokens=5)
+    (grad_full,) = torch.autograd.grad(full, logp)
+    kept = [0, 2]
+    part, _ = expo.grpo_loss(logp[kept], old[kept], None, adv[kept], mask[kept], norm=norm, max_tokens=5)
+    (grad_part,) = torch.autograd.grad(part * expo.accumulation_weight(norm, mask[kept], 3, int(mask.sum())), logp)
+    assert torch.allclose(grad_full, grad_part)

@@ -39,7 +39,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -55,82 +55,50 @@ import rollout
 METHODS = ("expo", "grpo", "grpo_sft_gt", "expo_dpo", "dpo_gt")
 
 
+def option(default, help: str, choices=None):
+    """A Config field carrying its command-line help (and choices): each flag is declared in one place."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
 @dataclass
 class Config:
-    method: str = "expo"  # expo = ExP-GRPO
-    model: str | None = None  # None = the embedded SmolLM2-135M-Instruct
-    dataset: str = "arith"
-    levels: list[int] | None = (3,)
-    num_generations: int = 4  # G rollouts per question
-    batch_size: int = 8  # questions per step
-    beta: float = 0.04  # weight of the self-explanation / expert SFT term
-    beta_schedule: str = "constant"
-    explain_on: str = "all"  # "all" questions (the paper) or only those whose whole group "failed"
-    drop_leaks: bool = True
-    kl_coef: float = 0.0
-    clip_eps: float = 0.2
-    loss_norm: str = "seq"
-    adv_scale: str = "std"
-    dpo_beta: float = 0.1
-    dpo_refresh: int = 0  # expo_dpo: 0 = offline (explanations of the initial model), N = regenerate every N steps
-    learning_rate: float = 1e-5
-    max_grad_norm: float = 1.0
-    max_new_tokens: int = 160
-    temperature: float = 0.7
-    steps: int = 12
-    ppo_epochs: int = 1
-    grad_accum: int = 4  # micro-batches per optimizer step
-    gradient_checkpointing: bool = False
-    eval_every: int = 0  # 0 = only before and after training
-    eval_k: int = 4
-    eval_temperature: float = 0.7
-    eval_limit: int | None = 32
-    eval_max_new_tokens: int | None = None  # None = max_new_tokens
-    save_every: int = 0  # 0 = only at the end (and on Ctrl-C)
-    seed: int = 0
-    output_dir: str = "runs/expo"
-    resume: bool = False
-    device: str = "auto"
-    dtype: str = "auto"
-
-
-HELP = {
-    "method": "expo = ExP-GRPO; grpo; grpo_sft_gt = GRPO + SFT on expert solutions; expo_dpo; dpo_gt",
-    "model": "hub id or local folder (default: the embedded SmolLM2-135M-Instruct)",
-    "dataset": "gsm8k | math | math500 | arith | path/to/file.jsonl",
-    "levels": "train and evaluate only on these difficulty levels (e.g. 5); 'all' for every level",
-    "num_generations": "G: answer-free rollouts sampled per question",
-    "batch_size": "questions per step",
-    "beta": "weight of the self-explanation (expo) or expert-solution (grpo_sft_gt) log-likelihood term",
-    "beta_schedule": "constant, or linear decay of beta to 0 over --steps",
-    "explain_on": "self-explain every question (all, as in the paper) or only all-wrong groups (failed)",
-    "drop_leaks": "drop self-explanations that mention being given the answer",
-    "kl_coef": "weight of the k3 KL penalty to the frozen initial policy (0 = no reference model)",
-    "clip_eps": "PPO clipping range for the token ratio",
-    "loss_norm": "seq (mean per sequence), token (mean over tokens) or constant (Dr. GRPO)",
-    "adv_scale": "std: divide advantages by the group std; none: only subtract the mean (Dr. GRPO)",
-    "dpo_beta": "DPO temperature beta",
-    "dpo_refresh": "expo_dpo: 0 = offline self-explanations of the initial model; N = regenerate every N steps",
-    "learning_rate": "AdamW learning rate",
-    "max_grad_norm": "gradient norm clipping",
-    "max_new_tokens": "generation budget for rollouts and self-explanations",
-    "temperature": "sampling temperature of rollouts (log-probs are scored at the same temperature)",
-    "steps": "optimizer steps per PPO epoch count (total training steps)",
-    "ppo_epochs": "optimizer passes over each step's rollouts (1 = on-policy, no old-policy forward)",
-    "grad_accum": "micro-batches per step (same result, less memory)",
-    "gradient_checkpointing": "recompute activations in the backward pass to save memory",
-    "eval_every": "evaluate every N steps (0 = only before and after)",
-    "eval_k": "samples per eval question: reports pass@1 and pass@k",
-    "eval_temperature": "sampling temperature for evaluation (the paper: 0.7)",
-    "eval_limit": "evaluate on a fixed random subset of this many test questions ('all' for the whole split)",
-    "eval_max_new_tokens": "generation budget for evaluation (default: --max_new_tokens)",
-    "save_every": "write a checkpoint every N steps (0 = only at the end and on Ctrl-C)",
-    "seed": "seed for data order, sampling and evaluation subsets",
-    "output_dir": "where metrics.jsonl, samples.md, checkpoint/ and curve.png go",
-    "resume": "continue from output_dir/checkpoint, reproducing the uninterrupted run",
-    "device": "auto | cpu | cuda | cuda:N",
-    "dtype": "auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16",
-}
+    method: str = option("expo", "expo = ExP-GRPO; grpo; grpo_sft_gt = GRPO + SFT on expert solutions; expo_dpo; "
+                         "dpo_gt = DPO with expert solutions", METHODS)
+    model: str | None = option(None, "hub id or local folder (default: the embedded SmolLM2-135M-Instruct)")
+    dataset: str = option("arith", "gsm8k | math | math500 | arith | path/to/file.jsonl")
+    levels: list[str] | None = option(("2",), "train and evaluate on these difficulty levels only; 'all' for all")
+    num_generations: int = option(4, "G: answer-free rollouts sampled per question")
+    batch_size: int = option(8, "questions per step")
+    beta: float = option(0.04, "weight of the self-explanation (expo) or expert-solution (grpo_sft_gt) term")
+    beta_schedule: str = option("constant", "constant beta, or linear decay to 0 over --steps", ("constant", "linear"))
+    explain_on: str = option("all", "self-explain every question (all, the paper) or only all-wrong groups",
+                             ("all", "failed"))
+    drop_leaks: bool = option(True, "drop self-explanations that mention being given the answer")
+    kl_coef: float = option(0.0, "weight of the k3 KL penalty to the frozen initial policy (0 = no reference model)")
+    clip_eps: float = option(0.2, "PPO clipping range of the token ratio")
+    loss_norm: str = option("seq", "seq (DeepSeekMath), token (DAPO) or constant (Dr. GRPO)", expo.LOSS_NORMS)
+    adv_scale: str = option("std", "std: (r - mean) / std; none: r - mean (Dr. GRPO)", ("std", "none"))
+    dpo_beta: float = option(0.1, "DPO temperature")
+    dpo_refresh: int = option(0, "expo_dpo: 0 = offline (explanations of the initial model), N = renew every N steps")
+    learning_rate: float = option(1e-5, "AdamW learning rate")
+    max_grad_norm: float = option(1.0, "gradient norm clipping")
+    max_new_tokens: int = option(128, "generation budget of rollouts and self-explanations")
+    temperature: float = option(0.7, "sampling temperature (log-probs are scored at the same temperature)")
+    steps: int = option(8, "training steps")
+    ppo_epochs: int = option(1, "optimizer steps on each batch of rollouts (1 = on-policy, no old-policy pass)")
+    grad_accum: int = option(4, "micro-batches per optimizer step (same gradient, less memory)")
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
+    eval_every: int = option(0, "evaluate every N steps (0 = only before and after training)")
+    eval_k: int = option(4, "samples per eval question: reports pass@1 and pass@k")
+    eval_temperature: float = option(0.7, "sampling temperature of evaluation (the paper: 0.7)")
+    eval_limit: int | None = option(24, "evaluate a fixed random subset of this many test questions ('all')")
+    eval_max_new_tokens: int | None = option(None, "generation budget of evaluation (default: --max_new_tokens)")
+    save_every: int = option(0, "write a checkpoint every N steps (0 = at the end and on Ctrl-C)")
+    seed: int = option(0, "seed of data order, sampling and the eval subset")
+    output_dir: str = option("runs/expo", "where metrics.jsonl, samples.md, checkpoint/ and curve.png go")
+    resume: bool = option(False, "continue from output_dir/checkpoint, reproducing the uninterrupted run")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N")
+    dtype: str = option("auto", "auto (bf16 autocast on a GPU, fp32 on a CPU) | fp32 | bf16", ("auto", "fp32", "bf16"))
 
 
 def _optional_int(text: str) -> int | None:
@@ -140,19 +108,17 @@ def _optional_int(text: str) -> int | None:
 def parse_args(argv=None) -> Config:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    choices = {"method": METHODS, "beta_schedule": ("constant", "linear"), "explain_on": ("all", "failed"),
-               "loss_norm": expo.LOSS_NORMS, "adv_scale": ("std", "none"), "dtype": ("auto", "fp32", "bf16")}
     for f in fields(Config):
-        flag = f"--{f.name}"
+        flag, help_, choices = f"--{f.name}", f.metadata["help"], f.metadata["choices"]
         if f.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=HELP[f.name])
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
         elif f.name == "levels":
-            parser.add_argument(flag, nargs="+", default=list(f.default), help=HELP[f.name])
+            parser.add_argument(flag, nargs="+", default=list(f.default), help=help_)
         else:
             kind = {"int": int, "float": float, "str": str, "int | None": _optional_int, "str | None": str}[f.type]
-            parser.add_argument(flag, type=kind, default=f.default, choices=choices.get(f.name), help=HELP[f.name])
+            parser.add_argument(flag, type=kind, default=f.default, choices=choices, help=help_)
     cfg = Config(**vars(parser.parse_args(argv)))
-    cfg.levels = None if cfg.levels in (None, ["all"]) else [int(x) for x in cfg.levels]
+    cfg.levels = None if cfg.levels is None or "all" in cfg.levels else [int(x) for x in cfg.levels]
     problems = [msg for bad, msg in [
         (cfg.num_generations < 2, "--num_generations must be at least 2 (advantages compare rollouts in a group)"),
         (cfg.batch_size < 1 or cfg.steps < 1 or cfg.ppo_epochs < 1, "--batch_size, --steps, --ppo_epochs must be >= 1"),
@@ -302,7 +268,8 @@ class Trainer:
                                                                        step_seed(cfg.seed, self.step, 1))
                 stats.update(ex_stats)
                 targets = [(batch[i].question, t) for i, t in zip(chosen, texts) if t is not None]
-                first_explanation = explanations[0] if chosen[0] == 0 else None
+                if chosen[0] == 0:
+                    first_explanation = texts[0] or "(dropped: it mentions the hint) " + explanations[0]
         elif cfg.method == "grpo_sft_gt":
             targets = [(e.question, e.solution) for e in batch]
         stats["t_explain"] = time.perf_counter() - t1
@@ -310,14 +277,23 @@ class Trainer:
         beta = expo.beta_at(self.step, cfg.steps, cfg.beta, cfg.beta_schedule)
 
         t2 = time.perf_counter()
-        rows = micro_batches(roll.completion_ids.shape[0], cfg.grad_accum)
-        n_tokens = int(roll.completion_mask.sum())
+        n_rows, n_tokens = len(roll.texts), int(roll.completion_mask.sum())
+        # A zero advantage (every row of an all-equal group) makes a row's clipped surrogate exactly 0, so without a
+        # KL term such rows are skipped; the normalisers below still count the whole batch, so the gradient is the
+        # same. On hard questions most groups are all-wrong: this is most of the update's cost saved.
+        active = [i for i in range(n_rows) if adv[i] != 0] if cfg.kl_coef == 0 else list(range(n_rows))
+        rows = [[active[j] for j in mb] for mb in micro_batches(len(active), cfg.grad_accum)] if active else []
+        active_tokens = int(roll.completion_mask[active].sum())
         old = ref = None
         with torch.no_grad(), self.amp():
             if cfg.ppo_epochs > 1:  # with one pass the old policy *is* the current one: use logp.detach()
-                old = torch.cat([logprobs(self.model, roll, r, cfg.temperature) for r in rows])
+                old = torch.zeros(roll.completion_ids.shape, device=self.device)
+                for r in rows:
+                    old[r] = logprobs(self.model, roll, r, cfg.temperature)
             if cfg.kl_coef > 0:
-                ref = torch.cat([logprobs(self.ref, roll, r, cfg.temperature) for r in rows])
+                ref = torch.zeros(roll.completion_ids.shape, device=self.device)
+                for r in rows:
+                    ref[r] = logprobs(self.ref, roll, r, cfg.temperature)
         for _ in range(cfg.ppo_epochs):
             self.optimizer.zero_grad(set_to_none=True)
             totals = {"loss_pg": 0.0, "loss_sft": 0.0, "clip_frac": 0.0, "kl": 0.0, "entropy": 0.0}
@@ -328,13 +304,13 @@ class Trainer:
                 loss, st = expo.grpo_loss(logp, logp.detach() if old is None else old[r],
                                           None if ref is None else ref[r], adv[r], mask, cfg.clip_eps,
                                           cfg.kl_coef, cfg.loss_norm, max_tokens=cfg.max_new_tokens)
-                weight = expo.accumulation_weight(cfg.loss_norm, mask, len(roll.texts), n_tokens)
+                weight = expo.accumulation_weight(cfg.loss_norm, mask, n_rows, n_tokens)
                 (loss * weight).backward()
                 share = float(mask.sum()) / max(1, n_tokens)
                 totals["loss_pg"] += loss.item() * weight
                 for key in ("clip_frac", "kl"):
                     totals[key] += st[key] * share
-                totals["entropy"] += float((entropy * mask).sum()) / max(1, n_tokens)
+                totals["entropy"] += float((entropy * mask).sum()) / max(1, active_tokens)
             if tgt is not None and beta > 0:
                 t_tokens = int(tgt.completion_mask.sum())
                 for r in micro_batches(tgt.completion_ids.shape[0], cfg.grad_accum):
@@ -344,9 +320,12 @@ class Trainer:
                     loss = expo.sft_loss(logp, mask) * (float(mask.sum()) / t_tokens)
                     (beta * loss).backward()
                     totals["loss_sft"] += loss.item()
+            if not active_tokens:
+                del totals["entropy"]  # measured on the rollouts that were scored; none were this step
             stats.update(totals)
             stats["grad_norm"] = self.optimizer_step()
-        stats.update({"beta": beta, "targets": 0 if tgt is None else len(tgt.texts), "t_sample": t_sample,
+        stats.update({"beta": beta, "targets": 0 if tgt is None else len(tgt.texts), "pg_rows": len(active),
+                      "t_sample": t_sample,
                       "t_update": time.perf_counter() - t2})
         self.write_samples(batch[0], roll.texts[:G], rewards[:G].tolist(), first_explanation)
         return stats
@@ -428,7 +407,7 @@ class Trainer:
             for text, r in zip(texts[:3], rewards):
                 f.write(f"- reward {r:.0f}: {text.strip()[:600]!r}\n")
             if explanation:
-                f.write(f"\n**Self-explanation / chosen target:** {explanation.strip()[:800]!r}\n")
+                f.write(f"\n**Training target (self-explanation or expert solution):** {explanation.strip()[:800]!r}\n")
 
     def log(self, record: dict) -> None:
         with open(self.out / "metrics.jsonl", "a") as f:

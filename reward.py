@@ -28,7 +28,8 @@ MAX_DEPTH = 40  # nesting depth the recursive-descent parser accepts
 MAX_EXACT_DIGITS = 5000  # an exact power larger than this is computed in floats (and may overflow to "unparseable")
 MAX_SET_PAIRING = 16  # set elements left to match pairwise after identical ones pair off
 REL_TOL = 1e-9
-SAMPLE_POINTS = (0.5377, 1.8339, 2.2588, 0.8622, 1.3188, 3.5784)  # where expressions in variables are compared
+# where expressions in variables are compared: spread out, so that domains like x >= 2 still leave several points
+SAMPLE_POINTS = (0.5377, 1.8339, 2.2588, 0.8622, 1.3188, 3.5784, 4.7131, 6.2832, 9.4247, 12.5664, 25.1327)
 
 # ----------------------------------------------------------------------------------------------------- extraction
 
@@ -399,8 +400,9 @@ def _equiv_norm(a: str, b: str) -> bool:
     if ta or tb:  # (3,-1), [0,5): same bracket types, same elements in order
         return bool(ta and tb) and ta[0] == tb[0] and len(ta[1]) == len(tb[1]) and all(
             _equiv_norm(x, y) for x, y in zip(ta[1], tb[1]))
-    if a == b:
-        return _parse(a) is None or _equal_values(_parse(a), _parse(a))  # `1/0` is not even equal to itself
+    if a == b:  # the same spelling is the same answer, unless it is a constant with no value (`1/0`)
+        tree = _parse(a)
+        return tree is None or bool(_variables(tree)) or _equal_values(tree, tree)
     letter_a, letter_b = re.fullmatch(r"\(?([A-Za-z])\)?", a), re.fullmatch(r"\(?([A-Za-z])\)?", b)
     if letter_a or letter_b:  # multiple choice: C == (C)
         return bool(letter_a and letter_b) and letter_a.group(1).upper() == letter_b.group(1).upper()

@@ -34,7 +34,8 @@ EQUIV_CASES = [
     # expressions in variables: equal at several points
     ("(x+2)^2", "x^2+4x+4", True), ("2x+6", "2(x+3)", True), ("x^2+4x+4", "(x-2)^2", False),
     ("\\frac{x}{2}", "0.5x", True), ("y = 2x+3", "2x+3", True), ("a+b", "b+a", True), ("a-b", "b-a", False),
-    ("x+1", "2", False), ("\\sqrt{x}", "x^{1/2}", True),
+    ("x+1", "2", False), ("\\sqrt{x}", "x^{1/2}", True), ("-\\sqrt{x-2}+2", "-\\sqrt{x-2}+2", True),
+    ("\\sqrt{x-5}", "(x-5)^{1/2}", True),
     # tuples, intervals, sets, lists
     ("(3,-1)", "(3, -1)", True), ("\\left(2, \\frac{1}{2}\\right)", "(2,0.5)", True), ("(-1,3)", "(3,-1)", False),
     ("(0,5]", "[0,5)", False), ("[0,5)", "[0, 5)", True), ("(1,2)", "(1,2,3)", False), ("(1,2)", "[1,2]", False),

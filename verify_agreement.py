@@ -4,8 +4,10 @@
     python verify_agreement.py --pairs 1200 --show 40
 
 Pairs come from the MATH test set: each gold answer is rewritten into an equivalent form a model might write
-(a positive: `\\dfrac` for `\\frac`, `a/b`, a decimal for a terminating fraction, `x = ...`, extra spaces and
-`\\left(`, a trailing unit word, thousands separators, ...), or replaced by another problem's answer (a negative).
+(a positive: `\\dfrac` for `\\frac`, `a/b`, `\\frac{2a}{2b}`, a decimal for a terminating fraction, `2\\sqrt{3}` as
+`\\sqrt{12}`, `x = ...`, extra spaces and `\\left(`, a unit word, thousands separators), turned into a near miss (a
+negative: a 4-digit rounding of a non-terminating fraction, the integer + 1, a swapped pair, flipped interval
+brackets), or replaced by another problem's answer (a negative).
 Each completion is "... so the answer is $\\boxed{...}$." and both graders judge it against the original gold.
 Math-Verify runs with its own timeouts disabled. Prints the agreement, the worst time per call of reward.score,
 and the disagreements by kind.
@@ -43,6 +45,29 @@ def rewrites(gold: str) -> list[tuple[str, str]]:
         out.append(("x_equals", "x = " + gold))
     if gold.startswith("(") and gold.endswith(")"):
         out.append(("left_right", "\\left" + gold[:-1] + "\\right)"))
+    if m:
+        out.append(("scaled_frac", f"{sign}\\frac{{{2 * int(a)}}}{{{2 * int(b)}}}"))
+    r = re.fullmatch(r"(\d*)\\sqrt\{(\d+)\}", gold)
+    if r:
+        out.append(("sqrt_folded", f"\\sqrt{{{int(r.group(1) or 1) ** 2 * int(r.group(2))}}}"))
+    return out
+
+
+def near_misses(gold: str) -> list[tuple[str, str]]:
+    """Spellings that look like `gold` but are a different answer (by reward.py's rules)."""
+    out = []
+    m = re.fullmatch(r"(-?)\\frac\{(\d+)\}\{(\d+)\}", gold)
+    if m and not all(p in (2, 5) for p in _primes(int(m.group(3)))):
+        value = int(m.group(2)) / int(m.group(3)) * (-1 if m.group(1) else 1)
+        out.append(("rounded_decimal", f"{value:.4f}"))  # 0.3333 for 1/3: a rounding, not the answer
+    if re.fullmatch(r"-?\d+", gold):
+        out.append(("off_by_one", str(int(gold) + 1)))
+    t = re.fullmatch(r"\((-?\d+),\s*(-?\d+)\)", gold)
+    if t and t.group(1) != t.group(2):
+        out.append(("swapped_tuple", f"({t.group(2)}, {t.group(1)})"))
+    if re.fullmatch(r"[\[(].*,.*[\])]", gold) and gold[0] + gold[-1] in ("()", "[]", "(]", "[)"):
+        flip = {"(": "[", "[": "("}[gold[0]] + gold[1:-1] + {")": "]", "]": ")"}[gold[-1]]
+        out.append(("bracket_flip", flip))
     return out
 
 
@@ -69,9 +94,13 @@ def main() -> None:
     pairs = []  # (kind, completion, gold)
     while len(pairs) < args.pairs:
         gold = rng.choice(golds)
-        if rng.random() < 0.5:
+        roll, misses = rng.random(), near_misses(gold)
+        if roll < 0.45:
             kind, pred = rng.choice(rewrites(gold))
             kind = "pos:" + kind
+        elif roll < 0.7 and misses:
+            kind, pred = rng.choice(misses)
+            kind = "neg:" + kind
         else:
             pred = rng.choice(golds)
             kind = "neg:other_answer" if pred != gold else "pos:same"

@@ -84,7 +84,7 @@ class Config:
     max_grad_norm: float = option(1.0, "gradient norm clipping")
     max_new_tokens: int = option(128, "generation budget of rollouts and self-explanations")
     temperature: float = option(0.7, "sampling temperature (log-probs are scored at the same temperature)")
-    steps: int = option(8, "training steps")
+    steps: int = option(7, "training steps")
     ppo_epochs: int = option(1, "optimizer steps on each batch of rollouts (1 = on-policy, no old-policy pass)")
     grad_accum: int = option(4, "micro-batches per optimizer step (same gradient, less memory)")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
@@ -260,7 +260,7 @@ class Trainer:
                  "gen_tok_s": float(roll.completion_mask.sum()) / max(t_sample, 1e-9)}
         t1 = time.perf_counter()
         # the SFT-style term: self-explanations (expo) or expert solutions (grpo_sft_gt), scored answer-free
-        targets, first_explanation = None, None
+        targets, first_target = None, None
         if cfg.method == "expo":
             chosen = [i for i, g in enumerate(groups) if cfg.explain_on == "all" or g.sum() == 0]
             if chosen:
@@ -269,9 +269,10 @@ class Trainer:
                 stats.update(ex_stats)
                 targets = [(batch[i].question, t) for i, t in zip(chosen, texts) if t is not None]
                 if chosen[0] == 0:
-                    first_explanation = texts[0] or "(dropped: it mentions the hint) " + explanations[0]
+                    first_target = texts[0] or "(dropped: it mentions the hint) " + explanations[0]
         elif cfg.method == "grpo_sft_gt":
             targets = [(e.question, e.solution) for e in batch]
+            first_target = batch[0].solution
         stats["t_explain"] = time.perf_counter() - t1
         tgt = to_device(target_batch(self.tokenizer, *zip(*targets), self.stop_id), self.device) if targets else None
         beta = expo.beta_at(self.step, cfg.steps, cfg.beta, cfg.beta_schedule)
@@ -327,7 +328,7 @@ class Trainer:
         stats.update({"beta": beta, "targets": 0 if tgt is None else len(tgt.texts), "pg_rows": len(active),
                       "t_sample": t_sample,
                       "t_update": time.perf_counter() - t2})
-        self.write_samples(batch[0], roll.texts[:G], rewards[:G].tolist(), first_explanation)
+        self.write_samples(batch[0], roll.texts[:G], rewards[:G].tolist(), first_target)
         return stats
 
     # ------------------------------------------------------------------------------------------------- DPO family

@@ -171,9 +171,10 @@ def sample(model, tokenizer, prompts: list[list[int]], group_size: int, max_new_
     """Sample `group_size` completions for each prompt (lists of token ids, see `encode_prompts`).
 
     How it is fast: the decode loop is ours, not `model.generate`, so it can
-      1. prefill each prompt once and share its KV cache across its G rows (`batch_repeat_interleave`), not G times;
+      1. prefill each prompt once and share its KV cache across its G rows (`_EagerDecoder`), not G times;
       2. on a GPU, run each decode step as one replayed CUDA graph over a static KV cache (`_GraphedDecoder`): a small
-         model's step is otherwise dominated by launching hundreds of tiny kernels from Python;
+         model's step is otherwise dominated by launching hundreds of tiny kernels from Python (this path prefills
+         every row into its fixed-size cache: prefill is a small share of the time there);
       3. stop as soon as every row has emitted a stop token (checked every few steps on a GPU to avoid syncs).
     Neither trick changes what is sampled: the same seed gives the same tokens with or without them (tested).
     `min_new_tokens` forbids stop tokens before that many tokens (for fixed-length benchmarks only).
@@ -191,10 +192,9 @@ def sample(model, tokenizer, prompts: list[list[int]], group_size: int, max_new_
         if cuda_graph:
             step = _GraphedDecoder(model, p_ids.repeat_interleave(group_size, 0),
                                    p_mask.repeat_interleave(group_size, 0), max_new_tokens)
-            logits = step.prefill_logits
         else:
             step = _EagerDecoder(model, p_ids, p_mask, group_size)
-            logits = step.prefill_logits
+        logits = step.prefill_logits  # [N, V] next-token logits after each row's prompt
         n = p_ids.shape[0] * group_size
         stop_t = torch.tensor(stop, device=device)
         tokens = torch.full((n, max_new_tokens), pad_id, dtype=torch.long, device=device)

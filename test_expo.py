@@ -625,3 +625,19 @@ def test_zero_advantage_rows_can_be_skipped_exactly(norm):
     part, _ = expo.grpo_loss(logp[kept], old[kept], None, adv[kept], mask[kept], norm=norm, max_tokens=5)
     (grad_part,) = torch.autograd.grad(part * expo.accumulation_weight(norm, mask[kept], 3, int(mask.sum())), logp)
     assert torch.allclose(grad_full, grad_part)
+
+
+def test_ctrl_c_saves_a_checkpoint_to_resume_from(tiny_dir, tmp_path, monkeypatch):
+    real_step = train.Trainer.grpo_step
+
+    def interrupted_at_step_1(self, batch):
+        if self.step == 1:
+            raise KeyboardInterrupt
+        return real_step(self, batch)
+
+    monkeypatch.setattr(train.Trainer, "grpo_step", interrupted_at_step_1)
+    with pytest.raises(SystemExit) as stop:
+        train.main(_args(tiny_dir, tmp_path, "--method", "grpo", "--steps", "3"))
+    assert stop.value.code == 130
+    state = json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == 1  # the completed steps; --resume continues from here

@@ -34,6 +34,8 @@ import re
 import torch
 import torch.nn.functional as F
 
+import reward
+
 # --------------------------------------------------------------------------------------------------------- prompts
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -58,7 +60,6 @@ _LEAK = re.compile(
     r"|we (are|were) told|as given|(the|a) hint|you (said|gave|told|provided)",
     re.IGNORECASE,
 )
-_LAST_BOX = re.compile(r"\\boxed\s*\{")
 
 
 def mentions_hint(explanation: str) -> bool:
@@ -73,15 +74,12 @@ def explanation_target(explanation: str, answer: str) -> str:
     an explanation without a box gets a closing "The answer is \\boxed{answer}." line.
     """
     text = explanation.strip()
-    starts = [m.end() for m in _LAST_BOX.finditer(text)]
-    if starts:
-        depth, start = 1, starts[-1]
-        for i in range(start, len(text)):
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            if depth == 0:
-                tail = re.match(r"\$*\.?", text[i + 1 :]).group(0)  # keep a closing `$.`, drop anything later
-                return text[:start] + answer + "}" + tail
-    return f"{text}\nThe answer is \\boxed{{{answer}}}."
+    span = reward.boxed_span(text)
+    if span is None:
+        return f"{text}\nThe answer is \\boxed{{{answer}}}."
+    start, end = span
+    tail = re.match(r"\}\$*\.?", text[end:]).group(0)  # keep the closing `}$.`, drop anything later
+    return text[:start] + answer + tail
 
 
 def explanation_targets(explanations: list[str], answers: list[str], drop_leaks: bool = True):

@@ -34,26 +34,34 @@ SAMPLE_POINTS = (0.5377, 1.8339, 2.2588, 0.8622, 1.3188, 3.5784, 4.7131, 6.2832,
 # ----------------------------------------------------------------------------------------------------- extraction
 
 
-def _braced(text: str, start: int) -> str | None:
-    """Content of the balanced {...} opening at text[start], or None when the braces never close."""
-    depth = 0
-    for i in range(start, len(text)):
-        if text[i] == "{":
-            depth += 1
-        elif text[i] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start + 1 : i]
-    return None
+def boxed_span(text: str) -> tuple[int, int] | None:
+    """(start, end) of the content of the last `\\boxed{...}` / `\\fbox{...}`, braces balanced, or None.
 
-
-def _last_boxed(text: str) -> str | None:
+    Example: "so \\boxed{\\frac{1}{2}}." -> (10, 21), the span of "\\frac{1}{2}". expo.py uses it to swap the answer.
+    """
     start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
     if start < 0:
         return None
     i = start + (6 if text.startswith("\\boxed", start) else 5)
-    if i < len(text) and text[i] == "{":
-        return _braced(text, i)
+    if i >= len(text) or text[i] != "{":
+        return None
+    depth = 0
+    for j in range(i, len(text)):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            depth -= 1
+            if depth == 0:
+                return i + 1, j
+    return None  # the braces never close
+
+
+def _last_boxed(text: str) -> str | None:
+    span = boxed_span(text)
+    if span is not None:
+        return text[span[0] : span[1]]
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    i = start + (6 if text.startswith("\\boxed", start) else 5)
     m = re.match(r"[ \t]+([^\s$]+)", text[i : i + 200])  # `\boxed 5`: a single token
     return m.group(1) if m else None
 
@@ -344,7 +352,7 @@ def _equal_values(ta, tb) -> bool:
         except _NO_VALUE:
             return False  # division by zero (or no value at all) equals nothing
     agreed = 0
-    for k, _ in enumerate(SAMPLE_POINTS):
+    for k in range(len(SAMPLE_POINTS)):
         env = {name: SAMPLE_POINTS[(k + 2 * j) % len(SAMPLE_POINTS)] for j, name in enumerate(names)}
         try:
             va, vb = float(_evaluate(ta, env)), float(_evaluate(tb, env))

@@ -242,22 +242,29 @@ class Trainer:
                  "explain_correct": sum(reward.score(t, e.answer) for t, e in zip(out.texts, questions)) / len(questions)}
         return targets, out.texts, stats
 
-    # ------------------------------------------------------------------------------------------------ GRPO family
-
-    def grpo_step(self, batch: list[data.Example]) -> dict:
-        cfg, G = self.cfg, self.cfg.num_generations
+    def rollouts(self, batch: list[data.Example]) -> tuple[rollout.Rollouts, torch.Tensor, dict]:
+        """G answer-free rollouts per question, their 0/1 rewards [B*G], and the stats every method logs."""
+        G = self.cfg.num_generations
         t0 = time.perf_counter()
-        roll = self.sample([expo.solve_prompt(e.question) for e in batch], G, step_seed(cfg.seed, self.step))
+        roll = self.sample([expo.solve_prompt(e.question) for e in batch], G, step_seed(self.cfg.seed, self.step))
         t_sample = time.perf_counter() - t0
         rewards = torch.tensor([reward.score(text, batch[i].answer)
                                 for text, i in zip(roll.texts, roll.prompt_index.tolist())])
-        adv = expo.group_advantages(rewards, G, cfg.adv_scale).to(self.device)
         groups = rewards.view(-1, G)
         stats = {"reward": float(rewards.mean()), "all_wrong": float((groups.sum(1) == 0).float().mean()),
                  "all_right": float((groups.sum(1) == G).float().mean()),
                  "completion_len": float(roll.completion_mask.sum(1).float().mean()),
                  "truncated": float(roll.truncated.float().mean()),
-                 "gen_tok_s": float(roll.completion_mask.sum()) / max(t_sample, 1e-9)}
+                 "gen_tok_s": float(roll.completion_mask.sum()) / max(t_sample, 1e-9), "t_sample": t_sample}
+        return roll, rewards, stats
+
+    # ------------------------------------------------------------------------------------------------ GRPO family
+
+    def grpo_step(self, batch: list[data.Example]) -> dict:
+        cfg, G = self.cfg, self.cfg.num_generations
+        roll, rewards, stats = self.rollouts(batch)
+        adv = expo.group_advantages(rewards, G, cfg.adv_scale).to(self.device)
+        groups = rewards.view(-1, G)
         t1 = time.perf_counter()
         # the SFT-style term: self-explanations (expo) or expert solutions (grpo_sft_gt), scored answer-free
         targets, first_target = None, None
@@ -326,7 +333,6 @@ class Trainer:
             stats.update(totals)
             stats["grad_norm"] = self.optimizer_step()
         stats.update({"beta": beta, "targets": 0 if tgt is None else len(tgt.texts), "pg_rows": len(active),
-                      "t_sample": t_sample,
                       "t_update": time.perf_counter() - t2})
         self.write_samples(batch[0], roll.texts[:G], rewards[:G].tolist(), first_target)
         return stats
@@ -335,13 +341,8 @@ class Trainer:
 
     def dpo_step(self, batch: list[data.Example]) -> dict:
         cfg, G = self.cfg, self.cfg.num_generations
-        t0 = time.perf_counter()
-        roll = self.sample([expo.solve_prompt(e.question) for e in batch], G, step_seed(cfg.seed, self.step))
-        t_sample = time.perf_counter() - t0
-        scores = [reward.score(text, batch[i].answer) for text, i in zip(roll.texts, roll.prompt_index.tolist())]
-        stats = {"reward": sum(scores) / len(scores), "t_sample": t_sample,
-                 "completion_len": float(roll.completion_mask.sum(1).float().mean()),
-                 "truncated": float(roll.truncated.float().mean())}
+        roll, rewards, stats = self.rollouts(batch)
+        scores = rewards.tolist()
         chosen = self.chosen_responses(batch, stats)
         pairs = []  # (question, chosen text, rejected text): the first wrong rollout of the question
         for i, e in enumerate(batch):

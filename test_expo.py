@@ -477,8 +477,12 @@ def test_inverse_cdf_sampling_matches_the_distribution():
 
 # ============================================================================================================= train
 
+import re  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 from transformers import AutoModelForCausalLM  # noqa: E402
 
+import checkpoint  # noqa: E402
 import evaluate  # noqa: E402
 import train  # noqa: E402
 
@@ -518,19 +522,108 @@ def test_two_steps_of_each_method_write_log_and_checkpoint(tiny_dir, tmp_path, m
     assert (tmp_path / "samples.md").read_text().count("## step") >= 1
 
 
-def test_resume_reproduces_the_uninterrupted_run(tiny_dir, tmp_path):
-    extra = ["--method", "expo", "--kl_coef", "0.1", "--ppo_epochs", "2", "--learning_rate", "1e-3"]
-    train.main(_args(tiny_dir, tmp_path / "full", *extra, "--steps", "4"))
-    train.main(_args(tiny_dir, tmp_path / "cut", *extra, "--steps", "2"))
-    train.main(_args(tiny_dir, tmp_path / "cut", *extra, "--steps", "4", "--resume"))
-    full, cut = _steps(tmp_path / "full"), _steps(tmp_path / "cut")
-    assert [s["step"] for s in cut] == [0, 1, 2, 3]
-    for a, b in zip(full, cut):
+RESUME_ARGS = ["--method", "expo", "--kl_coef", "0.1", "--ppo_epochs", "2", "--learning_rate", "1e-3"]
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_run(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    train.main(_args(tiny_dir, out, *RESUME_ARGS, "--steps", "4"))
+    return out
+
+
+def _crash_mid_swap(monkeypatch):
+    """The second checkpoint's final rename (.checkpoint-tmp -> checkpoint) fails, as if the process died there."""
+    real, saves = Path.rename, []
+
+    def rename(self, target):
+        if self.name == ".checkpoint-tmp":
+            saves.append(1)
+            if len(saves) == 2:
+                raise OSError("killed between the two renames")
+        return real(self, target)
+    monkeypatch.setattr(Path, "rename", rename)
+
+
+def _crash_in_step_3(monkeypatch):
+    real_step = train.Trainer.grpo_step
+
+    def step(self, batch):
+        if self.step == 3:
+            raise RuntimeError("killed during step 3, after the checkpoint of step 2")
+        return real_step(self, batch)
+    monkeypatch.setattr(train.Trainer, "grpo_step", step)
+
+
+@pytest.mark.parametrize("cut", ["clean", "crash_mid_swap", "crash_after_checkpoint"])
+def test_resume_reproduces_the_uninterrupted_run(tiny_dir, tmp_path, uninterrupted_run, monkeypatch, cut):
+    """A run stopped after 2 steps (cleanly, or killed mid-checkpoint, or killed later) and resumed to 4 steps has the
+    uninterrupted run's weights and the same log: every step once, one before and one after evaluation."""
+    out = tmp_path / "cut"
+    if cut == "clean":
+        train.main(_args(tiny_dir, out, *RESUME_ARGS, "--steps", "2"))
+    else:
+        with monkeypatch.context() as patch:
+            (_crash_mid_swap if cut == "crash_mid_swap" else _crash_in_step_3)(patch)
+            with pytest.raises((OSError, RuntimeError), match="killed"):
+                train.main(_args(tiny_dir, out, *RESUME_ARGS, "--steps", "4", "--save_every", "1" if cut ==
+                                 "crash_mid_swap" else "2"))
+        if cut == "crash_mid_swap":
+            assert not (out / "checkpoint").exists() and checkpoint.latest(out)[1]["step"] == 2
+        else:
+            assert [s["step"] for s in _steps(out)] == [0, 1, 2]  # step 2 was logged after its checkpoint
+    train.main(_args(tiny_dir, out, *RESUME_ARGS, "--steps", "4", "--resume"))
+    full, resumed = _steps(uninterrupted_run), _steps(out)
+    assert [s["step"] for s in resumed] == [0, 1, 2, 3]
+    for a, b in zip(full, resumed):
         for key in ("loss_pg", "loss_sft", "kl", "grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-8), (a["step"], key)
-    w_full = AutoModelForCausalLM.from_pretrained(tmp_path / "full" / "checkpoint").state_dict()
-    w_cut = AutoModelForCausalLM.from_pretrained(tmp_path / "cut" / "checkpoint").state_dict()
+    evals = [json.loads(line)["eval"] for line in open(out / "metrics.jsonl") if '"eval"' in line]
+    assert evals == ["before", "after"]
+    headings = re.findall(r"^## step (\d+)$", (out / "samples.md").read_text(), re.MULTILINE)
+    assert headings == ["0", "1", "2", "3"]
+    w_full = AutoModelForCausalLM.from_pretrained(uninterrupted_run / "checkpoint").state_dict()
+    w_cut = AutoModelForCausalLM.from_pretrained(out / "checkpoint").state_dict()
     assert all(torch.allclose(w_full[k], w_cut[k], atol=1e-6) for k in w_full)
+    assert not (out / ".checkpoint-tmp").exists() and not (out / ".checkpoint-old").exists()
+
+
+def test_a_used_output_folder_is_refused_unless_overwrite(tiny_dir, tmp_path):
+    train.main(_args(tiny_dir, tmp_path, "--method", "grpo", "--steps", "1"))
+    files = sorted(p for p in tmp_path.rglob("*") if p.is_file())
+    before = {p: p.read_bytes() for p in files}
+    with pytest.raises(SystemExit, match="already holds a run.*--resume.*--overwrite"):
+        train.main(_args(tiny_dir, tmp_path, "--method", "grpo", "--steps", "1"))
+    assert sorted(p for p in tmp_path.rglob("*") if p.is_file()) == files
+    assert all(p.read_bytes() == content for p, content in before.items())
+    train.main(_args(tiny_dir, tmp_path, "--method", "grpo", "--steps", "1", "--overwrite", "--seed", "3"))
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r.get("eval", r["step"]) for r in records] == ["before", 0, "after"]
+    assert json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())["config"]["seed"] == 3
+
+
+def test_default_levels_and_output_folder_follow_the_dataset_and_method():
+    assert train.parse_args([]).levels == [2] and train.parse_args([]).output_dir == "runs/expo-arith"
+    assert train.parse_args(["--dataset", "math"]).levels is None  # all five levels
+    assert train.parse_args(["--dataset", "gsm8k", "--method", "grpo"]).output_dir == "runs/grpo-gsm8k"
+    assert train.parse_args(["--dataset", "x/my.jsonl"]).output_dir == "runs/expo-my"
+    assert train.parse_args(["--levels", "all"]).levels is None
+    assert train.parse_args(["--dataset", "math", "--levels", "4", "5"]).levels == [4, 5]
+
+
+@pytest.mark.parametrize("dataset", ["gsm8k", "math", "jsonl"])
+def test_datasets_run_with_their_default_levels(tiny_dir, tmp_path, dataset, capsys):
+    if dataset == "jsonl":  # rows without a level
+        dataset = str(tmp_path / "mine.jsonl")
+        Path(dataset).write_text("".join(json.dumps({"question": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n"
+                                         for i in range(4)))
+    train.main(_args(tiny_dir, tmp_path / "run", "--dataset", dataset, "--method", "grpo", "--steps", "1",
+                     "--max_new_tokens", "2"))
+    assert [s["step"] for s in _steps(tmp_path / "run")] == [0]
+    if dataset == "math":
+        assert "math, all levels: 7496 train" in capsys.readouterr().out  # levels 1-5
+    with pytest.raises(data.DataError, match="has no difficulty levels"):
+        data.load(dataset if dataset.endswith(".jsonl") else "gsm8k", "test", levels=[1])
 
 
 def test_grpo_learns_a_synthetic_reward(tokenizer, tmp_path, monkeypatch):

@@ -23,9 +23,10 @@ Design choices, each for a reason:
 * Each step's batch and sampling seed are functions of (seed, step), so `--resume` replays exactly the run that was
   interrupted (tested), and two methods with the same seed see the same questions in the same order.
 * A step whose loss or gradient is not finite is skipped and logged; it never reaches the weights.
-* Outputs (in --output_dir): metrics.jsonl (one line per step, plus eval lines), samples.md (readable rollouts and
-  self-explanations), checkpoint/ (safetensors weights + tokenizer + trainer_state.json, written atomically,
-  loadable with from_pretrained), curve.png when matplotlib is installed.
+* Outputs (in --output_dir, default runs/METHOD-DATASET): metrics.jsonl (one line per step, plus eval lines),
+  samples.md (readable rollouts and self-explanations), checkpoint/ (safetensors weights + tokenizer +
+  trainer_state.json, loadable with from_pretrained), curve.png when matplotlib is installed. A fresh run refuses a
+  folder that holds a run (--resume continues it, --overwrite replaces it); checkpoint.py says how resume stays exact.
 """
 from __future__ import annotations
 
@@ -36,16 +37,15 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+import checkpoint
 import data
 import evaluate
 import expo
@@ -66,7 +66,8 @@ class Config:
                          "dpo_gt = DPO with expert solutions", METHODS)
     model: str | None = option(None, "hub id or local folder (default: the embedded SmolLM2-135M-Instruct)")
     dataset: str = option("arith", "gsm8k | math | math500 | arith | path/to/file.jsonl")
-    levels: list[str] | None = option(("2",), "train and evaluate on these difficulty levels only; 'all' for all")
+    levels: list[str] | None = option(None, "train and evaluate on these difficulty levels; default: level 2 of arith, "
+                                      "every level of other datasets; 'all' for all")
     num_generations: int = option(4, "G: answer-free rollouts sampled per question")
     batch_size: int = option(8, "questions per step")
     beta: float = option(0.04, "weight of the self-explanation (expo) or expert-solution (grpo_sft_gt) term")
@@ -95,8 +96,10 @@ class Config:
     eval_max_new_tokens: int | None = option(None, "generation budget of evaluation (default: --max_new_tokens)")
     save_every: int = option(0, "write a checkpoint every N steps (0 = at the end and on Ctrl-C)")
     seed: int = option(0, "seed of data order, sampling and the eval subset")
-    output_dir: str = option("runs/expo", "where metrics.jsonl, samples.md, checkpoint/ and curve.png go")
-    resume: bool = option(False, "continue from output_dir/checkpoint, reproducing the uninterrupted run")
+    output_dir: str | None = option(None, "where metrics.jsonl, samples.md, checkpoint/ and curve.png go "
+                                    "(default: runs/METHOD-DATASET)")
+    resume: bool = option(False, "continue the run in output_dir from its newest checkpoint, as if uninterrupted")
+    overwrite: bool = option(False, "start afresh in an output_dir that holds a run, deleting that run's files")
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
     dtype: str = option("auto", "auto (bf16 autocast on a GPU, fp32 on a CPU) | fp32 | bf16", ("auto", "fp32", "bf16"))
 
@@ -113,12 +116,20 @@ def parse_args(argv=None) -> Config:
         if f.type == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
         elif f.name == "levels":
-            parser.add_argument(flag, nargs="+", default=list(f.default), help=help_)
+            parser.add_argument(flag, nargs="+", default=None, help=help_)
         else:
             kind = {"int": int, "float": float, "str": str, "int | None": _optional_int, "str | None": str}[f.type]
             parser.add_argument(flag, type=kind, default=f.default, choices=choices, help=help_)
     cfg = Config(**vars(parser.parse_args(argv)))
-    cfg.levels = None if cfg.levels is None or "all" in cfg.levels else [int(x) for x in cfg.levels]
+    if cfg.levels is None:
+        cfg.levels = data.default_levels(cfg.dataset)
+    elif "all" in cfg.levels:
+        cfg.levels = None
+    elif not all(x.isdigit() for x in cfg.levels):
+        parser.error(f"--levels takes numbers or 'all', not {' '.join(cfg.levels)}")
+    else:
+        cfg.levels = [int(x) for x in cfg.levels]
+    cfg.output_dir = cfg.output_dir or f"runs/{cfg.method}-{Path(cfg.dataset).stem}"
     problems = [msg for bad, msg in [
         (cfg.num_generations < 2, "--num_generations must be at least 2 (advantages compare rollouts in a group)"),
         (cfg.batch_size < 1 or cfg.steps < 1 or cfg.ppo_epochs < 1, "--batch_size, --steps, --ppo_epochs must be >= 1"),
@@ -128,6 +139,7 @@ def parse_args(argv=None) -> Config:
         (cfg.temperature <= 0 or cfg.eval_temperature <= 0, "temperatures must be > 0"),
         (cfg.learning_rate <= 0, "--learning_rate must be > 0"),
         (cfg.max_new_tokens < 1, "--max_new_tokens must be >= 1"),
+        (cfg.resume and cfg.overwrite, "--resume continues a run and --overwrite replaces it: choose one"),
     ] if bad]
     if problems:
         parser.error(problems[0])
@@ -192,16 +204,16 @@ class Trainer:
         self.amp = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=False)) \
             if use_bf16 else contextlib.nullcontext
         self.out = Path(cfg.output_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
+        checkpoint.claim(self.out, cfg.resume, cfg.overwrite)  # never mix a fresh run into an old one
         torch.manual_seed(cfg.seed)
         self.train_set = data.load(cfg.dataset, "train", levels=cfg.levels)
         self.eval_set = data.load(cfg.dataset, "test", levels=cfg.levels, limit=cfg.eval_limit, seed=cfg.seed)
         if cfg.method in ("grpo_sft_gt", "dpo_gt") and not all(e.solution for e in self.train_set):
             raise data.DataError(f"--method {cfg.method} needs expert solutions, and {cfg.dataset} has rows without "
                                  "a 'solution'")
-        start = self.out / "checkpoint" if cfg.resume else None
-        if start is not None and not (start / "trainer_state.json").exists():
-            raise FileNotFoundError(f"--resume: no checkpoint in {start}")
+        start, state = (checkpoint.latest(self.out) if cfg.resume else None) or (None, None)
+        if cfg.resume and start is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {self.out}")
         self.model, self.tokenizer = rollout.load_policy(str(start) if start else cfg.model, self.device)
         if cfg.gradient_checkpointing:
             (getattr(self.model, "activation_checkpointing_enable", None)
@@ -219,11 +231,10 @@ class Trainer:
         self.step, self.skipped = 0, 0
         self.dpo_chosen: dict[str, tuple[int, str]] = {}  # question id -> (step made, target) for ExP-DPO
         if start:
-            state = json.loads((start / "trainer_state.json").read_text())
             self.step = state["step"]
-            self.optimizer.load_state_dict(unflatten_optimizer(load_file(start / "optimizer.safetensors"),
-                                                               state["optimizer"]))
+            checkpoint.load_optimizer(start, self.optimizer, state)
             self.dpo_chosen = {k: tuple(v) for k, v in state.get("dpo_chosen", {}).items()}
+            checkpoint.truncate_logs(self.out, self.step)  # the steps after the checkpoint are replayed, not repeated
 
     # ------------------------------------------------------------------------------------------------- sampling
 
@@ -428,27 +439,14 @@ class Trainer:
         return result
 
     def save(self) -> Path:
-        """Write output_dir/checkpoint atomically: a temporary folder, then a rename over the old one."""
-        target, tmp = self.out / "checkpoint", self.out / ".checkpoint-tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.model.save_pretrained(tmp, safe_serialization=True)
-        self.tokenizer.save_pretrained(tmp)
-        tensors, layout = flatten_optimizer(self.optimizer.state_dict())
-        save_file(tensors, tmp / "optimizer.safetensors")
-        (tmp / "trainer_state.json").write_text(json.dumps(
-            {"step": self.step, "config": asdict(self.cfg), "optimizer": layout,
-             "dpo_chosen": self.dpo_chosen}, indent=1))
-        old = self.out / ".checkpoint-old"
-        if target.exists():
-            target.rename(old)
-        tmp.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-        return target
+        return checkpoint.save(self.out, self.model, self.tokenizer, self.optimizer,
+                               {"step": self.step, "config": asdict(self.cfg), "dpo_chosen": self.dpo_chosen})
 
     def train(self) -> tuple[dict | None, dict | None]:
         cfg = self.cfg
-        print(f"{cfg.method} on {cfg.dataset} levels={cfg.levels}: {len(self.train_set)} train / "
-              f"{len(self.eval_set)} eval questions, device {self.device}, output {self.out}", flush=True)
+        levels = "all levels" if cfg.levels is None else "level " + ",".join(map(str, cfg.levels))
+        print(f"{cfg.method} on {cfg.dataset}, {levels}: {len(self.train_set)} train / {len(self.eval_set)} eval "
+              f"questions, device {self.device}, output {self.out}", flush=True)
         before = self.evaluate("before") if self.step == 0 else None
         bar = tqdm(range(self.step, cfg.steps), desc=cfg.method, initial=self.step, total=cfg.steps)
         try:
@@ -485,29 +483,6 @@ class Trainer:
             return {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
         except ImportError:
             return {}
-
-
-# ---------------------------------------------------------------------------------------- optimizer <-> safetensors
-
-
-def flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """AdamW's state dict as flat tensors (for safetensors) plus a JSON-able layout of everything else."""
-    tensors, scalars = {}, {}
-    for pid, entry in state["state"].items():
-        for name, value in entry.items():
-            if torch.is_tensor(value):
-                tensors[f"{pid}.{name}"] = value.detach().contiguous().cpu()
-            else:
-                scalars[f"{pid}.{name}"] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
-
-
-def unflatten_optimizer(tensors: dict[str, torch.Tensor], layout: dict) -> dict:
-    state: dict[int, dict] = {}
-    for key, value in list(tensors.items()) + list(layout["scalars"].items()):
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = value
-    return {"state": state, "param_groups": layout["param_groups"]}
 
 
 def plot(out: Path) -> None:

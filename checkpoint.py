@@ -1,0 +1,126 @@
+"""The run folder: checkpoints written atomically in safetensors, the newest complete one found again, and the logs cut
+back to it on --resume, so that a resumed run leaves exactly the files an uninterrupted run would have.
+
+    runs/expo-arith/
+        metrics.jsonl       one JSON line per step, plus eval lines       (train.py appends)
+        samples.md          readable rollouts and training targets        (train.py appends)
+        curve.png           when matplotlib is installed                  (train.py rewrites at the end)
+        checkpoint/         model + tokenizer (from_pretrained loads it), optimizer.safetensors, trainer_state.json
+
+Rules, each for a reason:
+* A fresh run never writes into a folder that holds a run: it would append to that run's logs and replace its
+  checkpoint. `claim` refuses, and names the two ways on (--resume, --overwrite).
+* A checkpoint is complete once its trainer_state.json exists: that file is written last, under a temporary name, then
+  renamed. `save` writes a whole new folder, then swaps it in with two renames; a crash between them leaves a complete
+  copy under another name, and `latest` looks at all three names and takes the newest complete one.
+* On --resume the logs are cut back to the checkpoint's step (`truncate_logs`): steps run after the checkpoint by the
+  interrupted process are replayed, and must not appear twice.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+NAMES = ("checkpoint", ".checkpoint-tmp", ".checkpoint-old")  # the live one, one being written, one being replaced
+RUN_FILES = ("metrics.jsonl", "samples.md", "curve.png", *NAMES)
+
+
+def claim(out: Path, resume: bool, overwrite: bool) -> None:
+    """Make `out` ready for a run: refuse to mix a fresh run into an old one, or clear the old one with --overwrite."""
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if found and not resume:
+        if not overwrite:
+            raise FileExistsError(f"{out} already holds a run ({', '.join(found)}): continue it with --resume, "
+                                  "replace it with --overwrite, or choose another --output_dir")
+        for name in found:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _state(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def latest(out: Path) -> tuple[Path, dict] | None:
+    """(folder, trainer state) of the newest complete checkpoint in `out`, or None."""
+    complete = [(folder, state) for folder in (out / name for name in NAMES) if (state := _state(folder))]
+    return max(complete, key=lambda fs: fs[1]["step"], default=None)
+
+
+def save(out: Path, model, tokenizer, optimizer: torch.optim.Optimizer, state: dict) -> Path:
+    """Write out/checkpoint: model, tokenizer, optimizer state (safetensors) and `state` (JSON, written last)."""
+    target, tmp, old = (out / name for name in NAMES)
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    tensors, layout = flatten_optimizer(optimizer.state_dict())
+    save_file(tensors, tmp / "optimizer.safetensors")
+    (tmp / "trainer_state.json.partial").write_text(json.dumps({**state, "optimizer": layout}, indent=1))
+    (tmp / "trainer_state.json.partial").rename(tmp / "trainer_state.json")  # now tmp is complete
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)  # a crash here leaves tmp complete, and `latest` finds it
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def load_optimizer(folder: Path, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    optimizer.load_state_dict(unflatten_optimizer(load_file(folder / "optimizer.safetensors"), state["optimizer"]))
+
+
+def truncate_logs(out: Path, step: int) -> None:
+    """Cut metrics.jsonl and samples.md back to what the run had written when its checkpoint of `step` was taken.
+
+    Kept: training lines of steps < `step`, and eval lines up to `step` except "after" (the resumed run writes its
+    own). Dropped: everything the interrupted process logged after the checkpoint, which the resumed run replays.
+    """
+    metrics = out / "metrics.jsonl"
+    if metrics.exists():
+        lines = []
+        for line in metrics.read_text().splitlines(keepends=True):
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line cut short by the crash
+                continue
+            is_eval = "eval" in record
+            if (record["step"] <= step and record["eval"] != "after") if is_eval else record["step"] < step:
+                lines.append(line)
+        metrics.write_text("".join(lines))
+    samples = out / "samples.md"
+    if samples.exists():
+        text = samples.read_text()
+        later = next((m for m in re.finditer(r"\n## step (\d+)\n", text) if int(m.group(1)) >= step), None)
+        samples.write_text(text[: later.start()] if later else text)
+
+
+# ---------------------------------------------------------------------------------------- optimizer <-> safetensors
+
+
+def flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """AdamW's state dict as flat tensors (for safetensors) plus a JSON-able layout of everything else."""
+    tensors, scalars = {}, {}
+    for pid, entry in state["state"].items():
+        for name, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"{pid}.{name}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{pid}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], layout: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, value in list(tensors.items()) + list(layout["scalars"].items()):
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    return {"state": state, "param_groups": layout["param_groups"]}

@@ -30,9 +30,18 @@ KNOWN = ("gsm8k", "math", "math500", "arith")
 ARITH_DEMO_LEVEL = 2  # two digits + one digit: the embedded model is almost never right alone (see README)
 
 
-def default_levels(name: str) -> list[int] | None:
-    """The levels a run uses when none are asked for: the demo level of `arith`, every level (None) elsewhere."""
-    return [ARITH_DEMO_LEVEL] if name == "arith" else None
+def parse_levels(name: str, words: list[str] | None) -> list[int] | None:
+    """--levels as given on a command line -> the levels to keep (None = all).
+
+    Not given: the demo level of `arith`, every level elsewhere. "all": every level. Otherwise numbers.
+    """
+    if words is None:
+        return [ARITH_DEMO_LEVEL] if name == "arith" else None
+    if "all" in words:
+        return None
+    if not all(str(w).isdigit() for w in words):
+        raise DataError(f"levels are numbers or 'all', not {' '.join(map(str, words))}")
+    return [int(w) for w in words]
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
@@ -33,7 +34,7 @@ def evaluate(model, tokenizer, examples: list[data.Example], k: int = 4, tempera
              max_new_tokens: int = 256, batch_size: int = 16, seed: int = 0,
              progress: bool = True) -> dict:
     """pass@1 and pass@k of `model` on `examples`, overall and per level / subject, with one sample per question."""
-    rows = []  # (example, number correct, first completion)
+    rows = []
     batches = range(0, len(examples), batch_size)
     for start in tqdm(batches, desc="eval", disable=not progress, leave=False):
         chunk = examples[start : start + batch_size]
@@ -41,32 +42,58 @@ def evaluate(model, tokenizer, examples: list[data.Example], k: int = 4, tempera
         out = rollout.sample(model, tokenizer, prompts, k, max_new_tokens, temperature, seed=seed + start)
         for i, e in enumerate(chunk):
             texts = out.texts[i * k : (i + 1) * k]
-            rows.append((e, sum(reward.score(t, e.answer) for t in texts), texts[0]))
+            rows.append(Row(e, correct=int(sum(reward.score(t, e.answer) for t in texts)),
+                            committed=sum(reward.extract_answer(t) is not None for t in texts), first=texts[0]))
     return summarize(rows, k)
 
 
-def summarize(rows, k: int) -> dict:
-    """Mean pass@1 / pass@k over all rows and within each level and subject."""
-    def scores(subset):
-        return {"n": len(subset), "pass@1": sum(c / k for _, c, _ in subset) / len(subset),
-                f"pass@{k}": sum(pass_at_k(k, int(c), k) for _, c, _ in subset) / len(subset)}
+@dataclass
+class Row:
+    """One evaluated question: of its k completions, how many are right and how many commit to any answer."""
+
+    example: data.Example
+    correct: int
+    committed: int = 0
+    first: str = ""  # the first completion, for reading
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    """Mean and its standard error over questions, sqrt(sample variance / n) (0 for a single value)."""
+    n = len(values)
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
+    return mean, math.sqrt(var / n)
+
+
+def summarize(rows: list[Row], k: int) -> dict:
+    """pass@1 / pass@k (with standard errors over questions), overall and within each level and subject, plus
+    the commit rate (share of completions with an extractable answer) and the accuracy among committed answers:
+    together they separate learning the answer format from learning to solve."""
+    def scores(subset: list[Row]) -> dict:
+        p1, p1_se = mean_se([r.correct / k for r in subset])
+        pk, pk_se = mean_se([pass_at_k(k, r.correct, k) for r in subset])
+        committed = sum(r.committed for r in subset)
+        return {"n": len(subset), "pass@1": p1, "pass@1_se": p1_se, f"pass@{k}": pk, f"pass@{k}_se": pk_se,
+                "commit": committed / (k * len(subset)),
+                "acc_committed": sum(r.correct for r in subset) / committed if committed else 0.0}
 
     result = {"all": scores(rows)}
     for key in ("level", "subject"):
         groups = defaultdict(list)
         for row in rows:
-            if getattr(row[0], key) is not None:
-                groups[getattr(row[0], key)].append(row)
+            if getattr(row.example, key) is not None:
+                groups[getattr(row.example, key)].append(row)
         if len(groups) > 1:
             result[key] = {str(name): scores(groups[name]) for name in sorted(groups)}
-    result["samples"] = [{"question": e.question, "gold": e.answer, "completion": text, "correct": c}
-                         for e, c, text in rows[:5]]
+    result["samples"] = [{"question": r.example.question, "gold": r.example.answer, "completion": r.first,
+                          "correct": r.correct} for r in rows[:5]]
     return result
 
 
 def table(before: dict, after: dict | None, k: int) -> str:
     """A plain-text table of pass@1 / pass@k, before and (optionally) after training, by level when known."""
-    lines = [f"{'':>12} {'n':>5} {'pass@1':>14} {f'pass@{k}':>14}"]
+    columns = ("pass@1", f"pass@{k}", "commit")
+    lines = [f"{'':>12} {'n':>5}" + "".join(f" {c:>14}" for c in columns)]
 
     def cell(b, a, name):
         return f"{b[name]:.3f}" + (f" -> {a[name]:.3f}" if a else "")
@@ -76,7 +103,7 @@ def table(before: dict, after: dict | None, k: int) -> str:
         for group, b in before.get(key, {}).items():
             names.append((f"{key} {group}"[:12], b, after[key][group] if after else None))
     for name, b, a in names:
-        lines.append(f"{name:>12} {b['n']:>5} {cell(b, a, 'pass@1'):>14} {cell(b, a, f'pass@{k}'):>14}")
+        lines.append(f"{name:>12} {b['n']:>5}" + "".join(f" {cell(b, a, c):>14}" for c in columns))
     return "\n".join(lines)
 
 
@@ -85,7 +112,8 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="hub id or local folder (a checkpoint); default: embedded")
     parser.add_argument("--dataset", default="arith", help="gsm8k | math | math500 | arith | path.jsonl")
     parser.add_argument("--split", default="test", help="split to evaluate on")
-    parser.add_argument("--levels", type=int, nargs="*", default=None, help="keep only these levels")
+    parser.add_argument("--levels", nargs="+", default=None,
+                        help="keep only these levels ('all' for all; default: level 2 of arith, all elsewhere)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate a random subset of this many questions")
     parser.add_argument("--k", type=int, default=4, help="samples per question; reports pass@1 and pass@k")
     parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
@@ -94,7 +122,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="sampling and subset seed")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu | cuda")
     args = parser.parse_args()
-    examples = data.load(args.dataset, args.split, levels=args.levels, limit=args.limit, seed=args.seed)
+    levels = data.parse_levels(args.dataset, args.levels)
+    examples = data.load(args.dataset, args.split, levels=levels, limit=args.limit, seed=args.seed)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     model, tokenizer = rollout.load_policy(args.model, args.device, dtype)
     result = evaluate(model, tokenizer, examples, args.k, args.temperature, args.max_new_tokens, args.batch_size,

@@ -115,6 +115,20 @@ def left_pad(rows: list[list[int]], pad_id: int, device="cpu") -> tuple[torch.Te
     return ids.to(device), mask.to(device)
 
 
+def encode_targets(tokenizer, user_texts: list[str], targets: list[str], stop_id: int) -> "Rollouts":
+    """Given texts as completions of the given user messages, each ending in one stop token, masked by length."""
+    prompts = encode_prompts(tokenizer, user_texts)
+    completions = [tokenizer(t, add_special_tokens=False).input_ids + [stop_id] for t in targets]
+    p_ids, p_mask = left_pad(prompts, tokenizer.pad_token_id)
+    width = max(len(c) for c in completions)
+    c_ids = torch.full((len(completions), width), tokenizer.pad_token_id, dtype=torch.long)
+    c_mask = torch.zeros_like(c_ids)
+    for i, c in enumerate(completions):
+        c_ids[i, : len(c)], c_mask[i, : len(c)] = torch.tensor(c), 1
+    return Rollouts(p_ids, p_mask, c_ids, c_mask, list(targets), torch.zeros(len(targets), dtype=torch.bool),
+                    torch.arange(len(targets)))
+
+
 def completion_mask(completion_ids: torch.Tensor, stop: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(mask [N, T], truncated [N]) by position: 1 up to and including the first stop token, 0 after it.
 

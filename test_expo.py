@@ -691,9 +691,17 @@ def test_pass_at_k_estimator():
     assert evaluate.pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)
     assert evaluate.pass_at_k(10, 3, 5) == pytest.approx(1 - 21 / 252)
     ex = [data.Example("q", "1", level=1), data.Example("q", "1", level=1), data.Example("q", "1", level=5)]
-    summary = evaluate.summarize([(ex[0], 2, ""), (ex[1], 0, ""), (ex[2], 1, "")], k=2)
+    rows = [evaluate.Row(ex[0], 2, 2), evaluate.Row(ex[1], 0, 1), evaluate.Row(ex[2], 1, 1)]
+    summary = evaluate.summarize(rows, k=2)
     assert summary["all"]["pass@1"] == pytest.approx(0.5) and summary["all"]["pass@2"] == pytest.approx(2 / 3)
     assert summary["level"]["1"]["pass@2"] == 0.5 and summary["level"]["5"]["pass@1"] == 0.5
+    # standard error over questions: pass@1 per question 1, 0, 0.5 -> sample variance 0.25 -> sqrt(0.25 / 3)
+    assert summary["all"]["pass@1_se"] == pytest.approx(math.sqrt(0.25 / 3))
+    # pass@2 per question 1, 0, 1 -> mean 2/3, sample variance 1/3 -> sqrt(1/9)
+    assert summary["all"]["pass@2_se"] == pytest.approx(1 / 3)
+    # 4 of 6 completions commit to an answer, and 3 of those 4 are right
+    assert summary["all"]["commit"] == pytest.approx(4 / 6) and summary["all"]["acc_committed"] == pytest.approx(3 / 4)
+    assert evaluate.mean_se([0.7]) == (0.7, 0.0)
 
 
 def test_embedded_model_answers_and_stops(tokenizer):

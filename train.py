@@ -75,6 +75,8 @@ class Config:
     explain_on: str = option("all", "self-explain every question (all, the paper) or only all-wrong groups",
                              ("all", "failed"))
     drop_leaks: bool = option(True, "drop self-explanations that mention being given the answer")
+    drop_truncated: bool = option(False, "drop self-explanations cut off by --max_new_tokens (else their target is a "
+                                  "cut-off explanation with the answer pasted after it)")
     kl_coef: float = option(0.0, "weight of the k3 KL penalty to the frozen initial policy (0 = no reference model)")
     clip_eps: float = option(0.2, "PPO clipping range of the token ratio")
     loss_norm: str = option("seq", "seq (DeepSeekMath), token (DAPO) or constant (Dr. GRPO)", expo.LOSS_NORMS)
@@ -90,6 +92,7 @@ class Config:
     grad_accum: int = option(4, "micro-batches per optimizer step (same gradient, less memory)")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
     eval_every: int = option(0, "evaluate every N steps (0 = only before and after training)")
+    eval_before: bool = option(True, "evaluate before training (compare.py does it once for all methods)")
     eval_k: int = option(4, "samples per eval question: reports pass@1 and pass@k")
     eval_temperature: float = option(0.7, "sampling temperature of evaluation (the paper: 0.7)")
     eval_limit: int | None = option(24, "evaluate a fixed random subset of this many test questions ('all')")
@@ -121,14 +124,10 @@ def parse_args(argv=None) -> Config:
             kind = {"int": int, "float": float, "str": str, "int | None": _optional_int, "str | None": str}[f.type]
             parser.add_argument(flag, type=kind, default=f.default, choices=choices, help=help_)
     cfg = Config(**vars(parser.parse_args(argv)))
-    if cfg.levels is None:
-        cfg.levels = data.default_levels(cfg.dataset)
-    elif "all" in cfg.levels:
-        cfg.levels = None
-    elif not all(x.isdigit() for x in cfg.levels):
-        parser.error(f"--levels takes numbers or 'all', not {' '.join(cfg.levels)}")
-    else:
-        cfg.levels = [int(x) for x in cfg.levels]
+    try:
+        cfg.levels = data.parse_levels(cfg.dataset, cfg.levels)
+    except data.DataError as e:
+        parser.error(f"--{e}")
     cfg.output_dir = cfg.output_dir or f"runs/{cfg.method}-{Path(cfg.dataset).stem}"
     problems = [msg for bad, msg in [
         (cfg.num_generations < 2, "--num_generations must be at least 2 (advantages compare rollouts in a group)"),
@@ -170,17 +169,8 @@ def micro_batches(n_rows: int, grad_accum: int) -> list[list[int]]:
 
 
 def target_batch(tokenizer, questions: list[str], targets: list[str], stop_id: int) -> rollout.Rollouts:
-    """Targets as completions of the answer-free solve prompt, each ending in one EOS, masked by length."""
-    prompts = rollout.encode_prompts(tokenizer, [expo.solve_prompt(q) for q in questions])
-    completions = [tokenizer(t, add_special_tokens=False).input_ids + [stop_id] for t in targets]
-    p_ids, p_mask = rollout.left_pad(prompts, tokenizer.pad_token_id)
-    width = max(len(c) for c in completions)
-    c_ids = torch.full((len(completions), width), tokenizer.pad_token_id, dtype=torch.long)
-    c_mask = torch.zeros_like(c_ids)
-    for i, c in enumerate(completions):
-        c_ids[i, : len(c)], c_mask[i, : len(c)] = torch.tensor(c), 1
-    return rollout.Rollouts(p_ids, p_mask, c_ids, c_mask, targets, torch.zeros(len(targets), dtype=torch.bool),
-                            torch.arange(len(targets)))
+    """Targets as completions of the *answer-free* solve prompt: the hint is never in the context they are scored in."""
+    return rollout.encode_targets(tokenizer, [expo.solve_prompt(q) for q in questions], targets, stop_id)
 
 
 def to_device(batch: rollout.Rollouts, device) -> rollout.Rollouts:
@@ -248,8 +238,11 @@ class Trainer:
         """Targets from self-explanations (None where dropped), and their stats."""
         out = self.sample([expo.explain_prompt(e.question, e.answer) for e in questions], 1, seed, model)
         targets, dropped = expo.explanation_targets(out.texts, [e.answer for e in questions], self.cfg.drop_leaks)
+        cut = [i for i, t in enumerate(targets) if t is not None and out.truncated[i] and self.cfg.drop_truncated]
+        for i in cut:
+            targets[i] = None
         stats = {"explain_len": float(out.completion_mask.sum(1).float().mean()), "explain_dropped": dropped,
-                 "explain_truncated": float(out.truncated.float().mean()),
+                 "explain_dropped_truncated": len(cut), "explain_truncated": float(out.truncated.float().mean()),
                  "explain_correct": sum(reward.score(t, e.answer) for t, e in zip(out.texts, questions)) / len(questions)}
         return targets, out.texts, stats
 
@@ -287,7 +280,7 @@ class Trainer:
                 stats.update(ex_stats)
                 targets = [(batch[i].question, t) for i, t in zip(chosen, texts) if t is not None]
                 if chosen[0] == 0:
-                    first_target = texts[0] or "(dropped: it mentions the hint) " + explanations[0]
+                    first_target = texts[0] or "(dropped: it mentions the hint or was cut off) " + explanations[0]
         elif cfg.method == "grpo_sft_gt":
             targets = [(e.question, e.solution) for e in batch]
             first_target = batch[0].solution
@@ -447,7 +440,7 @@ class Trainer:
         levels = "all levels" if cfg.levels is None else "level " + ",".join(map(str, cfg.levels))
         print(f"{cfg.method} on {cfg.dataset}, {levels}: {len(self.train_set)} train / {len(self.eval_set)} eval "
               f"questions, device {self.device}, output {self.out}", flush=True)
-        before = self.evaluate("before") if self.step == 0 else None
+        before = self.evaluate("before") if self.step == 0 and cfg.eval_before else None
         bar = tqdm(range(self.step, cfg.steps), desc=cfg.method, initial=self.step, total=cfg.steps)
         try:
             for _ in bar:

@@ -742,3 +742,55 @@ def test_ctrl_c_saves_a_checkpoint_to_resume_from(tiny_dir, tmp_path, monkeypatc
     assert stop.value.code == 130
     state = json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())
     assert state["step"] == 1  # the completed steps; --resume continues from here
+
+
+# =========================================================================================== analyze and compare
+
+import analyze  # noqa: E402
+import compare  # noqa: E402
+
+
+def test_analyze_writes_the_three_kinds_of_sample(tiny_dir, tmp_path):
+    result = analyze.main(["--model", str(tiny_dir), "--n", "3", "--k", "2", "--max_new_tokens", "5",
+                           "--json", str(tmp_path / "a.json"), "--no_drop_leaks"])
+    saved = json.loads((tmp_path / "a.json").read_text())
+    assert saved["own"]["n"] == 6 and saved["self_explanation"]["n"] == 3 and saved["expert"]["n"] == 3
+    for key in ("own", "self_explanation", "expert"):
+        assert all(math.isfinite(saved[key][m]) for m in ("nll_per_token", "nll_per_seq", "correct", "length"))
+        assert saved[key] == result[key]
+    assert saved["expert"]["correct"] == 1.0  # arith's worked solutions end on the gold answer
+    assert saved["own"]["truncated"] > 0.5  # a random model rarely stops within 5 tokens
+
+
+def test_analyze_nll_falls_on_a_target_the_model_was_fitted_to(tokenizer):
+    model = tiny_llama(tokenizer)
+    examples = data.load("arith", "train", levels=[2], limit=2)
+    before = analyze.measure(model, tokenizer, examples, k=2, max_new_tokens=4)["expert"]
+    targets = rollout.encode_targets(tokenizer, [expo.solve_prompt(e.question) for e in examples],
+                                     [e.solution for e in examples], tokenizer.eos_token_id)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(5):
+        logp = rollout.token_logprobs(model, targets.prompt_ids, targets.prompt_mask, targets.completion_ids)
+        expo.sft_loss(logp, targets.completion_mask).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    after = analyze.measure(model, tokenizer, examples, k=2, max_new_tokens=4)["expert"]
+    assert after["nll_per_token"] < before["nll_per_token"] - 0.5
+    assert after["nll_per_seq"] == pytest.approx(after["nll_per_token"] * after["length"], rel=0.2)
+
+
+def test_compare_two_methods_writes_folders_table_and_figure(tiny_dir, tmp_path, capsys):
+    args = _args(tiny_dir, tmp_path, "--steps", "1")
+    del args[args.index("--output_dir") : args.index("--output_dir") + 2]  # compare.py names each run's folder
+    compare.main(["--methods", "expo", "grpo", "--out", str(tmp_path), "--", *args])
+    for method in ("expo", "grpo"):
+        assert [s["step"] for s in _steps(tmp_path / method)] == [0]
+    evals = [json.loads(line)["eval"] for line in open(tmp_path / "grpo" / "metrics.jsonl") if '"eval"' in line]
+    assert evals == ["after"]  # the initial model is evaluated once, by the first run
+    table = (tmp_path / "compare.md").read_text().splitlines()
+    assert len(table) == 4 and table[2].startswith("| `expo` |") and table[3].startswith("| `grpo` |")
+    assert "± " in table[2]
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "compare.png").stat().st_size > 1000
+    else:
+        assert "pip install matplotlib" in capsys.readouterr().out

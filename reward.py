@@ -8,8 +8,11 @@ file is strict in both directions:
 * `is_equiv` normalises LaTeX surface forms, then compares values. Plain numbers compare exactly as rationals
   (`fractions.Fraction`), so `0.5 == \\frac{1}{2}` but `0.67 != \\frac{2}{3}`. Anything with `\\sqrt`, `\\pi`, powers or
   variables goes through a small recursive-descent evaluator (no `eval`, no sympy) and is compared numerically to a
-  relative tolerance of 1e-9, at several fixed points when it has variables. Tuples and intervals compare element-wise
-  keeping their brackets, `\\{...\\}` sets ignore order, bare comma lists keep it. Anything else is compared as text.
+  relative tolerance of 1e-9, at several fixed points when it has variables. An integer directly followed by a
+  `\\frac` of two integers is a mixed number (`3\\frac{1}{2}` = 7/2); any other juxtaposition is a product
+  (`2\\frac{\\pi}{3}`, `2\\sqrt{3}`). Tuples and intervals compare element-wise keeping their brackets; `\\{...\\}` sets and
+  bare comma lists ("enter all the solutions, separated by commas") compare as multisets, in any order. Anything
+  else is compared as text.
 
 Model output is untrusted text, so nothing here can raise or run long: answers longer than `MAX_ANSWER_CHARS` are
 compared as plain strings, the parser caps tokens and nesting depth, exact powers are size-checked before they are
@@ -124,6 +127,10 @@ _UNITS = re.compile(  # trailing words after a number or a closing brace: `5 cm^
 )
 _ASSIGN = re.compile(r"^\s*(?:[A-Za-z]|\\[a-z]+)\s*=(?!=)")  # `x = ...`, `k=...`, `\theta = ...`
 _THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+# a thousands-separated integer that can only be one number: a denominator `/(5,525)`, or a whole `{5,525}` group
+_THOUSANDS_INSIDE = re.compile(r"(?<=/\()\d{1,3}(?:,\d{3})+(?=\))|(?<=\{)\d{1,3}(?:,\d{3})+(?=\})")
+# an integer directly followed by \frac{integer}{integer}, not part of a number, power, index or command before it
+_MIXED = re.compile(r"(?<![\w.^_}\\])(\d+)\\frac\{(\d+)\}\{(\d+)\}")
 _MATH_WORDS = {"sqrt", "pi", "infty", "inf", "sin", "cos", "tan", "log", "ln", "exp", "cdot", "times", "div"}
 
 
@@ -133,6 +140,7 @@ def normalize(answer: str) -> str:
     s = re.sub(r"\\[dtc]frac", r"\\frac", s)
     for _ in range(3):  # nested wrappers: \text{\textbf{C}}
         s = _UNWRAP.sub(r"\1", s)
+    s = re.sub(r",\\!\s*", ",", s)  # `11,\! 111` is a thousands separator, never a list
     s = _DEGREES.sub("", _DROP.sub("", s))
     s = s.replace("\\le", "\\le ").replace("\\ge", "\\ge ")  # keep `\le5` from reading as a command `\le5`
     s = s.strip().rstrip(".").strip()
@@ -149,6 +157,8 @@ def normalize(answer: str) -> str:
     s = re.sub(r"\\frac(\d)\{", r"\\frac{\1}{", s)  # \frac1{2}
     s = re.sub(r"\\frac\{([^{}]*)\}(\d)", r"\\frac{\1}{\2}", s)  # \frac{1}2
     s = re.sub(r"\\sqrt(\d)", r"\\sqrt{\1}", s)  # \sqrt2
+    s = _THOUSANDS_INSIDE.sub(lambda m: m.group(0).replace(",", ""), s)  # 12/(5,525)
+    s = _MIXED.sub(r"(\1+\\frac{\2}{\3})", s)  # 3\frac{1}{2} -> (3+\frac{1}{2}); -2\frac14 -> -(2+\frac{1}{4})
     return s
 
 
@@ -398,10 +408,12 @@ def _closing_index(s: str) -> int:
 def _equiv_norm(a: str, b: str) -> bool:
     if not a or not b:
         return False
-    for sep in ("\\cup", ","):  # unions of intervals, then tuples / lists
-        pa, pb = _split_top(a, sep), _split_top(b, sep)
-        if len(pa) > 1 or len(pb) > 1:
-            return len(pa) == len(pb) and all(_equiv_norm(x, y) for x, y in zip(pa, pb))
+    pa, pb = _split_top(a, "\\cup"), _split_top(b, "\\cup")  # unions of intervals, in order
+    if len(pa) > 1 or len(pb) > 1:
+        return len(pa) == len(pb) and all(_equiv_norm(x, y) for x, y in zip(pa, pb))
+    pa, pb = _split_top(a, ","), _split_top(b, ",")  # a bare list: the solutions, in any order
+    if len(pa) > 1 or len(pb) > 1:
+        return _equiv_sets(pa, pb)
     if a.startswith("\\{") and a.endswith("\\}") and b.startswith("\\{") and b.endswith("\\}"):
         return _equiv_sets(_split_top(a[2:-2], ","), _split_top(b[2:-2], ","))
     ta, tb = _tuple(a), _tuple(b)

@@ -40,7 +40,20 @@ EQUIV_CASES = [
     ("(3,-1)", "(3, -1)", True), ("\\left(2, \\frac{1}{2}\\right)", "(2,0.5)", True), ("(-1,3)", "(3,-1)", False),
     ("(0,5]", "[0,5)", False), ("[0,5)", "[0, 5)", True), ("(1,2)", "(1,2,3)", False), ("(1,2)", "[1,2]", False),
     ("\\{1,2,3\\}", "\\{3,1,2\\}", True), ("\\{1,2\\}", "\\{1,3\\}", False), ("12", "1,2", False),
-    ("1,2", "12", False), ("3, 1", "1, 3", False), ("1, 3", "1,3", True), ("(-\\infty, 2)", "(-\\infty,2)", True),
+    ("1,2", "12", False), ("1, 3", "1,3", True),
+    # bare lists are the solutions of an "enter all solutions" question: a multiset, in any order
+    ("3, 1", "1, 3", True), ("-2, \\frac{1}{2}", "0.5,-2", True), ("1, 1, 2", "1, 2, 2", False),
+    ("1, 2", "1, 2, 2", False), ("2, 1, 2", "2, 2, 1", True), ("(1,2), (3,4)", "(3,4), (1,2)", True),
+    ("(1,2), (3,4)", "(2,1), (3,4)", False), ("x = 3, 1", "1, 3", True),
+    # mixed numbers: an integer directly followed by \frac of two integers; anything else is a product
+    ("137 \\frac{1}{2}", "\\frac{275}{2}", True), ("\\frac{137}{2}", "137 \\frac{1}{2}", False),
+    ("3\\frac{1}{2}", "\\frac{7}{2}", True), ("3\\frac12", "3.5", True), ("-2\\frac{1}{4}", "-\\frac{9}{4}", True),
+    ("-2\\frac{1}{4}", "-\\frac{7}{4}", False), ("2\\frac{\\pi}{3}", "\\frac{2\\pi}{3}", True),
+    ("x\\frac12", "\\frac{x}{2}", True), ("2\\sqrt{3}", "\\sqrt{12}", True), ("10^2\\frac{1}{2}", "50", True),
+    ("1\\frac{1}{2}, 2", "2, \\frac32", True),
+    # a thousands separator inside a denominator
+    ("12/(5,\\!525)", "\\frac{12}{5525}", True), ("\\frac{1}{5{,}525}", "1/5525", True),
+    ("\\frac{1}{5,525}", "1/5525", True), ("11,\\! 111,\\! 111,\\! 100", "11111111100", True), ("(-\\infty, 2)", "(-\\infty,2)", True),
     ("(-\\infty,2)\\cup(3,\\infty)", "(-\\infty, 2) \\cup (3, \\infty)", True),
     ("(-\\infty,2)\\cup(3,\\infty)", "(-\\infty,2)\\cup[3,\\infty)", False),
     # infinity, letters, text

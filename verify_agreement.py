@@ -1,16 +1,22 @@
-"""How often does reward.py agree with Math-Verify (the sympy-based grader) on MATH answers? A dev-only measurement.
+"""How often does reward.py agree with two independent graders on MATH answers, and who is right? Dev only.
 
-    pip install math-verify          # test/dev only: it pulls sympy and an ANTLR LaTeX parser
-    python verify_agreement.py --pairs 1200 --show 40
+    pip install math-verify                                   # reference 1: Math-Verify (sympy + an ANTLR parser)
+    pip install math-verify pylatexenc latex2sympy2_extended  # reference 2 also needs these, and its file:
+    python verify_agreement.py --pairs 3000 --drgrpo path/to/drgrpo_grader.py
+
+Reference 2 is the Dr. GRPO grader that Stanford CS336's assignment 5 ships (stanford-cs336/assignment5-alignment,
+`cs336_alignment/drgrpo_grader.py`, public; it is loaded from the path you give and never copied here); it judges
+with `question_only_reward_fn(completion, gold, fast=False)`, i.e. its string/sympy rules and then Math-Verify.
 
 Pairs come from the MATH test set: each gold answer is rewritten into an equivalent form a model might write
-(a positive: `\\dfrac` for `\\frac`, `a/b`, `\\frac{2a}{2b}`, a decimal for a terminating fraction, `2\\sqrt{3}` as
-`\\sqrt{12}`, `x = ...`, extra spaces and `\\left(`, a unit word, thousands separators), turned into a near miss (a
-negative: a 4-digit rounding of a non-terminating fraction, the integer + 1, a swapped pair, flipped interval
-brackets), or replaced by another problem's answer (a negative).
-Each completion is "... so the answer is $\\boxed{...}$." and both graders judge it against the original gold.
-Math-Verify runs with its own timeouts disabled. Prints the agreement, the worst time per call of reward.score,
-and the disagreements by kind.
+(a positive: `\\dfrac` for `\\frac`, `a/b`, an unreduced `\\frac{2a}{2b}`, a decimal for a terminating fraction,
+`2\\sqrt{3}` as `\\sqrt{12}`, `x = ...`, extra spaces and `\\left(`, a unit word, thousands separators, a mixed number
+as an improper fraction and back, a list of solutions in another order), turned into a near miss (a negative: a
+4-digit rounding of a non-terminating fraction, the integer + 1, a swapped pair, flipped interval brackets, a mixed
+number read as a product), or replaced by another problem's answer (a negative). Each completion is "... so the answer
+is $\\boxed{...}$." and every grader judges it against the original gold. Since each pair's truth is known by
+construction, the script prints each grader's accuracy as well as their agreement, the disagreements by kind with
+who is right, and the worst time per call of reward.score. Math-Verify runs with its own timeouts disabled.
 """
 from __future__ import annotations
 
@@ -27,7 +33,9 @@ import reward
 
 def rewrites(gold: str) -> list[tuple[str, str]]:
     """Equivalent spellings of `gold`, each with the name of the rewrite."""
-    out = [("same", gold), ("spaces", " " + gold.replace(",", ", ") + " ")]
+    one_number = re.search(r"\d,(\\!)?\s*\d{3}", gold)  # "2,500" and "16,\!386.16" are one number, not a list
+    spaced = gold if one_number else gold.replace(",", ", ")
+    out = [("same", gold), ("spaces", " " + spaced + " ")]
     if "\\frac" in gold:
         out.append(("dfrac", gold.replace("\\frac", "\\dfrac")))
     m = re.fullmatch(r"(-?)\\frac\{(\d+)\}\{(\d+)\}", gold)
@@ -41,12 +49,22 @@ def rewrites(gold: str) -> list[tuple[str, str]]:
         out += [("point_zero", gold + ".0"), ("unit_word", gold + " \\text{ units}")]
         if len(gold.lstrip("-")) > 3:
             out.append(("thousands", f"{int(gold):,}"))
-    if re.fullmatch(r"[a-z]", gold) is None and "=" not in gold:
+    if re.fullmatch(r"[a-z]", gold) is None and "=" not in gold and "\\text" not in gold and "\\in" not in gold:
         out.append(("x_equals", "x = " + gold))
     if gold.startswith("(") and gold.endswith(")"):
         out.append(("left_right", "\\left" + gold[:-1] + "\\right)"))
     if m:
         out.append(("scaled_frac", f"{sign}\\frac{{{2 * int(a)}}}{{{2 * int(b)}}}"))
+        if int(a) > int(b) and int(a) % int(b):
+            whole, rest = divmod(int(a), int(b))
+            out.append(("improper_to_mixed", f"{sign}{whole}\\frac{{{rest}}}{{{b}}}"))
+    mixed = _MIXED.fullmatch(gold)
+    if mixed:
+        sign, whole, a, b = mixed.groups()
+        out.append(("mixed_to_improper", f"{sign}\\frac{{{int(whole) * int(b) + int(a)}}}{{{b}}}"))
+    items = _bare_list(gold)
+    if items and len(set(items)) > 1 and "\\text" not in gold:
+        out.append(("reordered_list", ", ".join(reversed(items))))
     r = re.fullmatch(r"(\d*)\\sqrt\{(\d+)\}", gold)
     if r:
         out.append(("sqrt_folded", f"\\sqrt{{{int(r.group(1) or 1) ** 2 * int(r.group(2))}}}"))
@@ -68,7 +86,29 @@ def near_misses(gold: str) -> list[tuple[str, str]]:
     if re.fullmatch(r"[\[(].*,.*[\])]", gold) and gold[0] + gold[-1] in ("()", "[]", "(]", "[)"):
         flip = {"(": "[", "[": "("}[gold[0]] + gold[1:-1] + {")": "]", "]": ")"}[gold[-1]]
         out.append(("bracket_flip", flip))
+    mixed = _MIXED.fullmatch(gold)
+    if mixed and int(mixed.group(2)) > 1:
+        sign, whole, a, b = mixed.groups()
+        out.append(("mixed_as_product", f"{sign}\\frac{{{int(whole) * int(a)}}}{{{b}}}"))  # 3 * 1/2, not 3 + 1/2
     return out
+
+
+_MIXED = re.compile(r"(-?)(\d+)\s*\\frac\{(\d+)\}\{(\d+)\}")
+
+
+def _bare_list(gold: str) -> list[str] | None:
+    """The items of a comma list outside any bracket ("1, -2, 5"), or None."""
+    depth, items, start = 0, [], 0
+    for i, c in enumerate(gold):
+        depth += c in "([{"
+        depth -= c in ")]}"
+        if c == "," and depth == 0:
+            items.append(gold[start:i].strip())
+            start = i + 1
+    items.append(gold[start:].strip())
+    if len(items) < 2 or any(not x for x in items) or re.search(r"\d,(\\!)?\s*\d{3}", gold):
+        return None  # "25,\!972,\!650" is one number
+    return items
 
 
 def _primes(n: int) -> set[int]:
@@ -81,18 +121,12 @@ def _primes(n: int) -> set[int]:
     return found | ({n} if n > 1 else set())
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pairs", type=int, default=1200, help="(completion, gold) pairs to judge")
-    parser.add_argument("--show", type=int, default=30, help="disagreements to print")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    from math_verify import parse, verify  # imported here: a dev-only dependency
-
-    rng = random.Random(args.seed)
+def make_pairs(n: int, seed: int) -> list[tuple[str, str, str, bool]]:
+    """(kind, completion, gold, equal by construction) for n pairs drawn from the MATH test answers."""
+    rng = random.Random(seed)
     golds = [e.answer for e in data.load("math", "test")]
-    pairs = []  # (kind, completion, gold)
-    while len(pairs) < args.pairs:
+    pairs = []
+    while len(pairs) < n:
         gold = rng.choice(golds)
         roll, misses = rng.random(), near_misses(gold)
         if roll < 0.45:
@@ -104,25 +138,67 @@ def main() -> None:
         else:
             pred = rng.choice(golds)
             kind = "neg:other_answer" if pred != gold else "pos:same"
-        pairs.append((kind, f"We compute carefully, so the answer is $\\boxed{{{pred}}}$.", gold))
+        pairs.append((kind, f"We compute carefully, so the answer is $\\boxed{{{pred}}}$.", gold,
+                      kind.startswith("pos:")))
+    for gold in sorted(set(golds)):  # plus every rewrite of the kinds that random draws rarely reach
+        for kind, pred in [("pos:" + k, p) for k, p in rewrites(gold)] + [("neg:" + k, p) for k, p in near_misses(gold)]:
+            if kind.split(":")[1] in TARGETED:
+                pairs.append((kind, f"So the answer is $\\boxed{{{pred}}}$.", gold, kind.startswith("pos:")))
+    return pairs
 
-    agree, worst, disagreements = 0, 0.0, []
-    for kind, completion, gold in pairs:
+
+TARGETED = ("mixed_to_improper", "improper_to_mixed", "reordered_list", "mixed_as_product")
+
+
+def references(drgrpo_path: str | None) -> dict:
+    """The independent graders, each a function (completion, gold) -> bool; imported here: dev-only dependencies."""
+    from math_verify import parse, verify
+
+    graders = {"Math-Verify": lambda c, g: bool(verify(parse(f"${g}$", parsing_timeout=None),
+                                                       parse(c, parsing_timeout=None), timeout_seconds=None))}
+    if drgrpo_path:
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("drgrpo_grader", drgrpo_path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        graders["Dr. GRPO"] = lambda c, g: module.question_only_reward_fn(c, g, fast=False)["reward"] == 1.0
+    return graders
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pairs", type=int, default=1500, help="(completion, gold) pairs to judge")
+    parser.add_argument("--drgrpo", default=None, help="path to drgrpo_grader.py, the second reference")
+    parser.add_argument("--show", type=int, default=30, help="disagreements to print per reference")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    pairs = make_pairs(args.pairs, args.seed)
+    graders = references(args.drgrpo)
+
+    worst, verdicts = 0.0, {name: [] for name in ["reward.py", *graders]}
+    for kind, completion, gold, _ in pairs:
         start = time.perf_counter()
-        ours = reward.score(completion, gold) == 1.0
+        verdicts["reward.py"].append(reward.score(completion, gold) == 1.0)
         worst = max(worst, time.perf_counter() - start)
-        theirs = bool(verify(parse(f"${gold}$", parsing_timeout=None), parse(completion, parsing_timeout=None),
-                             timeout_seconds=None))
-        if ours == theirs:
-            agree += 1
-        else:
-            disagreements.append((kind, ours, theirs, reward.extract_answer(completion), gold))
-    print(f"agreement with Math-Verify: {agree}/{len(pairs)} = {100 * agree / len(pairs):.1f}%")
-    print(f"worst reward.score time on these pairs: {worst * 1000:.2f} ms")
-    print("disagreements by kind (ours, math-verify):",
-          dict(Counter((k, o, t) for k, o, t, _, _ in disagreements)))
-    for kind, ours, theirs, pred, gold in disagreements[: args.show]:
-        print(f"  {kind:22} ours={ours!s:5} math-verify={theirs!s:5} pred={pred!r}  gold={gold!r}")
+        for name, grade in graders.items():
+            verdicts[name].append(grade(completion, gold))
+    truth = [t for *_, t in pairs]
+    print(f"{len(pairs)} pairs; worst reward.score time on them: {worst * 1000:.2f} ms")
+    for name, v in verdicts.items():
+        print(f"  {name:12} right by construction on {sum(a == t for a, t in zip(v, truth)) / len(v):.2%}")
+    ours = verdicts["reward.py"]
+    for name in graders:
+        theirs = verdicts[name]
+        differ = [i for i in range(len(pairs)) if ours[i] != theirs[i]]
+        print(f"\nagreement with {name}: {len(pairs) - len(differ)}/{len(pairs)} = "
+              f"{100 * (1 - len(differ) / len(pairs)):.2f}%; where they differ, reward.py is right on "
+              f"{sum(ours[i] == truth[i] for i in differ)} of {len(differ)}")
+        kinds = Counter((pairs[i][0], "reward.py" if ours[i] == truth[i] else name) for i in differ)
+        print("  disagreements by (kind, who is right):", dict(kinds))
+        for i in differ[: args.show]:
+            kind, completion, gold, _ = pairs[i]
+            print(f"  {kind:22} reward.py={ours[i]!s:5} {name}={theirs[i]!s:5} "
+                  f"pred={reward.extract_answer(completion)!r}  gold={gold!r}")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import rollout
 
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k)."""
+    # exercise 10: the unbiased pass@k estimator
     if k > n:
         raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
     return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)

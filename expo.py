@@ -50,6 +50,7 @@ def solve_prompt(question: str) -> str:
 
 def explain_prompt(question: str, answer: str) -> str:
     """The self-explanation user message: `solve_prompt(question)` plus the gold answer and the request to explain."""
+    # exercise 7: the self-explanation prompt and its training target
     return solve_prompt(question) + HINT.format(answer=answer)
 
 
@@ -73,6 +74,7 @@ def explanation_target(explanation: str, answer: str) -> str:
     The content of its last balanced \\boxed{...} is replaced by the gold answer and whatever follows that box is cut;
     an explanation without a box gets a closing "The answer is \\boxed{answer}." line.
     """
+    # exercise 7: the self-explanation prompt and its training target
     text = explanation.strip()
     span = reward.boxed_span(text)
     if span is None:
@@ -105,6 +107,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "std")
     An all-equal group gives zeros: the question teaches GRPO nothing, which is the gap ExPO fills.
     `scale="none"` keeps r - mean (Dr. GRPO: no division by the std, which over-weights nearly-solved questions).
     """
+    # exercise 4: group-normalised advantages
     if rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
     groups = rewards.float().view(-1, group_size)  # [questions, G]
@@ -150,6 +153,7 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
     min(1.5, 1.2) = 1.2 does not depend on logp: the gradient is 0 (the update has gone far enough). With A = -1 the
     min picks -1.5, which does depend on logp: a bad token that became more likely is still pushed down.
     """
+    # exercise 5: the clipped GRPO surrogate
     valid = mask.bool()
     mask = mask.to(logp.dtype)
     log_ratio = torch.where(valid, logp - old_logp, 0.0)  # zero before exp: padding garbage cannot overflow
@@ -157,10 +161,7 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
     adv = advantages.to(logp.dtype)[:, None]  # [rows, 1]
     surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
     per_token = -surrogate
-    kl = torch.zeros_like(logp)
-    if ref_logp is not None:
-        delta = torch.where(valid, ref_logp - logp, 0.0)
-        kl = torch.exp(delta) - delta - 1  # k3 >= 0, and exactly 0 where logp == ref_logp
+    kl = torch.zeros_like(logp) if ref_logp is None else k3_kl(logp, ref_logp, valid)
     if kl_coef:
         if ref_logp is None:
             raise ValueError("kl_coef > 0 needs ref_logp")
@@ -174,8 +175,21 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
     return loss, stats
 
 
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi_theta || pi_ref) [rows, tokens]: exp(d) - d - 1 with d = ref_logp - logp.
+
+    Unbiased for the KL when tokens are sampled from pi_theta, never negative, exactly 0 where logp == ref_logp, and 0
+    at padding (`valid` False), whatever garbage is there. Example: logp = log 0.5, ref_logp = log 0.25 ->
+    d = -log 2 -> 0.5 + 0.6931 - 1 = 0.1931.
+    """
+    # exercise 6: the k3 KL estimator
+    delta = torch.where(valid, ref_logp - logp, 0.0)  # zero before exp: padding garbage cannot overflow
+    return torch.exp(delta) - delta - 1
+
+
 def sft_loss(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Token-mean negative log-likelihood of the masked tokens: ExP-GRPO's extra term is beta * sft_loss(targets)."""
+    # exercise 8: the self-explanation term and exact gradient accumulation
     mask = mask.to(logp.dtype)
     return -(torch.where(mask.bool(), logp, 0.0)).sum() / mask.sum().clamp(min=1)
 
@@ -192,6 +206,7 @@ def dpo_loss(policy_chosen_logp: torch.Tensor, policy_rejected_logp: torch.Tenso
     At equal margins the loss is log 2 ~ 0.693; it falls as the policy raises the chosen response (for ExP-DPO, the
     self-explanation) relative to the rejected one (the policy's own wrong answer), measured against the reference.
     """
+    # exercise 9: the DPO loss
     margin = (policy_chosen_logp - ref_chosen_logp) - (policy_rejected_logp - ref_rejected_logp)
     return -F.logsigmoid(beta * margin).mean()
 
@@ -211,6 +226,7 @@ def accumulation_weight(norm: str, micro_mask: torch.Tensor, total_rows: int, to
     A micro-batch loss is normalised by its own rows or tokens; re-weighting by its share of the full batch's rows
     ("seq", "constant") or tokens ("token", and sft_loss) makes gradient accumulation equal one big batch.
     """
+    # exercise 8: the self-explanation term and exact gradient accumulation
     if norm == "token":
         return float(micro_mask.sum()) / max(1, total_tokens)
     return micro_mask.shape[0] / max(1, total_rows)

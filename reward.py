@@ -42,6 +42,7 @@ def boxed_span(text: str) -> tuple[int, int] | None:
 
     Example: "so \\boxed{\\frac{1}{2}}." -> (10, 21), the span of "\\frac{1}{2}". expo.py uses it to swap the answer.
     """
+    # exercise 3: the span of the last \boxed{...}
     start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
     if start < 0:
         return None

@@ -135,6 +135,7 @@ def completion_mask(completion_ids: torch.Tensor, stop: list[int]) -> tuple[torc
     Example, EOS = 2 = pad:  ids [[5, 7, 2, 2], [5, 2, 9, 2], [5, 7, 8, 9]]
                           -> mask [[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]],  truncated [False, False, True]
     """
+    # exercise 1: the completion mask, by position
     is_stop = torch.isin(completion_ids, torch.tensor(stop, device=completion_ids.device))
     stops_before = is_stop.long().cumsum(dim=1) - is_stop.long()  # stop tokens strictly before each position
     mask = (stops_before == 0).long()
@@ -322,6 +323,7 @@ def token_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, c
     Works with or without gradients; entries past each row's first EOS are meaningless and must be masked.
     With `with_entropy`, also returns the per-token entropy [N, T] of the sampling distribution (no gradient).
     """
+    # exercise 2: per-token log-probs of a completion
     if temperature <= 0:
         raise ValueError("scoring needs temperature > 0")
     n, t = completion_ids.shape

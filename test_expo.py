@@ -1055,3 +1055,12 @@ def test_lora_checkpoint_loads_merged_and_resumes_exactly(tiny_dir, tmp_path):
         assert torch.allclose(merged(ids).logits, trainer.model(ids).logits, atol=1e-5)
         assert not torch.allclose(merged(ids).logits, AutoModelForCausalLM.from_pretrained(tiny_dir)(ids).logits,
                                   atol=1e-4)
+
+
+def test_step_benchmark_runs_on_cpu(tmp_path):
+    import bench
+    bench.main(["--train", "--json", str(tmp_path / "steps.json")])
+    rows = json.loads((tmp_path / "steps.json").read_text())
+    assert [(r["method"], r["lora_rank"]) for r in rows] == [("grpo", 0), ("expo", 0), ("grpo", 16), ("expo", 16)]
+    assert all(r["step_s"] > 0 and r["peak_gib"] > 0 for r in rows)
+    assert train.reward.score is reward.score  # the benchmark's pseudo-random reward is undone

@@ -88,6 +88,21 @@ def gather(obj, ranks: Ranks) -> list:
     return out
 
 
+# Per-rank values that are shares of a global total (the losses and token-weighted means carry global normalisers,
+# and counts) add up over ranks; every other statistic is averaged over the ranks that report it.
+SUMMED = ("loss_pg", "loss_sft", "loss_dpo", "clip_frac", "kl", "entropy", "targets", "pg_rows", "pairs",
+          "explain_dropped", "explain_dropped_truncated")
+
+
+def merge_stats(per_rank: list[dict]) -> dict:
+    """One log line from train.py's stats of every rank (a single process: its own stats, unchanged)."""
+    merged = {}
+    for key in dict.fromkeys(k for stats in per_rank for k in stats):
+        values = [stats[key] for stats in per_rank if key in stats]
+        merged[key] = sum(values) if key in SUMMED else sum(values) / len(values)
+    return merged
+
+
 def barrier(ranks: Ranks) -> None:
     if ranks.world > 1:
         dist.barrier()

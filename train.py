@@ -535,7 +535,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 stats = (self.dpo_step if "dpo" in cfg.method else self.grpo_step)(batch)
                 stats.update(t_step=time.perf_counter() - t0, **self.memory())
-                stats = merge_stats(distributed.gather(stats, self.ranks))
+                stats = distributed.merge_stats(distributed.gather(stats, self.ranks))
                 stats.update(step=self.step, skipped_updates=self.skipped)
                 self.log(stats)
                 bar.set_postfix(reward=f"{stats['reward']:.2f}", tok_s=f"{stats.get('gen_tok_s', 0):.0f}")
@@ -566,21 +566,6 @@ class Trainer:
             return {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
         except ImportError:
             return {}
-
-
-# Per-rank values that are shares of a global total (the losses and token-weighted means carry global normalisers,
-# and counts) add up over ranks; every other statistic is averaged over the ranks that report it.
-SUMMED = ("loss_pg", "loss_sft", "loss_dpo", "clip_frac", "kl", "entropy", "targets", "pg_rows", "pairs",
-          "explain_dropped", "explain_dropped_truncated")
-
-
-def merge_stats(per_rank: list[dict]) -> dict:
-    """One log line from the stats of every rank (a single process: its own stats, unchanged)."""
-    merged = {}
-    for key in dict.fromkeys(k for stats in per_rank for k in stats):
-        values = [stats[key] for stats in per_rank if key in stats]
-        merged[key] = sum(values) if key in SUMMED else sum(values) / len(values)
-    return merged
 
 
 def plot(out: Path) -> None:

@@ -76,7 +76,7 @@ def measure(model, tokenizer, examples: list[data.Example], k: int = 4, max_new_
     kept = [i for i, t in enumerate(targets) if t is not None]
     if kept:
         batch = rollout.encode_targets(tokenizer, [solve[i] for i in kept], [targets[i] for i in kept], stop_id)
-        nll, lengths = sequence_nll(model, _to(batch, device))
+        nll, lengths = sequence_nll(model, batch.to(device))
         result["self_explanation"] = describe(nll, lengths, [reward.score(raw.texts[i], golds[i]) for i in kept],
                                               [bool(raw.truncated[i]) for i in kept])
         result["self_explanation"]["dropped_leaks"] = dropped
@@ -85,14 +85,10 @@ def measure(model, tokenizer, examples: list[data.Example], k: int = 4, max_new_
     if experts:
         batch = rollout.encode_targets(tokenizer, [solve[i] for i in experts],
                                        [examples[i].solution for i in experts], stop_id)
-        nll, lengths = sequence_nll(model, _to(batch, device))
+        nll, lengths = sequence_nll(model, batch.to(device))
         result["expert"] = describe(nll, lengths, [reward.score(examples[i].solution, golds[i]) for i in experts],
                                     [False] * len(experts))
     return result
-
-
-def _to(batch: rollout.Rollouts, device) -> rollout.Rollouts:
-    return rollout.Rollouts(*(x.to(device) if torch.is_tensor(x) else x for x in vars(batch).values()))
 
 
 ROWS = [  # key, label, the paper's claim about it

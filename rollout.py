@@ -158,6 +158,9 @@ class Rollouts:
     truncated: torch.Tensor  # [N] bool: hit max_new_tokens without an EOS
     prompt_index: torch.Tensor  # [N] which prompt each row belongs to
 
+    def to(self, device) -> "Rollouts":
+        return Rollouts(*(x.to(device) if torch.is_tensor(x) else x for x in vars(self).values()))
+
     def select(self, rows: torch.Tensor | list[int]) -> "Rollouts":
         """The sub-batch of the given rows (for micro-batching)."""
         rows = torch.as_tensor(rows, dtype=torch.long)

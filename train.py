@@ -179,10 +179,6 @@ def target_batch(tokenizer, questions: list[str], targets: list[str], stop_id: i
     return rollout.encode_targets(tokenizer, [expo.solve_prompt(q) for q in questions], targets, stop_id)
 
 
-def to_device(batch: rollout.Rollouts, device) -> rollout.Rollouts:
-    return rollout.Rollouts(*(x.to(device) if torch.is_tensor(x) else x for x in vars(batch).values()))
-
-
 def logprobs(model, batch: rollout.Rollouts, rows, temperature: float, **kw):
     return rollout.token_logprobs(model, batch.prompt_ids[rows], batch.prompt_mask[rows], batch.completion_ids[rows],
                                   temperature, **kw)
@@ -337,7 +333,7 @@ class Trainer:
             targets = [(e.question, e.solution) for e in batch]
             first_target = batch[0].solution
         stats["t_explain"] = time.perf_counter() - t1
-        tgt = to_device(target_batch(self.tokenizer, *zip(*targets), self.stop_id), self.device) if targets else None
+        tgt = target_batch(self.tokenizer, *zip(*targets), self.stop_id).to(self.device) if targets else None
         return tgt, first_target
 
     def frozen_logprobs(self, roll: rollout.Rollouts, adv: torch.Tensor):
@@ -425,8 +421,7 @@ class Trainer:
         stats["loss_dpo"] = 0.0
         if pairs:
             questions, good, bad = zip(*pairs)
-            both = to_device(target_batch(self.tokenizer, questions + questions, good + bad, self.stop_id),
-                             self.device)
+            both = target_batch(self.tokenizer, questions + questions, good + bad, self.stop_id).to(self.device)
             for r in micro_batches(len(pairs), cfg.grad_accum):
                 rows = r + [i + len(pairs) for i in r]  # chosen rows, then their rejected partners
                 with torch.no_grad(), self.amp(), self.reference() as reference:

@@ -148,7 +148,8 @@ def completion_mask(completion_ids: torch.Tensor, stop: list[int]) -> tuple[torc
 
 @dataclass
 class Rollouts:
-    """G completions for each of B prompts; rows [g*i .. g*i + G) belong to prompt i."""
+    """Completions of B prompts, in prompt order: G rows per prompt for a group (rows [G*i, G*i + G) belong to
+    prompt i), or any number per prompt (see `sample`); `prompt_index` says which prompt each row answers."""
 
     prompt_ids: torch.Tensor  # [N, P] left-padded
     prompt_mask: torch.Tensor  # [N, P]
@@ -184,10 +185,12 @@ def _pick(logits: torch.Tensor, temperature: float, generator: torch.Generator) 
 
 
 @torch.no_grad()
-def sample(model, tokenizer, prompts: list[list[int]], group_size: int, max_new_tokens: int,
+def sample(model, tokenizer, prompts: list[list[int]], group_size: int | list[int], max_new_tokens: int,
            temperature: float = 1.0, seed: int = 0, min_new_tokens: int = 0, cuda_graph: bool | None = None
            ) -> Rollouts:
-    """Sample `group_size` completions for each prompt (lists of token ids, see `encode_prompts`).
+    """Sample `group_size` completions for each prompt (lists of token ids, see `encode_prompts`), or, given a list,
+    `group_size[i]` completions for prompt i: ExP-GRPO draws G rollouts of each solve prompt and one self-explanation
+    of each explain prompt in one call, so both share the decode loop (one pass, not two latency-bound ones).
 
     How it is fast: the decode loop is ours, not `model.generate`, so it can
       1. prefill each prompt once and share its KV cache across its G rows (`_EagerDecoder`), not G times;
@@ -195,7 +198,9 @@ def sample(model, tokenizer, prompts: list[list[int]], group_size: int, max_new_
          model's step is otherwise dominated by launching hundreds of tiny kernels from Python (this path prefills
          every row into its fixed-size cache: prefill is a small share of the time there);
       3. stop as soon as every row has emitted a stop token (checked every few steps on a GPU to avoid syncs).
-    Neither trick changes what is sampled: the same seed gives the same tokens with or without them (tested).
+    None of these changes what is sampled: the same seed gives the same tokens with or without them (tested).
+    Every row draws from its own prompt's distribution whatever else is in the batch; which tokens a seed gives
+    does depend on the batch (one random number per row and step).
     `min_new_tokens` forbids stop tokens before that many tokens (for fixed-length benchmarks only).
     """
     device = next(model.parameters()).device
@@ -204,17 +209,20 @@ def sample(model, tokenizer, prompts: list[list[int]], group_size: int, max_new_
     generator = torch.Generator(device=device).manual_seed(seed)
     was_training = model.training
     model.eval()  # eval mode: dropout off, and the KV cache works even with gradient checkpointing enabled
+    counts = [group_size] * len(prompts) if isinstance(group_size, int) else list(group_size)
+    if len(counts) != len(prompts) or min(counts, default=1) < 1:
+        raise ValueError(f"need a sample count >= 1 for each of the {len(prompts)} prompts, got {counts}")
+    index = torch.arange(len(prompts), device=device).repeat_interleave(torch.tensor(counts, device=device))  # [N]
     try:
         p_ids, p_mask = left_pad(prompts, pad_id, device)  # [B, P]
         if cuda_graph is None:
             cuda_graph = device.type == "cuda" and _GraphedDecoder.supported(model)
         if cuda_graph:
-            step = _GraphedDecoder(model, p_ids.repeat_interleave(group_size, 0),
-                                   p_mask.repeat_interleave(group_size, 0), max_new_tokens)
+            step = _GraphedDecoder(model, p_ids[index], p_mask[index], max_new_tokens)
         else:
-            step = _EagerDecoder(model, p_ids, p_mask, group_size)
+            step = _EagerDecoder(model, p_ids, p_mask, index)
         logits = step.prefill_logits  # [N, V] next-token logits after each row's prompt
-        n = p_ids.shape[0] * group_size
+        n = len(index)
         stop_t = torch.tensor(stop, device=device)
         tokens = torch.full((n, max_new_tokens), pad_id, dtype=torch.long, device=device)
         done = torch.zeros(n, dtype=torch.bool, device=device)
@@ -234,22 +242,21 @@ def sample(model, tokenizer, prompts: list[list[int]], group_size: int, max_new_
     c_mask, truncated = completion_mask(tokens, stop)
     texts = tokenizer.batch_decode([row[m.bool()].tolist() for row, m in zip(tokens.cpu(), c_mask.cpu())],
                                    skip_special_tokens=True)
-    return Rollouts(p_ids.repeat_interleave(group_size, 0), p_mask.repeat_interleave(group_size, 0), tokens, c_mask,
-                    texts, truncated, torch.arange(len(prompts), device=device).repeat_interleave(group_size))
+    return Rollouts(p_ids[index], p_mask[index], tokens, c_mask, texts, truncated, index)
 
 
 class _EagerDecoder:
-    """Decode steps with a growing DynamicCache; the prompt is prefilled once per prompt, then shared by G rows."""
+    """Decode steps with a growing DynamicCache; each prompt is prefilled once, then shared by all its rows."""
 
-    def __init__(self, model, p_ids: torch.Tensor, p_mask: torch.Tensor, group_size: int):
+    def __init__(self, model, p_ids: torch.Tensor, p_mask: torch.Tensor, index: torch.Tensor):
         self.model, self.kw = model, _cache_kwarg(model)
         self.cache = DynamicCache()
         out = model(input_ids=p_ids, attention_mask=p_mask, position_ids=(p_mask.cumsum(1) - 1).clamp(min=0),
                     use_cache=True, logits_to_keep=1, **{self.kw: self.cache})
-        self.cache.batch_repeat_interleave(group_size)  # [B, ...] -> [B*G, ...]: one prefill serves the group
-        self.mask = p_mask.repeat_interleave(group_size, 0)  # [N, P], grows by one column per step
+        self.cache.batch_select_indices(index)  # [B, ...] -> [N, ...]: row n continues prompt index[n]'s cache
+        self.mask = p_mask[index]  # [N, P], grows by one column per step
         self.pos = self.mask.sum(1, keepdim=True) - 1  # [N, 1] position of each row's last token
-        self.prefill_logits = out.logits[:, -1].float().repeat_interleave(group_size, 0)  # [N, V]
+        self.prefill_logits = out.logits[:, -1].float()[index]  # [N, V]
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)

@@ -513,6 +513,28 @@ def test_static_cache_decoder_matches_dynamic_one(tokenizer):
 
 
 @pytest.mark.exercise1
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_per_prompt_sample_counts_in_one_pass(tokenizer, cuda_graph):
+    """Counts [3, 1, 2] give rows of prompts 0,0,0,1,2,2, each continuing its own prompt's cache: greedy rows equal
+    that prompt decoded alone. An int count is the same as a list of it, seed for seed."""
+    model = tiny_llama(tokenizer)
+    prompts = rollout.encode_prompts(tokenizer, ["What is 1 + 1?", "The answer is 4. Explain why 2 + 2 = 4.", "Hi"])
+    mixed = rollout.sample(model, tokenizer, prompts, [3, 1, 2], 8, temperature=1e-6, cuda_graph=cuda_graph)
+    assert mixed.prompt_index.tolist() == [0, 0, 0, 1, 2, 2] and len(mixed.texts) == 6
+    for row, i in enumerate(mixed.prompt_index.tolist()):
+        alone = rollout.sample(model, tokenizer, [prompts[i]], 1, 8, temperature=1e-6, cuda_graph=cuda_graph)
+        width = alone.completion_ids.shape[1]
+        assert mixed.completion_ids[row, :width].tolist() == alone.completion_ids[0].tolist()
+        assert mixed.completion_mask[row, :width].tolist() == alone.completion_mask[0].tolist()
+        assert mixed.prompt_ids[row, -len(prompts[i]):].tolist() == prompts[i]
+    as_int = rollout.sample(model, tokenizer, prompts, 2, 8, seed=4, cuda_graph=cuda_graph)
+    as_list = rollout.sample(model, tokenizer, prompts, [2, 2, 2], 8, seed=4, cuda_graph=cuda_graph)
+    assert torch.equal(as_int.completion_ids, as_list.completion_ids)
+    with pytest.raises(ValueError, match="sample count"):
+        rollout.sample(model, tokenizer, prompts, [2, 0, 1], 8)
+
+
+@pytest.mark.exercise1
 def test_sampling_uses_kv_cache_under_gradient_checkpointing(tokenizer):
     model = tiny_llama(tokenizer).train()
     (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()  # renamed in 5.2x
@@ -580,6 +602,26 @@ def test_two_steps_of_each_method_write_log_and_checkpoint(tiny_dir, tmp_path, m
     assert state["step"] == 2 and state["config"]["method"] == method
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint") is not None
     assert (tmp_path / "samples.md").read_text().count("## step") >= 1
+
+
+@pytest.mark.exercise7
+@pytest.mark.parametrize("explain_on", ["all", "failed"])
+def test_expo_samples_rollouts_and_self_explanations_in_one_pass(tiny_dir, tmp_path, monkeypatch, explain_on):
+    """Explaining every question (the paper), the B explain prompts ride in the rollouts' sampling call, one row each;
+    explaining all-wrong groups only, they need the rewards first, so a second call draws them."""
+    t = train.Trainer(train.parse_args(_args(tiny_dir, tmp_path, "--method", "expo", "--explain_on", explain_on)))
+    batch = [t.train_set[i] for i in range(2)]
+    calls, real = [], rollout.sample
+    monkeypatch.setattr(rollout, "sample", lambda model, tok, prompts, counts, *a, **kw: calls.append(
+        (prompts, counts)) or real(model, tok, prompts, counts, *a, **kw))
+    monkeypatch.setattr(reward, "score", lambda text, answer: 0.0)  # every group all-wrong: both settings explain all
+    stats = t.grpo_step(batch)
+    explain = rollout.encode_prompts(t.tokenizer, [expo.explain_prompt(e.question, e.answer) for e in batch])
+    if explain_on == "all":
+        assert len(calls) == 1 and calls[0][1] == [2, 2, 1, 1] and calls[0][0][2:] == explain
+    else:
+        assert [c[1] for c in calls] == [[2, 2], 1] and calls[1][0] == explain
+    assert stats["targets"] == 2 and stats["explain_len"] > 0 and stats["loss_sft"] > 0
 
 
 RESUME_ARGS = ["--method", "expo", "--kl_coef", "0.1", "--ppo_epochs", "2", "--learning_rate", "1e-3"]
@@ -933,14 +975,14 @@ def fixed_step(method, norm):
     batch = [t.train_set[i] for i in range(4)]
     mine = distributed.share(list(range(4)), t.ranks)
 
-    def rollouts(examples):
+    def rollouts(examples, explain=False):  # explanations are left to self_explanations below
         texts = [f"{q} try {g} " * (1 + (q + g) % 3) for q in mine for g in range(2)]
         roll = rollout.encode_targets(t.tokenizer, [expo.solve_prompt(batch[q].question) for q in mine for g in range(2)],
                                       texts, t.stop_id)
         roll.prompt_index = torch.arange(len(mine)).repeat_interleave(2)
-        return roll, torch.tensor([float(r) for q in mine for r in REWARDS[q]]), {"reward": 0.0}
+        return roll, torch.tensor([float(r) for q in mine for r in REWARDS[q]]), {"reward": 0.0}, None
     t.rollouts = rollouts
-    t.self_explanations = lambda ex, seed, model=None: ([f"Because {e.answer} is right." for e in ex], [], {})
+    t.self_explanations = lambda ex, seed, model=None, out=None: ([f"Because {e.answer} is right." for e in ex], [], {})
     grads = {}
 
     def capture():

@@ -255,15 +255,17 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------- sampling
 
-    def sample(self, user_texts: list[str], group_size: int, seed: int, model=None) -> rollout.Rollouts:
+    def sample(self, user_texts: list[str], group_size: int | list[int], seed: int, model=None) -> rollout.Rollouts:
         prompts = rollout.encode_prompts(self.tokenizer, user_texts)
         with self.amp():
             return rollout.sample(model or self.model, self.tokenizer, prompts, group_size, self.cfg.max_new_tokens,
                                   self.cfg.temperature, seed=seed)
 
-    def self_explanations(self, questions: list[data.Example], seed: int, model=None):
-        """Targets from self-explanations (None where dropped), and their stats."""
-        out = self.sample([expo.explain_prompt(e.question, e.answer) for e in questions], 1, seed, model)
+    def self_explanations(self, questions: list[data.Example], seed: int, model=None, out=None):
+        """Targets from self-explanations (None where dropped), the explanations, and their stats. `out`: the
+        explanations when already sampled (one row per question), else they are sampled here."""
+        if out is None:
+            out = self.sample([expo.explain_prompt(e.question, e.answer) for e in questions], 1, seed, model)
         targets, dropped = expo.explanation_targets(out.texts, [e.answer for e in questions], self.cfg.drop_leaks)
         cut = [i for i, t in enumerate(targets) if t is not None and out.truncated[i] and self.cfg.drop_truncated]
         for i in cut:
@@ -273,12 +275,18 @@ class Trainer:
                  "explain_correct": sum(reward.score(t, e.answer) for t, e in zip(out.texts, questions)) / len(questions)}
         return targets, out.texts, stats
 
-    def rollouts(self, batch: list[data.Example]) -> tuple[rollout.Rollouts, torch.Tensor, dict]:
-        """G answer-free rollouts per question, their 0/1 rewards [B*G], and the stats every method logs."""
-        G = self.cfg.num_generations
+    def rollouts(self, batch: list[data.Example], explain: bool = False):
+        """G answer-free rollouts per question, their 0/1 rewards [B*G], the stats every method logs, and with
+        `explain` one self-explanation per question (else None), drawn in the same sampling call as the rollouts:
+        decoding is latency-bound, so B more rows cost little, while a second call would cost a second decode loop."""
+        B, G = len(batch), self.cfg.num_generations
+        prompts = [expo.solve_prompt(e.question) for e in batch]
+        if explain:
+            prompts += [expo.explain_prompt(e.question, e.answer) for e in batch]
         t0 = time.perf_counter()
-        roll = self.sample([expo.solve_prompt(e.question) for e in batch], G, self.seed())
+        out = self.sample(prompts, [G] * B + [1] * (len(prompts) - B), self.seed())
         t_sample = time.perf_counter() - t0
+        roll, explanations = out.select(range(B * G)), out.select(range(B * G, len(out.texts))) if explain else None
         rewards = torch.tensor([reward.score(text, batch[i].answer)
                                 for text, i in zip(roll.texts, roll.prompt_index.tolist())])
         groups = rewards.view(-1, G)
@@ -286,8 +294,8 @@ class Trainer:
                  "all_right": float((groups.sum(1) == G).float().mean()),
                  "completion_len": float(roll.completion_mask.sum(1).float().mean()),
                  "truncated": float(roll.truncated.float().mean()),
-                 "gen_tok_s": float(roll.completion_mask.sum()) / max(t_sample, 1e-9), "t_sample": t_sample}
-        return roll, rewards, stats
+                 "gen_tok_s": float(out.completion_mask.sum()) / max(t_sample, 1e-9), "t_sample": t_sample}
+        return roll, rewards, stats, explanations
 
     def seed(self, salt: int = 0) -> int:
         return step_seed(self.cfg.seed, self.step, salt, self.ranks.rank)
@@ -297,9 +305,12 @@ class Trainer:
     def grpo_step(self, batch: list[data.Example]) -> dict:
         """One step of ExP-GRPO (GRPO, GRPO + expert SFT) on this rank's questions, as in the paper's algorithm box."""
         cfg = self.cfg
-        roll, rewards, stats = self.rollouts(batch)  # 1. G answer-free rollouts per question, 0/1 rewards
+        # 1. G answer-free rollouts per question, 0/1 rewards; when ExP-GRPO explains every question (the paper's
+        #    setting) its self-explanations are drawn in the same sampling pass
+        explain_all = cfg.method == "expo" and cfg.explain_on == "all"
+        roll, rewards, stats, expl = self.rollouts(batch, explain_all)
         adv = expo.group_advantages(rewards, cfg.num_generations, cfg.adv_scale).to(self.device)  # 2. advantages
-        tgt, first_target = self.sft_targets(batch, rewards, stats)  # 3. self-explanations, scored answer-free
+        tgt, first_target = self.sft_targets(batch, rewards, stats, expl)  # 3. self-explanations, scored answer-free
         rows, frozen = self.frozen_logprobs(roll, adv)  # 4. old / reference log-probs, when needed
         beta = expo.beta_at(self.step, cfg.steps, cfg.beta, cfg.beta_schedule)
         t2 = time.perf_counter()
@@ -314,17 +325,18 @@ class Trainer:
         self.write_samples(batch[0], roll.texts[:G], rewards[:G].tolist(), first_target)
         return stats
 
-    def sft_targets(self, batch: list[data.Example], rewards: torch.Tensor, stats: dict):
+    def sft_targets(self, batch: list[data.Example], rewards: torch.Tensor, stats: dict, sampled=None):
         """The targets of the likelihood term, as completions of the answer-free prompt (None when there are none):
-        self-explanations for expo (of every question, or of all-wrong groups only), expert solutions for
-        grpo_sft_gt. Also the first question's target, for samples.md."""
+        self-explanations for expo (of every question, already `sampled` with the rollouts, or of all-wrong groups
+        only, sampled here), expert solutions for grpo_sft_gt. Also the first question's target, for samples.md."""
         cfg, t1 = self.cfg, time.perf_counter()
         targets, first_target = [], None
         if cfg.method == "expo":
             groups = rewards.view(-1, cfg.num_generations)
             chosen = [i for i, g in enumerate(groups) if cfg.explain_on == "all" or g.sum() == 0]
             if chosen:
-                texts, explanations, ex_stats = self.self_explanations([batch[i] for i in chosen], self.seed(1))
+                texts, explanations, ex_stats = self.self_explanations([batch[i] for i in chosen], self.seed(1),
+                                                                       out=sampled)
                 stats.update(ex_stats)
                 targets = [(batch[i].question, t) for i, t in zip(chosen, texts) if t is not None]
                 if chosen[0] == 0:
@@ -406,7 +418,7 @@ class Trainer:
 
     def dpo_step(self, batch: list[data.Example]) -> dict:
         cfg, G = self.cfg, self.cfg.num_generations
-        roll, rewards, stats = self.rollouts(batch)
+        roll, rewards, stats, _ = self.rollouts(batch)
         scores = rewards.tolist()
         chosen = self.chosen_responses(batch, stats)
         pairs = []  # (question, chosen text, rejected text): the first wrong rollout of the question

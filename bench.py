@@ -7,7 +7,9 @@
 
 Every method generates exactly `--new-tokens` per row (`min_new_tokens` forbids an early EOS), so tokens/s are
 comparable; the figure is generated tokens / wall seconds, including prefill and (for the CUDA graph) capture.
-Weights are random: speed does not depend on them. Ratios are against plain `generate` in the same run.
+Weights are random: speed does not depend on them. Ratios are against plain `generate` in the same run. It then
+times ExP-GRPO's sampling (`expo_sampling`): the G rollouts plus one self-explanation per prompt, in one call with
+per-prompt counts (what train.py does) and in two calls, each relative to the G rollouts alone.
 
 `--train` times whole steps of train.py instead (`bench_train`): a GRPO step and an ExP-GRPO step, each with full
 fine-tuning and with `--lora_rank`, on the same random-weight model (the SmolLM2 tokenizer), with every completion
@@ -17,6 +19,7 @@ seconds per step (after one warm-up step), the sampling share, peak memory, and 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import resource
@@ -100,7 +103,27 @@ def bench(model, tokenizer, args, label: str) -> dict:
     for name in methods:
         result[name]["vs_generate"] = round(result[name]["tok_s"] / base, 2)
     print(f"{label:>10} ratios vs generate: " + ", ".join(f"{k} {result[k]['vs_generate']}x" for k in methods))
+    result["expo_sampling"] = expo_sampling(model, tokenizer, args, prompts, "ours_cuda_graph" in methods, label)
     return result
+
+
+def expo_sampling(model, tokenizer, args, prompts, cuda_graph: bool, label: str) -> dict:
+    """ExP-GRPO's sampling: the G rollouts of B prompts plus one self-explanation of each (longer prompts: the
+    question and its answer), in one call with per-prompt counts or in two calls; seconds relative to the G rollouts
+    alone (the GRPO step's sampling)."""
+    device = next(model.parameters()).device
+    explain = torch.randint(100, 20000, (args.prompts, args.prompt_len + 16), generator=torch.Generator().manual_seed(1))
+    run = functools.partial(rollout.sample, model, tokenizer, max_new_tokens=args.new_tokens, seed=0,
+                            min_new_tokens=args.new_tokens, cuda_graph=cuda_graph)
+    variants = {"rollouts_only": lambda: run(prompts, args.group),
+                "two_calls": lambda: (run(prompts, args.group), run(explain.tolist(), 1)),
+                "one_call": lambda: run(prompts + explain.tolist(), [args.group] * args.prompts + [1] * args.prompts)}
+    with torch.no_grad():
+        seconds = {name: min(_timed(fn, device) for _ in range(args.repeats + 1)) for name, fn in variants.items()}
+    ratios = {name: round(s / seconds["rollouts_only"], 2) for name, s in seconds.items()}
+    print(f"{label:>10} ExP-GRPO sampling / GRPO sampling: two calls {ratios['two_calls']}x, "
+          f"one call {ratios['one_call']}x", flush=True)
+    return {"seconds": {k: round(v, 3) for k, v in seconds.items()}, "vs_rollouts_only": ratios}
 
 
 def graph_check(device) -> dict:

@@ -8,8 +8,10 @@ One ExP-GRPO step (`grpo_step`), for a batch of B questions:
   1. sample G answer-free rollouts per question from the current policy (rollout.sample, prompt expo.solve_prompt)
   2. score them with the verifier (reward.score) and normalise rewards within each group (expo.group_advantages)
   3. sample one self-explanation per question from the *current* policy with the answer in the prompt
-     (expo.explain_prompt), turn it into a target ending in \\boxed{gold} (expo.explanation_targets), and pair it
-     with the *answer-free* prompt: the hint is never in the context the target is scored under
+     (expo.explain_prompt) -- in the same rollout.sample call as step 1, one row per explain prompt beside the G per
+     solve prompt, so it costs no second decode loop (with --explain_on failed it needs step 2's rewards, so a
+     second call) -- turn it into a target ending in \\boxed{gold} (expo.explanation_targets), and pair it with
+     the *answer-free* prompt: the hint is never in the context the target is scored under
   4. freeze old log-probs (only needed when --ppo_epochs > 1: with one pass, old == current, detached)
   5. for each PPO epoch: loss = grpo_loss(rollouts) + beta(step) * sft_loss(targets), accumulated over
      micro-batches so that their sum is exactly the full-batch loss; clip the gradient norm; one optimizer step

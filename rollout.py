@@ -207,12 +207,12 @@ def sample(model, tokenizer, prompts: list[list[int]], group_size: int | list[in
     stop = stop_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
     generator = torch.Generator(device=device).manual_seed(seed)
-    was_training = model.training
-    model.eval()  # eval mode: dropout off, and the KV cache works even with gradient checkpointing enabled
     counts = [group_size] * len(prompts) if isinstance(group_size, int) else list(group_size)
     if len(counts) != len(prompts) or min(counts, default=1) < 1:
         raise ValueError(f"need a sample count >= 1 for each of the {len(prompts)} prompts, got {counts}")
     index = torch.arange(len(prompts), device=device).repeat_interleave(torch.tensor(counts, device=device))  # [N]
+    was_training = model.training
+    model.eval()  # eval mode: dropout off, and the KV cache works even with gradient checkpointing enabled
     try:
         p_ids, p_mask = left_pad(prompts, pad_id, device)  # [B, P]
         if cuda_graph is None:

@@ -604,7 +604,7 @@ def test_two_steps_of_each_method_write_log_and_checkpoint(tiny_dir, tmp_path, m
     assert (tmp_path / "samples.md").read_text().count("## step") >= 1
 
 
-@pytest.mark.exercise7
+@pytest.mark.exercise8
 @pytest.mark.parametrize("explain_on", ["all", "failed"])
 def test_expo_samples_rollouts_and_self_explanations_in_one_pass(tiny_dir, tmp_path, monkeypatch, explain_on):
     """Explaining every question (the paper), the B explain prompts ride in the rollouts' sampling call, one row each;

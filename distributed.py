@@ -91,7 +91,7 @@ def gather(obj, ranks: Ranks) -> list:
 # Per-rank values that are shares of a global total (the losses and token-weighted means carry global normalisers,
 # and counts) add up over ranks; every other statistic is averaged over the ranks that report it.
 SUMMED = ("loss_pg", "loss_sft", "loss_dpo", "clip_frac", "kl", "entropy", "targets", "pg_rows", "pairs",
-          "explain_dropped", "explain_dropped_truncated")
+          "explain_dropped", "explain_dropped_truncated", "explain_dropped_wrong")
 
 
 def merge_stats(per_rank: list[dict]) -> dict:

@@ -624,6 +624,26 @@ def test_expo_samples_rollouts_and_self_explanations_in_one_pass(tiny_dir, tmp_p
     assert stats["targets"] == 2 and stats["explain_len"] > 0 and stats["loss_sft"] > 0
 
 
+@pytest.mark.exercise7
+@pytest.mark.parametrize("flags, kept", [([], [0, 1, 2]), (["--drop_truncated"], [0, 1]), (["--drop_wrong"], [0, 2]),
+                                          (["--drop_truncated", "--drop_wrong"], [0])])
+def test_self_explanation_filters(tiny_dir, tmp_path, flags, kept):
+    """By default every explanation is a target, the gold answer in its last box; --drop_truncated drops the cut-off
+    ones and --drop_wrong those whose own answer was not the gold one (judged before the swap); the log counts each."""
+    t = train.Trainer(train.parse_args(_args(tiny_dir, tmp_path, *flags)))
+    questions = [t.train_set[i] for i in range(3)]
+    texts = [f"Adding gives \\boxed{{{questions[0].answer}}}.", "Adding gives \\boxed{-1}.",
+             f"Adding gives \\boxed{{{questions[2].answer}}}, and then"]
+    out = rollout.encode_targets(t.tokenizer, ["q"] * 3, texts, t.stop_id)
+    out.truncated = torch.tensor([False, False, True])
+    targets, _, stats = t.self_explanations(questions, 0, out=out)
+    assert [i for i, x in enumerate(targets) if x is not None] == kept
+    assert all(reward.extract_answer(targets[i]) == questions[i].answer for i in kept)
+    assert stats["explain_correct"] == pytest.approx(2 / 3)
+    assert (stats["explain_dropped_truncated"], stats["explain_dropped_wrong"]) == (
+        int("--drop_truncated" in flags), int("--drop_wrong" in flags))
+
+
 RESUME_ARGS = ["--method", "expo", "--kl_coef", "0.1", "--ppo_epochs", "2", "--learning_rate", "1e-3"]
 
 

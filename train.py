@@ -82,6 +82,8 @@ class Config:
     drop_leaks: bool = option(True, "drop self-explanations that mention being given the answer")
     drop_truncated: bool = option(False, "drop self-explanations cut off by --max_new_tokens (else their target is a "
                                   "cut-off explanation with the answer pasted after it)")
+    drop_wrong: bool = option(False, "drop self-explanations whose own final answer is not the gold one (else the gold "
+                              "answer replaces it in their last box: the paper's target)")
     kl_coef: float = option(0.0, "weight of the k3 KL penalty to the frozen initial policy (0 = no reference model)")
     clip_eps: float = option(0.2, "PPO clipping range of the token ratio")
     loss_norm: str = option("seq", "seq (DeepSeekMath), token (DAPO) or constant (Dr. GRPO)", expo.LOSS_NORMS)
@@ -269,12 +271,15 @@ class Trainer:
         if out is None:
             out = self.sample([expo.explain_prompt(e.question, e.answer) for e in questions], 1, seed, model)
         targets, dropped = expo.explanation_targets(out.texts, [e.answer for e in questions], self.cfg.drop_leaks)
+        correct = [reward.score(t, e.answer) for t, e in zip(out.texts, questions)]  # before the answer is swapped in
         cut = [i for i, t in enumerate(targets) if t is not None and out.truncated[i] and self.cfg.drop_truncated]
-        for i in cut:
+        wrong = [i for i, t in enumerate(targets) if t is not None and i not in cut and self.cfg.drop_wrong
+                 and not correct[i]]
+        for i in cut + wrong:
             targets[i] = None
         stats = {"explain_len": float(out.completion_mask.sum(1).float().mean()), "explain_dropped": dropped,
-                 "explain_dropped_truncated": len(cut), "explain_truncated": float(out.truncated.float().mean()),
-                 "explain_correct": sum(reward.score(t, e.answer) for t, e in zip(out.texts, questions)) / len(questions)}
+                 "explain_dropped_truncated": len(cut), "explain_dropped_wrong": len(wrong),
+                 "explain_truncated": float(out.truncated.float().mean()), "explain_correct": sum(correct) / len(correct)}
         return targets, out.texts, stats
 
     def rollouts(self, batch: list[data.Example], explain: bool = False):

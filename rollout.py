@@ -162,11 +162,15 @@ class Rollouts:
     def to(self, device) -> "Rollouts":
         return Rollouts(*(x.to(device) if torch.is_tensor(x) else x for x in vars(self).values()))
 
-    def select(self, rows: torch.Tensor | list[int]) -> "Rollouts":
-        """The sub-batch of the given rows (for micro-batching)."""
+    def select(self, rows: torch.Tensor | list[int] | range) -> "Rollouts":
+        """The given rows as a batch of their own, without the padding columns only other rows needed: prompts are
+        left-padded and completions right-padded, so those are leading and trailing columns. (The rollouts of a
+        merged sampling call are not scored at the width of the longer explain prompts and explanations.)"""
         rows = torch.as_tensor(rows, dtype=torch.long)
-        return Rollouts(self.prompt_ids[rows], self.prompt_mask[rows], self.completion_ids[rows],
-                        self.completion_mask[rows], [self.texts[i] for i in rows.tolist()], self.truncated[rows],
+        p_mask, c_mask = self.prompt_mask[rows], self.completion_mask[rows]
+        start, end = p_mask.shape[1] - int(p_mask.sum(1).max()), int(c_mask.sum(1).max())
+        return Rollouts(self.prompt_ids[rows, start:], p_mask[:, start:], self.completion_ids[rows, :end],
+                        c_mask[:, :end], [self.texts[i] for i in rows.tolist()], self.truncated[rows],
                         self.prompt_index[rows])
 
 

@@ -467,6 +467,22 @@ def test_left_padded_logprobs_equal_rows_scored_alone(tokenizer, make):
 
 
 @pytest.mark.exercise2
+def test_select_drops_only_the_padding_other_rows_needed(tokenizer):
+    """A sub-batch keeps its rows' tokens and masks, loses the columns only other rows were padded for (on both
+    sides), and scores the same."""
+    batch = rollout.encode_targets(tokenizer, ["A much longer question than the other one?", "Hi"],
+                                   ["one two three four five six", "ok"], tokenizer.eos_token_id)
+    sub = batch.select([1])
+    assert bool(sub.prompt_mask[:, 0].all()) and bool(sub.completion_mask[:, -1].all()) and sub.texts == ["ok"]
+    assert sub.prompt_ids.shape[1] < batch.prompt_ids.shape[1]
+    assert sub.completion_ids.shape[1] < batch.completion_ids.shape[1]
+    model = tiny_llama(tokenizer)
+    whole = rollout.token_logprobs(model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, 1.0)
+    part = rollout.token_logprobs(model, sub.prompt_ids, sub.prompt_mask, sub.completion_ids, 1.0)
+    assert torch.allclose(part[0], whole[1, : sub.completion_ids.shape[1]], atol=1e-5)
+
+
+@pytest.mark.exercise2
 def test_scored_logprobs_are_log_softmax_of_tempered_logits(tokenizer):
     model = tiny_llama(tokenizer)
     prompt = rollout.encode_prompts(tokenizer, ["Hi"])

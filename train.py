@@ -347,7 +347,7 @@ class Trainer:
                 stats.update(ex_stats)
                 targets = [(batch[i].question, t) for i, t in zip(chosen, texts) if t is not None]
                 if chosen[0] == 0:
-                    first_target = texts[0] or "(dropped: it mentions the hint or was cut off) " + explanations[0]
+                    first_target = texts[0] or f"(dropped: see --drop_leaks/_truncated/_wrong) {explanations[0]}"
         elif cfg.method == "grpo_sft_gt":
             targets = [(e.question, e.solution) for e in batch]
             first_target = batch[0].solution

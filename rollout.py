@@ -211,10 +211,7 @@ def sample(model, tokenizer, prompts: list[list[int]], group_size: int | list[in
     stop = stop_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
     generator = torch.Generator(device=device).manual_seed(seed)
-    counts = [group_size] * len(prompts) if isinstance(group_size, int) else list(group_size)
-    if len(counts) != len(prompts) or min(counts, default=1) < 1:
-        raise ValueError(f"need a sample count >= 1 for each of the {len(prompts)} prompts, got {counts}")
-    index = torch.arange(len(prompts), device=device).repeat_interleave(torch.tensor(counts, device=device))  # [N]
+    index = _row_index(len(prompts), group_size, device)  # [N] the prompt each row continues
     was_training = model.training
     model.eval()  # eval mode: dropout off, and the KV cache works even with gradient checkpointing enabled
     try:
@@ -225,28 +222,42 @@ def sample(model, tokenizer, prompts: list[list[int]], group_size: int | list[in
             step = _GraphedDecoder(model, p_ids[index], p_mask[index], max_new_tokens)
         else:
             step = _EagerDecoder(model, p_ids, p_mask, index)
-        logits = step.prefill_logits  # [N, V] next-token logits after each row's prompt
-        n = len(index)
-        stop_t = torch.tensor(stop, device=device)
-        tokens = torch.full((n, max_new_tokens), pad_id, dtype=torch.long, device=device)
-        done = torch.zeros(n, dtype=torch.bool, device=device)
-        check_every = 8 if device.type == "cuda" else 1
-        for t in range(max_new_tokens):
-            if t < min_new_tokens:
-                logits[:, stop_t] = -float("inf")
-            nxt = torch.where(done, pad_id, _pick(logits, temperature, generator))  # [N]
-            tokens[:, t] = nxt
-            done |= torch.isin(nxt, stop_t)
-            if t + 1 == max_new_tokens or ((t + 1) % check_every == 0 and bool(done.all())):
-                tokens = tokens[:, : t + 1]
-                break
-            logits = step(nxt)
+        tokens = _decode(step, stop, pad_id, max_new_tokens, temperature, generator, min_new_tokens)
     finally:
         model.train(was_training)
     c_mask, truncated = completion_mask(tokens, stop)
     texts = tokenizer.batch_decode([row[m.bool()].tolist() for row, m in zip(tokens.cpu(), c_mask.cpu())],
                                    skip_special_tokens=True)
     return Rollouts(p_ids[index], p_mask[index], tokens, c_mask, texts, truncated, index)
+
+
+def _row_index(n_prompts: int, group_size: int | list[int], device) -> torch.Tensor:
+    """[N] the prompt of each row: `group_size` rows per prompt, or `group_size[i]` rows for prompt i, in order."""
+    counts = [group_size] * n_prompts if isinstance(group_size, int) else list(group_size)
+    if len(counts) != n_prompts or min(counts, default=1) < 1:
+        raise ValueError(f"need a sample count >= 1 for each of the {n_prompts} prompts, got {counts}")
+    return torch.arange(n_prompts, device=device).repeat_interleave(torch.tensor(counts, device=device))
+
+
+def _decode(step, stop: list[int], pad_id: int, max_new_tokens: int, temperature: float,
+            generator: torch.Generator, min_new_tokens: int = 0) -> torch.Tensor:
+    """The decode loop: [N, T] sampled tokens, pad after each row's first stop token, T <= max_new_tokens."""
+    logits = step.prefill_logits  # [N, V] next-token logits after each row's prompt
+    device, n = logits.device, logits.shape[0]
+    stop_t = torch.tensor(stop, device=device)
+    tokens = torch.full((n, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    check_every = 8 if device.type == "cuda" else 1  # a GPU checks "all done?" every few steps: each check syncs
+    for t in range(max_new_tokens):
+        if t < min_new_tokens:
+            logits[:, stop_t] = -float("inf")
+        nxt = torch.where(done, pad_id, _pick(logits, temperature, generator))  # [N]
+        tokens[:, t] = nxt
+        done |= torch.isin(nxt, stop_t)
+        if t + 1 == max_new_tokens or ((t + 1) % check_every == 0 and bool(done.all())):
+            return tokens[:, : t + 1]
+        logits = step(nxt)
+    return tokens  # max_new_tokens == 0
 
 
 class _EagerDecoder:

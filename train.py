@@ -279,7 +279,8 @@ class Trainer:
             targets[i] = None
         stats = {"explain_len": float(out.completion_mask.sum(1).float().mean()), "explain_dropped": dropped,
                  "explain_dropped_truncated": len(cut), "explain_dropped_wrong": len(wrong),
-                 "explain_truncated": float(out.truncated.float().mean()), "explain_correct": sum(correct) / len(correct)}
+                 "explain_truncated": float(out.truncated.float().mean()),
+                 "explain_correct": sum(correct) / len(correct)}
         return targets, out.texts, stats
 
     def rollouts(self, batch: list[data.Example], explain: bool = False):
@@ -293,7 +294,9 @@ class Trainer:
         t0 = time.perf_counter()
         out = self.sample(prompts, [G] * B + [1] * (len(prompts) - B), self.seed())
         t_sample = time.perf_counter() - t0
-        roll, explanations = out.select(range(B * G)), out.select(range(B * G, len(out.texts))) if explain else None
+        roll, explanations = out, None  # without explain prompts, the call's rows are exactly the rollouts
+        if explain:
+            roll, explanations = out.select(range(B * G)), out.select(range(B * G, len(out.texts)))
         rewards = torch.tensor([reward.score(text, batch[i].answer)
                                 for text, i in zip(roll.texts, roll.prompt_index.tolist())])
         groups = rewards.view(-1, G)

@@ -11,6 +11,12 @@ Weights are random: speed does not depend on them. Ratios are against plain `gen
 times ExP-GRPO's sampling (`expo_sampling`): the G rollouts plus one self-explanation per prompt, in one call with
 per-prompt counts (what train.py does) and in two calls, each relative to the G rollouts alone.
 
+`--natural` times the sampler at natural lengths instead (`bench_natural`): the embedded SmolLM2-135M with its real
+weights on real arith prompts (B solve prompts x G rollouts plus B explain prompts, as an ExP-GRPO step samples them),
+each row stopping where the model stops, at the demo's budget (128 new tokens) and the comparison's (256), with
+finished rows leaving the batch (`compact`, at two thresholds) and without, and one whole ExP-GRPO training step with
+and without. The variants run side by side in one run and must sample identical tokens.
+
 `--train` times whole steps of train.py instead (`bench_train`): a GRPO step and an ExP-GRPO step, each with full
 fine-tuning and with `--lora_rank`, on the same random-weight model (the SmolLM2 tokenizer), with every completion
 forced to `--new-tokens` and a pseudo-random 0/1 reward of the text (so no group is skipped as all-equal). It prints
@@ -19,6 +25,7 @@ seconds per step (after one warm-up step), the sampling share, peak memory, and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import gc
 import json
@@ -139,6 +146,79 @@ def graph_check(device) -> dict:
     return {"graph_check_rows_identical": same, "rows": runs[0].shape[0]}
 
 
+def bench_natural(args) -> list[dict]:
+    """Sampling at natural lengths, finished rows dropped or kept, at the demo's and the comparison's budgets."""
+    model, tokenizer = rollout.load_policy(None)
+    questions = train.data.load("arith", "test", levels=args.levels, limit=args.prompts, seed=0)
+    texts = [train.expo.solve_prompt(e.question) for e in questions]
+    texts += [train.expo.explain_prompt(e.question, e.answer) for e in questions]
+    prompts = rollout.encode_prompts(tokenizer, texts)
+    counts = [args.group] * len(questions) + [1] * len(questions)
+    variants = {"kept": dict(compact=False), "dropped at 1/4": dict(compact=True, at=0.25),
+                "dropped at once": dict(compact=True, at=1e-9)}
+    if args.bf16:  # the default decoder under bf16 autocast (this CPU may have AVX-512 BF16)
+        variants["dropped at 1/4, bf16"] = dict(compact=True, at=0.25, bf16=True)
+    results = []
+    for budget in args.budgets:
+        seconds, tokens = {}, {}
+        for name, v in variants.items():
+            rollout.COMPACT_AT = v.get("at", 0.25)
+            runs = []
+            amp = torch.autocast("cpu", dtype=torch.bfloat16) if v.get("bf16") else contextlib.nullcontext()
+            with amp:
+                seconds[name] = min(_timed(lambda: runs.append(rollout.sample(
+                    model, tokenizer, prompts, counts, budget, 0.7, seed=1, compact=v["compact"])), model.device)
+                    for _ in range(args.repeats))
+            tokens[name] = runs[-1].completion_ids
+        rollout.COMPACT_AT = 0.25
+        same = all(torch.equal(tokens[k], tokens["kept"]) for k in variants if not variants[k].get("bf16"))
+        lengths = runs[-1].completion_mask.sum(1).float()
+        row = {"budget": budget, "rows": len(counts), "mean_len": round(float(lengths.mean()), 1),
+               "truncated": round(float(runs[-1].truncated.float().mean()), 2), "identical_tokens": same,
+               "mean_len_by_variant": {k: round(float((t != tokenizer.pad_token_id).sum(1).float().mean()), 1)
+                                       for k, t in tokens.items()},
+               "seconds": {k: round(v, 2) for k, v in seconds.items()},
+               "speedup": {k: round(seconds["kept"] / v, 2) for k, v in seconds.items()}}
+        results.append(row)
+        print(f"{len(questions)} x G={args.group} + {len(questions)} explanations, budget {budget}: mean length "
+              f"{row['mean_len']}, {row['truncated']:.0%} cut off; " + ", ".join(
+                  f"{k} {seconds[k]:.1f} s ({row['speedup'][k]}x)" for k in variants) + f"; identical tokens: {same}",
+              flush=True)
+    results.append(natural_step(args))
+    return results
+
+
+def natural_step(args) -> dict:
+    """One whole ExP-GRPO step of train.py (embedded model, arith, --max_new_tokens = the last budget), with finished
+    rows dropped and kept: the same step twice from the same weights (its update is undone in between)."""
+    real_sample = train.rollout.sample
+    variants = (("kept", False, "fp32"), ("dropped", True, "fp32")) + ((("dropped, bf16", True, "bf16"),) if args.bf16
+                                                                        else ())
+    flags = ["--batch_size", str(args.prompts), "--num_generations", str(args.group), "--max_new_tokens",
+             str(args.budgets[-1]), "--output_dir", tempfile.mkdtemp(prefix="expo-bench-"), "--overwrite",
+             "--levels", *map(str, args.levels)]
+    trainer = train.Trainer(train.parse_args(flags))
+    weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    batch = trainer.train_set[: args.prompts]
+    out = {}
+    try:
+        for name, compact, dtype in variants:
+            train.rollout.sample = functools.partial(real_sample, compact=compact)
+            trainer.amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False)) \
+                if dtype == "bf16" else contextlib.nullcontext  # what --dtype bf16 sets
+            trainer.model.load_state_dict(weights)
+            start = time.perf_counter()
+            stats = trainer.grpo_step(batch)
+            out[name] = {"step_s": round(time.perf_counter() - start, 1), "sample_s": round(stats["t_sample"], 1)}
+    finally:
+        train.rollout.sample = real_sample
+    out["speedup"] = round(out["kept"]["step_s"] / out["dropped"]["step_s"], 2)
+    print(f"one ExP-GRPO step, budget {args.budgets[-1]}: " + ", ".join(
+        f"rows {name} {out[name]['step_s']} s (sampling {out[name]['sample_s']} s)" for name, *_ in variants)
+        + f": dropped / kept {out['speedup']}x", flush=True)
+    return {"step": out}
+
+
 def bench_train(args, device: torch.device) -> list[dict]:
     """Seconds and peak memory of one GRPO and one ExP-GRPO step, full fine-tuning and LoRA, in one run."""
     tokenizer = AutoTokenizer.from_pretrained(rollout.embedded_model_dir())  # a real chat template and decoder
@@ -193,21 +273,32 @@ def main(argv=None) -> None:
     parser.add_argument("--shape", choices=["cpu", *SHAPES], default="cpu",
                         help="'cpu' = the tiny model and SmolLM2-135M; or one random-weight shape")
     parser.add_argument("--prompts", type=int, default=None, help="prompts per batch (default: 8 GPU, 4 CPU)")
-    parser.add_argument("--group", type=int, default=8, help="completions per prompt (G)")
+    parser.add_argument("--group", type=int, default=None, help="completions per prompt (G; default 8, --natural 4)")
     parser.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default: 256 GPU, 64 CPU)")
     parser.add_argument("--new-tokens", type=int, default=None, help="generated tokens per row (512 GPU, 64 CPU)")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per method (the best is kept)")
     parser.add_argument("--static-generate", action="store_true", help="also time generate with a static cache")
     parser.add_argument("--json", default=None, help="write the figures to this file")
     parser.add_argument("--train", action="store_true", help="time training steps instead of sampling (see above)")
+    parser.add_argument("--natural", action="store_true", help="CPU: sampling at natural lengths, finished rows "
+                        "dropped or kept (see above)")
+    parser.add_argument("--bf16", action="store_true", help="--natural: also under bf16 autocast")
+    parser.add_argument("--budgets", type=int, nargs="+", default=[128, 256], help="--natural: new-token budgets")
+    parser.add_argument("--levels", type=int, nargs="+", default=[2], help="--natural: arith levels of the prompts")
     parser.add_argument("--lora-rank", type=int, default=16, help="--train: the LoRA rank of the LoRA rows")
     parser.add_argument("--grad-accum", type=int, default=1, help="--train: micro-batches per step")
     args = parser.parse_args(argv)
     gpu = torch.cuda.is_available() and args.shape != "cpu"
-    args.prompts = args.prompts or (8 if gpu else 4)
+    args.prompts = args.prompts or (8 if gpu or args.natural else 4)
+    args.group = args.group or (4 if args.natural else 8)
     args.prompt_len = args.prompt_len or (256 if gpu else 64)
     args.new_tokens = args.new_tokens or (512 if gpu else 64)
     device = torch.device("cuda" if gpu else "cpu")
+    if args.natural:
+        results = bench_natural(args)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
+        return
     if args.train:
         if args.shape == "cpu":
             args.shape, args.prompts, args.group, args.new_tokens = "tiny", 2, 2, 8

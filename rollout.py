@@ -174,24 +174,26 @@ class Rollouts:
                         self.prompt_index[rows])
 
 
-def _pick(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:
+def _pick(logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None,
+          u: torch.Tensor | None = None) -> torch.Tensor:
     """Next tokens [N] from last-position logits [N, V]: plain temperature sampling, argmax at temperature 0.
 
-    Inverse-CDF sampling: one uniform number per row, located in the cumulative distribution (float64, so rounding
-    cannot favour any token). Same distribution as torch.multinomial, and ~20x faster on a CPU, where multinomial
-    draws a random number per vocabulary entry.
+    Inverse-CDF sampling: one uniform number per row (`u` [N, 1] float64 if given, else drawn from `generator`),
+    located in the cumulative distribution (float64, so rounding cannot favour any token). Same distribution as
+    torch.multinomial, and ~20x faster on a CPU, where multinomial draws a random number per vocabulary entry.
     """
     if temperature == 0:
         return logits.argmax(dim=-1)
     cdf = torch.softmax(logits.float() / temperature, dim=-1).double().cumsum(dim=-1)  # [N, V]
-    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)
+    if u is None:
+        u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype)
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)
 
 
 @torch.no_grad()
 def sample(model, tokenizer, prompts: list[list[int]], group_size: int | list[int], max_new_tokens: int,
-           temperature: float = 1.0, seed: int = 0, min_new_tokens: int = 0, cuda_graph: bool | None = None
-           ) -> Rollouts:
+           temperature: float = 1.0, seed: int = 0, min_new_tokens: int = 0, cuda_graph: bool | None = None,
+           compact: bool = True) -> Rollouts:
     """Sample `group_size` completions for each prompt (lists of token ids, see `encode_prompts`), or, given a list,
     `group_size[i]` completions for prompt i: ExP-GRPO draws G rollouts of each solve prompt and one self-explanation
     of each explain prompt in one call, so both share the decode loop (one pass, not two latency-bound ones).
@@ -201,8 +203,13 @@ def sample(model, tokenizer, prompts: list[list[int]], group_size: int | list[in
       2. on a GPU, run each decode step as one replayed CUDA graph over a static KV cache (`_GraphedDecoder`): a small
          model's step is otherwise dominated by launching hundreds of tiny kernels from Python (this path prefills
          every row into its fixed-size cache: prefill is a small share of the time there);
-      3. stop as soon as every row has emitted a stop token (checked every few steps on a GPU to avoid syncs).
-    None of these changes what is sampled: the same seed gives the same tokens with or without them (tested).
+      3. on a CPU, drop finished rows from the batch as they finish (`compact`; `_decode`): a CPU decode step costs
+         in proportion to its rows, and most rows stop long before the longest (a GPU step costs about the same
+         for 8 or 72 rows, so the graphed decoder keeps its static shapes);
+      4. stop as soon as every row has emitted a stop token (checked every few steps on a GPU to avoid syncs).
+    None of these changes what is sampled: the same seed gives the same tokens with or without them (tested; a
+    batch of another shape may round a logit differently, which moves a token only when its uniform number falls
+    within rounding of a boundary of the cumulative distribution).
     Every row draws from its own prompt's distribution whatever else is in the batch; which tokens a seed gives
     does depend on the batch (one random number per row and step).
     `min_new_tokens` forbids stop tokens before that many tokens (for fixed-length benchmarks only).
@@ -222,7 +229,7 @@ def sample(model, tokenizer, prompts: list[list[int]], group_size: int | list[in
             step = _GraphedDecoder(model, p_ids[index], p_mask[index], max_new_tokens)
         else:
             step = _EagerDecoder(model, p_ids, p_mask, index)
-        tokens = _decode(step, stop, pad_id, max_new_tokens, temperature, generator, min_new_tokens)
+        tokens = _decode(step, stop, pad_id, max_new_tokens, temperature, generator, min_new_tokens, compact)
     finally:
         model.train(was_training)
     c_mask, truncated = completion_mask(tokens, stop)
@@ -239,23 +246,40 @@ def _row_index(n_prompts: int, group_size: int | list[int], device) -> torch.Ten
     return torch.arange(n_prompts, device=device).repeat_interleave(torch.tensor(counts, device=device))
 
 
+COMPACT_AT = 0.25  # the eager decoder drops its finished rows once they are this share of its batch (bench.py)
+
+
 def _decode(step, stop: list[int], pad_id: int, max_new_tokens: int, temperature: float,
-            generator: torch.Generator, min_new_tokens: int = 0) -> torch.Tensor:
-    """The decode loop: [N, T] sampled tokens, pad after each row's first stop token, T <= max_new_tokens."""
-    logits = step.prefill_logits  # [N, V] next-token logits after each row's prompt
+            generator: torch.Generator, min_new_tokens: int = 0, compact: bool = True) -> torch.Tensor:
+    """The decode loop: [N, T] sampled tokens, pad after each row's first stop token, T <= max_new_tokens.
+
+    Finished rows leave the batch (`compact`, for a decoder with a `keep` method: the eager one). On a CPU a decode
+    step costs in proportion to its rows, and at a realistic budget most rows finish long before the longest one.
+    `live` [M] maps the decoder's batch back to the original rows. Every step still draws one uniform number per
+    *original* row, so a row samples the same tokens whenever the others leave.
+    """
+    logits = step.prefill_logits  # [M, V] next-token logits of the rows still decoding (M = N at first)
     device, n = logits.device, logits.shape[0]
     stop_t = torch.tensor(stop, device=device)
-    tokens = torch.full((n, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    done = torch.zeros(n, dtype=torch.bool, device=device)
+    tokens = torch.full((n, max_new_tokens), pad_id, dtype=torch.long, device=device)  # [N, T]
+    done = torch.zeros(n, dtype=torch.bool, device=device)  # [N]
+    live = torch.arange(n, device=device)  # [M] the original row of each row of the decoder's batch
+    compact = compact and hasattr(step, "keep")
     check_every = 8 if device.type == "cuda" else 1  # a GPU checks "all done?" every few steps: each check syncs
     for t in range(max_new_tokens):
         if t < min_new_tokens:
             logits[:, stop_t] = -float("inf")
-        nxt = torch.where(done, pad_id, _pick(logits, temperature, generator))  # [N]
-        tokens[:, t] = nxt
-        done |= torch.isin(nxt, stop_t)
+        u = None if temperature == 0 else torch.rand(n, 1, generator=generator, device=device, dtype=torch.float64)
+        nxt = _pick(logits, temperature, u=None if u is None else u[live])  # [M]
+        nxt = torch.where(done[live], pad_id, nxt)
+        tokens[live, t] = nxt
+        done[live] |= torch.isin(nxt, stop_t)
         if t + 1 == max_new_tokens or ((t + 1) % check_every == 0 and bool(done.all())):
             return tokens[:, : t + 1]
+        if compact and int(done[live].sum()) >= COMPACT_AT * len(live):
+            keep = (~done[live]).nonzero().squeeze(1)  # [M'] batch positions of the rows still decoding
+            step.keep(keep)
+            live, nxt = live[keep], nxt[keep]
         logits = step(nxt)
     return tokens  # max_new_tokens == 0
 
@@ -279,6 +303,11 @@ class _EagerDecoder:
         out = self.model(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=self.pos, use_cache=True,
                          **{self.kw: self.cache})
         return out.logits[:, -1].float()
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only these rows of the batch (the others have finished): their KV cache, mask and positions."""
+        self.cache.batch_select_indices(rows)
+        self.mask, self.pos = self.mask[rows], self.pos[rows]
 
 
 class _GraphedDecoder:

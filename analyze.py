@@ -3,6 +3,7 @@
     python analyze.py                                         # embedded SmolLM2-135M, 16 arith questions, ~2 min CPU
     python analyze.py --model runs/expo-arith/checkpoint      # the same questions under a trained policy
     python analyze.py --dataset math --levels 5 --n 64 --max_new_tokens 1024 --model Qwen/Qwen2.5-1.5B-Instruct
+    python analyze.py --levels 4 5 --pass_k 64 --model runs/cmp/expo/seed-0/checkpoint   # + coverage at large k
 
 A good positive sample (a text to raise the likelihood of) must be
   (1) likely under the current policy: a low NLL, so learning it is a small step, not a jump to another distribution;
@@ -20,6 +21,13 @@ reaches the gold answer; for self-explanations it is measured *before* the rewri
 gold one (does the explanation itself end on it?). `truncated` is the share cut off by the token budget: a truncated
 self-explanation becomes a cut-off explanation with the answer pasted after it. In the paper (Qwen2.5-3B on MATH)
 experts' NLL is about twice the self-explanations'.
+
+Two more of the paper's diagnostics:
+  hint_reliance     each self-explanation's mean per-token log-probability with the answer in the prompt minus
+                    without it: how much of it is written *from* the hint (`hint_reliance`)
+  pass_at_k         (--pass_k 64) pass@k for k = 1, 2, 4, ..., 64 from 64 answer-free samples per question: GRPO
+                    sharpens within what the base model already covers at large k; ExPO's claim is that it can extend
+                    that coverage (`pass_at_k_curve`). Run it on the base model and on a trained checkpoint.
 """
 from __future__ import annotations
 
@@ -31,6 +39,7 @@ from pathlib import Path
 import torch
 
 import data
+import evaluate
 import expo
 import reward
 import rollout
@@ -80,6 +89,9 @@ def measure(model, tokenizer, examples: list[data.Example], k: int = 4, max_new_
         result["self_explanation"] = describe(nll, lengths, [reward.score(raw.texts[i], golds[i]) for i in kept],
                                               [bool(raw.truncated[i]) for i in kept])
         result["self_explanation"]["dropped_leaks"] = dropped
+        hinted = rollout.encode_targets(tokenizer, [expo.explain_prompt(examples[i].question, golds[i]) for i in kept],
+                                        [targets[i] for i in kept], stop_id)
+        result["hint_reliance"] = hint_reliance(nll, sequence_nll(model, hinted.to(device))[0], lengths)
 
     experts = [i for i, e in enumerate(examples) if e.solution]
     if experts:
@@ -89,6 +101,33 @@ def measure(model, tokenizer, examples: list[data.Example], k: int = 4, max_new_
         result["expert"] = describe(nll, lengths, [reward.score(examples[i].solution, golds[i]) for i in experts],
                                     [False] * len(experts))
     return result
+
+
+def hint_reliance(nll_plain: list[float], nll_hinted: list[float], lengths: list[int]) -> dict:
+    """How much each self-explanation leans on the hint: its mean per-token log-probability with the answer in the
+    prompt minus without it, (NLL plain - NLL hinted) / tokens. Near 0: the policy would write it unprompted, so
+    training on it answer-free is a small step; large: it is written *from* the answer."""
+    per_sample = [(p - h) / max(1, t) for p, h, t in zip(nll_plain, nll_hinted, lengths)]
+    return {"mean": sum(per_sample) / len(per_sample), "per_sample": per_sample}
+
+
+@torch.no_grad()
+def pass_at_k_curve(model, tokenizer, examples: list[data.Example], n: int = 64, max_new_tokens: int = 128,
+                    temperature: float = 0.7, seed: int = 0, rows_per_call: int = 64) -> dict[str, float]:
+    """Unbiased pass@k for k = 1, 2, 4, ..., n from n answer-free samples per question, means over questions.
+
+    The paper's coverage argument: GRPO sharpens what the base model already finds at large k (pass@1 rises towards
+    pass@64, which stays put), while ExPO's answer-guided targets can extend it (pass@64 rises too)."""
+    correct = []
+    per_call = max(1, rows_per_call // n)
+    for start in range(0, len(examples), per_call):
+        chunk = examples[start : start + per_call]
+        prompts = rollout.encode_prompts(tokenizer, [expo.solve_prompt(e.question) for e in chunk])
+        out = rollout.sample(model, tokenizer, prompts, n, max_new_tokens, temperature, seed=seed + start)
+        correct += [int(sum(reward.score(t, e.answer) for t in out.texts[i * n : (i + 1) * n]))
+                    for i, e in enumerate(chunk)]
+    ks = [2**j for j in range(n.bit_length()) if 2**j <= n]
+    return {f"pass@{k}": sum(evaluate.pass_at_k(n, c, k) for c in correct) / len(correct) for k in ks}
 
 
 ROWS = [  # key, label, the paper's claim about it
@@ -114,6 +153,11 @@ def table(result: dict) -> str:
     if mine and expert:
         lines.append(f"expert NLL per token is {expert['nll_per_token'] / mine['nll_per_token']:.2f}x the "
                      f"self-explanations' (paper, Qwen2.5-3B on MATH: about 2x)")
+    if "hint_reliance" in result:
+        lines.append(f"hint reliance: a self-explanation's tokens are {result['hint_reliance']['mean']:.3f} nats more "
+                     "likely each with the answer in the prompt than without")
+    if "pass_at_k" in result:
+        lines.append("answer-free coverage: " + ", ".join(f"{k} {v:.3f}" for k, v in result["pass_at_k"].items()))
     return "\n".join(lines)
 
 
@@ -128,6 +172,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--k", type=int, default=4, help="own rollouts per question")
     parser.add_argument("--max_new_tokens", type=int, default=128, help="budget of rollouts and self-explanations")
     parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (NLLs are at 1)")
+    parser.add_argument("--pass_k", type=int, default=0, help="also pass@k for k = 1, 2, 4, .. up to this many "
+                        "answer-free samples per question (e.g. 64; costs that many samples per question)")
     parser.add_argument("--no_drop_leaks", action="store_true", help="keep explanations that mention the hint")
     parser.add_argument("--seed", type=int, default=0, help="question subset and sampling seed")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
@@ -144,6 +190,9 @@ def main(argv=None) -> dict:
     with amp:
         result = measure(model, tokenizer, examples, args.k, args.max_new_tokens, args.temperature, args.seed,
                          drop_leaks=not args.no_drop_leaks)
+        if args.pass_k:
+            result["pass_at_k"] = pass_at_k_curve(model, tokenizer, examples, args.pass_k, args.max_new_tokens,
+                                                  args.temperature, args.seed + 2)
     result["config"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     print(table(result))
     if args.json:

@@ -15,12 +15,21 @@ Rules, each for a reason:
   copy under another name, and `latest` looks at all three names and takes the newest complete one.
 * On --resume the logs are cut back to the checkpoint's step (`truncate_logs`): steps run after the checkpoint by the
   interrupted process are replayed, and must not appear twice.
+* One process at a time: a run holds `out/.lock` (its PID and host) while it uses the folder, so a second process
+  (a fresh run, --resume or --overwrite) is refused before it touches a file. A lock whose process no longer
+  exists on this host is stale and taken over; a lock from another host cannot be checked from here, so the error
+  says which process to look for and to delete the lock if it is gone.
+* --resume continues the *same* run (`check_config`): flags that say what the run is (method, model, data, seed,
+  objective, sampling) must equal the checkpoint's; flags of how long it trains and how it is evaluated, saved and
+  placed (MAY_CHANGE) may differ, and each change is listed.
 """
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import socket
 from pathlib import Path
 
 import torch
@@ -30,8 +39,77 @@ NAMES = ("checkpoint", ".checkpoint-tmp", ".checkpoint-old")  # the live one, on
 RUN_FILES = ("metrics.jsonl", "samples.md", "curve.png", *NAMES)
 
 
+LOCK = ".lock"
+# Config fields a resumed run may change: how long it trains, how it is evaluated and saved, where it runs (the same
+# gradient in micro-batches or with recomputed activations). Any other field is what the run *is*.
+MAY_CHANGE = ("steps", "eval_every", "eval_before", "eval_k", "eval_temperature", "eval_limit", "eval_max_new_tokens",
+              "eval_seed", "save_every", "save_every_minutes", "output_dir", "resume", "overwrite", "device",
+              "grad_accum", "gradient_checkpointing")
+
+
+class RunFolderError(Exception):
+    """The run folder cannot be used as asked (held by a live process, a run of other flags): a one-line reason."""
+
+
+def lock(out: Path) -> None:
+    """Hold `out/.lock` (PID and host) for this process, or raise RunFolderError naming the live process that does."""
+    out.mkdir(parents=True, exist_ok=True)
+    path, me = out / LOCK, f"{os.getpid()} {socket.gethostname()}"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # atomic: one process wins
+        except FileExistsError:
+            holder = path.read_text().split() if path.exists() else []
+            if holder == me.split():
+                return  # this process holds it already (one process runs its trainers one after another)
+            if len(holder) == 2 and holder[1] == socket.gethostname() and not _alive(int(holder[0])):
+                path.unlink(missing_ok=True)  # stale: its process is gone; try again
+                continue
+            who = f"process {holder[0]} on {holder[1]}" if len(holder) == 2 else "another process"
+            raise RunFolderError(f"{out} is in use by {who} (lock file {path}); wait for it to end, or delete the lock "
+                                 "if that process is gone") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        return
+    raise RunFolderError(f"{path}: could not take the lock")
+
+
+def unlock(out: Path) -> None:
+    """Release the lock if this process holds it."""
+    path = out / LOCK
+    try:
+        if path.read_text().split()[0] == str(os.getpid()):
+            path.unlink()
+    except (OSError, IndexError):
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's
+        return True
+    return True
+
+
+def check_config(out: Path, config: dict) -> list[str]:
+    """The changes of a resumed run's flags against its checkpoint's (`--name old -> new`, MAY_CHANGE ones only);
+    RunFolderError if any other flag differs, since the log would then mix two different runs."""
+    found = latest(out)
+    saved = found[1]["config"] if found else {}
+    changed = [name for name, value in config.items() if name in saved and saved[name] != value]
+    refused = [f"--{n} {saved[n]} -> {config[n]}" for n in changed if n not in MAY_CHANGE]
+    if refused:
+        raise RunFolderError(f"{out} holds a run with other settings: {'; '.join(refused)}. Resume it with its own "
+                             "flags, or start a new run in another --output_dir")
+    return [f"--{n} {saved[n]} -> {config[n]}" for n in changed if n not in ("resume", "overwrite", "eval_before")]
+
+
 def claim(out: Path, resume: bool, overwrite: bool) -> None:
-    """Make `out` ready for a run: refuse to mix a fresh run into an old one, or clear the old one with --overwrite."""
+    """Make `out` ready for a run: refuse to mix a fresh run into an old one, or clear the old one with --overwrite.
+    The caller must hold the folder's lock first (`lock`), so a live run's files are never touched."""
     found = [name for name in RUN_FILES if (out / name).exists()]
     if found and not resume:
         if not overwrite:

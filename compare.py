@@ -1,40 +1,78 @@
-"""Whether ExPO works, measured: several methods, same seed, questions, budget and evaluation set, side by side.
+"""Whether ExPO works, measured: several methods and training seeds, one fixed evaluation set, side by side.
 
-    python compare.py                                   # expo, grpo, grpo_sft_gt: the default run of each
-    python compare.py --methods expo grpo --out runs/cmp -- --steps 20 --eval_limit 100 --drop_truncated
+    python compare.py                                   # expo, grpo, grpo_sft_gt: the default run of each, seed 0
+    python compare.py --seeds 0 1 2 --out runs/cmp -- --levels 4 5 --steps 20 --eval_limit 80 --max_new_tokens 256
+    python compare.py --seeds 0 1 2 --out runs/cmp --report_only -- --levels 4 5 ...   # tabulate what is there
 
 Every flag after `--` (or any flag compare.py does not know) goes to each `train.py` run unchanged, so the runs
-differ only in `--method`. Each run writes its own folder (OUT/METHOD); the initial model is evaluated once, by the
-first run, since every run starts from the same weights and evaluates the same questions with the same seed.
-Then one table (printed, and written as OUT/compare.md to paste into a README) and one figure (OUT/compare.png,
-when matplotlib is installed) show, per method:
-  * pass@1 and pass@k before -> after, each with its standard error over questions: a difference of less than about
-    two standard errors is noise;
+differ only in `--method` and `--seed`. The training seed changes the question order and the sampling, never the
+evaluation: every run is evaluated on the same questions with the same draws (`--eval_seed`, fixed), and the initial
+model once, by the first run. Each run has its own folder, OUT/METHOD/seed-S. A run already complete there (its log
+has its "after" evaluation) is reused, and one interrupted after a checkpoint is resumed, so a long comparison can
+be built over several sittings; a reused run must have been trained with the same flags (else an error says which).
+
+Then one table (printed, and written as OUT/compare.md to paste into a README), the numbers (OUT/compare.json) and one
+figure (OUT/compare.png, when matplotlib is installed) show, per method:
+  * pass@1 and pass@k after training, for every seed and as mean ± spread (the standard deviation across seeds),
+    beside the evaluation's own standard error over questions: one run cannot rank methods whose seeds spread more
+    than their difference;
   * the commit rate (share of eval completions with an answer the checker can extract) and the accuracy among
     committed answers: the first rises when a model learns the answer *format*, the second when it learns to *solve*;
-  * the mean train reward per step, and the share of all-wrong groups, where GRPO's advantage is zero everywhere.
+  * pass@1 by level (the paper's per-level view), when the evaluation set has several;
+  * the mean train reward, and the share of all-wrong groups, where GRPO's advantage is zero everywhere.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
+from dataclasses import asdict
 from pathlib import Path
 
+import checkpoint
 import train
 
 DEFAULT_METHODS = ("expo", "grpo", "grpo_sft_gt")
 
 
-def run_all(methods: list[str], out: Path, train_args: list[str]) -> dict[str, float]:
-    """Train each method into out/METHOD with the same flags; returns the wall seconds of each run."""
+def run_folder(out: Path, method: str, seed: int) -> Path:
+    return out / method / f"seed-{seed}"
+
+
+def is_complete(folder: Path) -> bool:
+    """A run is complete once its log holds its "after" evaluation (written after the last step)."""
+    try:
+        return any(json.loads(line).get("eval") == "after" for line in open(folder / "metrics.jsonl") if line.strip())
+    except (OSError, ValueError):
+        return False
+
+
+def run_all(methods: list[str], seeds: list[int], out: Path, train_args: list[str]) -> dict[str, float]:
+    """Train each (method, seed) into its folder with the same flags, seed by seed, skipping complete runs and
+    resuming interrupted ones; returns the wall seconds of each run trained here, keyed by folder."""
     seconds = {}
-    for i, method in enumerate(methods):
-        extra = [] if i == 0 else ["--no-eval_before"]  # the first run's "before" serves every method
+    jobs = [(seed, method) for seed in seeds for method in methods]
+    for i, (seed, method) in enumerate(jobs):
+        folder = run_folder(out, method, seed)
+        flags = ["--method", method, "--seed", str(seed), "--output_dir", str(folder), *train_args]
+        if i > 0:
+            flags.append("--no-eval_before")  # the first run's "before" serves every method and seed
+        if is_complete(folder):
+            try:  # the same flags, or an error that names those that differ
+                checkpoint.check_config(folder, asdict(train.parse_args(flags)))
+            except checkpoint.RunFolderError as e:
+                raise SystemExit(f"error: {e}") from None
+            print(f"=== {method}, seed {seed}: complete in {folder}, reused", flush=True)
+            continue
+        if checkpoint.latest(folder):
+            flags.append("--resume")
+        elif folder.exists():
+            flags.append("--overwrite")  # an earlier start of this run that wrote no checkpoint: nothing to keep
+        print(f"\n=== {method}, seed {seed} ({i + 1}/{len(jobs)}) ===", flush=True)
         start = time.perf_counter()
-        print(f"\n=== {method} ({i + 1}/{len(methods)}) ===", flush=True)
-        train.main(["--method", method, "--output_dir", str(out / method), *extra, *train_args])
-        seconds[method] = time.perf_counter() - start
+        train.main(flags)
+        seconds[str(folder)] = time.perf_counter() - start
     return seconds
 
 
@@ -44,39 +82,81 @@ def read_run(folder: Path) -> tuple[list[dict], dict[str, dict]]:
     return [r for r in records if "eval" not in r], {r["eval"]: r for r in records if "eval" in r}
 
 
-def summarize(methods: list[str], out: Path, seconds: dict[str, float] | None = None) -> list[dict]:
-    """One row per method: its before/after eval (before taken from the first run) and its training statistics."""
-    before = read_run(out / methods[0])[1]["before"]
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and standard deviation across seeds (0 for one seed)."""
+    mean = sum(values) / len(values)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, sd
+
+
+def summarize(methods: list[str], seeds: list[int], out: Path, k: int) -> dict:
+    """The initial model's evaluation and, per method, every complete seed's results and their mean and spread."""
+    before = next(evals["before"] for m in methods for s in seeds
+                  if (run_folder(out, m, s) / "metrics.jsonl").exists()
+                  and "before" in (evals := read_run(run_folder(out, m, s))[1]))
     rows = []
     for method in methods:
-        steps, evals = read_run(out / method)
-        rows.append({"method": method, "before": before["all"], "after": evals["after"]["all"],
-                     "reward": [s["reward"] for s in steps], "all_wrong": [s["all_wrong"] for s in steps],
-                     "seconds": (seconds or {}).get(method)})
-    return rows
+        runs = []
+        for seed in seeds:
+            folder = run_folder(out, method, seed)
+            if not is_complete(folder):
+                continue
+            steps, evals = read_run(folder)
+            after = evals["after"]
+            runs.append({"seed": seed, "after": after["all"], "by_level": after.get("level", {}),
+                         "reward": [s["reward"] for s in steps], "all_wrong": [s["all_wrong"] for s in steps],
+                         "minutes": sum(s["t_step"] for s in steps) / 60 + after["t_eval"] / 60})
+        if not runs:
+            continue
+        row = {"method": method, "runs": runs}
+        for metric in ("pass@1", f"pass@{k}", "commit", "acc_committed"):
+            row[metric] = mean_sd([r["after"][metric] for r in runs])
+            row[metric + "_eval_se"] = sum(r["after"].get(metric + "_se", 0.0) for r in runs) / len(runs)
+        row["by_level"] = {level: mean_sd([r["by_level"][level]["pass@1"] for r in runs])
+                           for level in runs[0]["by_level"]}
+        row["reward"] = sum(sum(r["reward"]) / len(r["reward"]) for r in runs) / len(runs)
+        row["all_wrong"] = sum(sum(r["all_wrong"]) / len(r["all_wrong"]) for r in runs) / len(runs)
+        rows.append(row)
+    return {"before": before, "methods": rows, "k": k}
 
 
-def markdown(rows: list[dict], k: int) -> str:
-    """The comparison as a Markdown table: mean ± standard error over questions."""
-    def pm(r: dict, key: str) -> str:
-        return f"{r[key]:.3f} ± {r[key + '_se']:.3f}"
+def markdown(summary: dict) -> str:
+    """The comparison as Markdown: after training, each seed and mean ± spread across seeds; then pass@1 by level."""
+    k, before = summary["k"], summary["before"]
+    lines = [f"| method | seeds | pass@1, each seed | pass@1, mean ± sd over seeds (eval s.e.) | pass@{k}, each seed | "
+             f"pass@{k}, mean ± sd (eval s.e.) | commit | accuracy among committed | train reward | "
+             "all-wrong groups | minutes per run |", "|" + "---|" * 11]
+    b = before["all"]
+    lines.append(f"| initial model | — | {b['pass@1']:.3f} | {b['pass@1']:.3f} ({b['pass@1_se']:.3f}) | "
+                 f"{b[f'pass@{k}']:.3f} | {b[f'pass@{k}']:.3f} ({b[f'pass@{k}_se']:.3f}) | {b['commit']:.2f} | "
+                 f"{b['acc_committed']:.2f} | — | — | — |")
+    for r in summary["methods"]:
+        runs = r["runs"]
 
-    lines = [f"| method | pass@1 before | pass@1 after | pass@{k} before | pass@{k} after | commit before → after "
-             "| accuracy among committed, before → after | train reward, mean (first → last step) "
-             "| all-wrong groups, mean | minutes |", "|" + "---|" * 10]
-    for r in rows:
-        b, a, reward, wrong = r["before"], r["after"], r["reward"], r["all_wrong"]
-        minutes = f"{r['seconds'] / 60:.1f}" if r["seconds"] else "—"
-        lines.append(f"| `{r['method']}` | {pm(b, 'pass@1')} | {pm(a, 'pass@1')} | {pm(b, f'pass@{k}')} | "
-                     f"{pm(a, f'pass@{k}')} | {b['commit']:.2f} → {a['commit']:.2f} | "
-                     f"{b['acc_committed']:.2f} → {a['acc_committed']:.2f} | "
-                     f"{sum(reward) / len(reward):.3f} ({reward[0]:.2f} → {reward[-1]:.2f}) | "
-                     f"{sum(wrong) / len(wrong):.2f} | {minutes} |")
+        def each(metric):
+            return ", ".join(f"{run['after'][metric]:.3f}" for run in runs)
+
+        def agg(metric):
+            (mean, sd), se = r[metric], r[metric + "_eval_se"]
+            return f"{mean:.3f} ± {sd:.3f} ({se:.3f})"
+
+        minutes = sum(run["minutes"] for run in runs) / len(runs)
+        lines.append(f"| `{r['method']}` | {', '.join(str(run['seed']) for run in runs)} | {each('pass@1')} | "
+                     f"{agg('pass@1')} | {each(f'pass@{k}')} | {agg(f'pass@{k}')} | {r['commit'][0]:.2f} | "
+                     f"{r['acc_committed'][0]:.2f} | {r['reward']:.3f} | {r['all_wrong']:.2f} | {minutes:.0f} |")
+    levels = list(before.get("level", {}))
+    if levels:
+        lines += ["", "pass@1 by level, mean ± sd over seeds:", "",
+                  "| method | " + " | ".join(f"level {lv}" for lv in levels) + " |", "|" + "---|" * (len(levels) + 1),
+                  "| initial model | " + " | ".join(f"{before['level'][lv]['pass@1']:.3f}" for lv in levels) + " |"]
+        for r in summary["methods"]:
+            lines.append(f"| `{r['method']}` | " + " | ".join(
+                f"{r['by_level'][lv][0]:.3f} ± {r['by_level'][lv][1]:.3f}" for lv in levels) + " |")
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], k: int, path: Path) -> bool:
-    """Train reward and all-wrong share per step, and pass@1 / pass@k before and after with ±1 s.e. bars."""
+def plot(summary: dict, path: Path) -> bool:
+    """pass@1 and pass@k after training, every seed a point and the mean a bar; pass@1 by level; train reward."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -84,43 +164,61 @@ def plot(rows: list[dict], k: int, path: Path) -> bool:
     except ImportError:
         print("(pip install matplotlib for compare.png; the table above has the same numbers)")
         return False
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for r in rows:
-        axes[0].plot(r["reward"], label=r["method"])
-        axes[1].plot(r["all_wrong"], label=r["method"])
-    axes[0].set(title="train reward (mean of the step's rollouts)", xlabel="step")
-    axes[1].set(title="all-wrong groups (zero GRPO advantage)", xlabel="step", ylim=(0, 1.05))
-    axes[0].legend()
-    first = rows[0]["before"]
-    for j, metric in enumerate(("pass@1", f"pass@{k}")):
-        x = [j * (len(rows) + 2) + i for i in range(len(rows) + 1)]
-        values = [first] + [r["after"] for r in rows]
-        axes[2].bar(x, [v[metric] for v in values], yerr=[v[metric + "_se"] for v in values], capsize=3,
-                    color=["grey"] + [f"C{i}" for i in range(len(rows))])
-    axes[2].set_xticks([j * (len(rows) + 2) + len(rows) / 2 for j in range(2)], ["pass@1", f"pass@{k}"])
-    axes[2].set(title="eval: initial model (grey), then each method after")
+    k, before, rows = summary["k"], summary["before"], summary["methods"]
+    levels = list(before.get("level", {}))
+    fig, axes = plt.subplots(1, 4 if levels else 3, figsize=(16 if levels else 12, 3.8))
+    names = [r["method"] for r in rows]
+    for ax, metric in zip(axes, ("pass@1", f"pass@{k}")):
+        ax.bar(range(len(rows)), [r[metric][0] for r in rows], color=[f"C{i}" for i in range(len(rows))], alpha=0.4)
+        for i, r in enumerate(rows):
+            ax.plot([i] * len(r["runs"]), [run["after"][metric] for run in r["runs"]], "o", color=f"C{i}")
+        ax.axhline(before["all"][metric], color="grey", ls="--", label="initial model")
+        ax.set_xticks(range(len(rows)), names)
+        ax.set(title=f"{metric} after training (points: seeds)")
+        ax.legend()
+    if levels:
+        width = 0.8 / (len(rows) + 1)
+        for j, lv in enumerate(levels):
+            axes[2].bar(j, before["level"][lv]["pass@1"], width, color="grey", label="initial" if j == 0 else None)
+            for i, r in enumerate(rows):
+                x = j + (i + 1) * width
+                axes[2].bar(x, r["by_level"][lv][0], width, color=f"C{i}", alpha=0.4,
+                            label=r["method"] if j == 0 else None)
+                axes[2].plot([x] * len(r["runs"]), [run["by_level"][lv]["pass@1"] for run in r["runs"]], "o",
+                             color=f"C{i}", ms=3)
+        axes[2].set_xticks([j + 0.4 for j in range(len(levels))], [f"level {lv}" for lv in levels])
+        axes[2].set(title="pass@1 by level")
+        axes[2].legend(fontsize=7)
+    for i, r in enumerate(rows):
+        for n, run in enumerate(r["runs"]):
+            axes[-1].plot(run["reward"], color=f"C{i}", alpha=0.6, label=r["method"] if n == 0 else None)
+    axes[-1].set(title="train reward per step (lines: seeds)", xlabel="step")
+    axes[-1].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Other flags go to train.py.")
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=train.METHODS)
-    parser.add_argument("--out", type=Path, default=Path("runs/compare"), help="a folder per method goes here")
-    parser.add_argument("--report_only", action="store_true", help="do not train: tabulate the runs already in --out")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="training seeds: one run per method each")
+    parser.add_argument("--out", type=Path, default=Path("runs/compare"), help="OUT/METHOD/seed-S per run")
+    parser.add_argument("--report_only", action="store_true", help="do not train: tabulate the complete runs in --out")
     args, train_args = parser.parse_known_args(argv)
     train_args = [a for a in train_args if a != "--"]
     k = train.parse_args(train_args).eval_k
-    seconds = None if args.report_only else run_all(args.methods, args.out, train_args)
-    rows = summarize(args.methods, args.out, seconds)
-    table = markdown(rows, k)
+    if not args.report_only:
+        run_all(args.methods, args.seeds, args.out, train_args)
+    summary = summarize(args.methods, args.seeds, args.out, k)
+    table = markdown(summary)
     (args.out / "compare.md").write_text(table + "\n")
-    (args.out / "compare.json").write_text(json.dumps(rows, indent=1))
+    (args.out / "compare.json").write_text(json.dumps(summary, indent=1))
     print("\n" + table + f"\n\ntable: {args.out / 'compare.md'}")
-    if plot(rows, k, args.out / "compare.png"):
+    if plot(summary, args.out / "compare.png"):
         print(f"figure: {args.out / 'compare.png'}")
+    return summary
 
 
 if __name__ == "__main__":

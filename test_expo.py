@@ -528,6 +528,36 @@ def test_static_cache_decoder_matches_dynamic_one(tokenizer):
     assert torch.equal(dynamic.completion_ids, static.completion_ids)
 
 
+def early_stopping_llama(tokenizer, seed=0):
+    """A tiny random Llama whose EOS logit is large in some contexts: its rows stop anywhere from the first token
+    to never, so a batch's rows finish at very different times."""
+    model = tiny_llama(tokenizer, seed)
+    with torch.no_grad():
+        model.lm_head.weight[tokenizer.eos_token_id] *= 60
+    return model
+
+
+@pytest.mark.exercise1
+def test_finished_rows_leave_the_batch_with_the_same_tokens(tokenizer):
+    """The eager decoder drops finished rows (its batch shrinks: counted with a hook), and every row samples exactly
+    the tokens it samples without compaction and on the static-cache path, which never compacts."""
+    model = early_stopping_llama(tokenizer)
+    prompts = rollout.encode_prompts(tokenizer, ["What is 1 + 1?", "Hi", "The answer is 4. Explain why 2 + 2 = 4."])
+    rows = []
+    handle = model.model.register_forward_pre_hook(lambda mod, args, kw: rows.append(kw["input_ids"].shape[0]),
+                                                   with_kwargs=True)
+    compacted = rollout.sample(model, tokenizer, prompts, [6, 6, 1], 40, 1.0, seed=3)
+    handle.remove()
+    lengths = compacted.completion_mask.sum(1)  # 11 to 40 tokens
+    assert int(lengths.max() - lengths.min()) >= 20 and bool(compacted.truncated.any())
+    assert rows[:2] == [3, 13] and rows[-1] < 13 and rows[1:] == sorted(rows[1:], reverse=True)  # prefill, shrink
+    full = rollout.sample(model, tokenizer, prompts, [6, 6, 1], 40, 1.0, seed=3, compact=False)
+    static = rollout.sample(model, tokenizer, prompts, [6, 6, 1], 40, 1.0, seed=3, cuda_graph=True)
+    for other in (full, static):
+        assert torch.equal(compacted.completion_ids, other.completion_ids)
+        assert torch.equal(compacted.completion_mask, other.completion_mask) and compacted.texts == other.texts
+
+
 @pytest.mark.exercise1
 @pytest.mark.parametrize("cuda_graph", [False, True])
 def test_per_prompt_sample_counts_in_one_pass(tokenizer, cuda_graph):
@@ -575,6 +605,8 @@ def test_inverse_cdf_sampling_matches_the_distribution():
 # ============================================================================================================= train
 
 import re  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from transformers import AutoModelForCausalLM  # noqa: E402
@@ -746,6 +778,79 @@ def test_a_used_output_folder_is_refused_unless_overwrite(tiny_dir, tmp_path):
     assert json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())["config"]["seed"] == 3
 
 
+def _snapshot(folder: Path) -> dict:
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_sigterm_writes_a_checkpoint_and_resume_completes_the_run(tiny_dir, tmp_path, uninterrupted_run):
+    """A scheduler's SIGTERM mid-run: exit 143, a checkpoint of exactly the logged steps, the way on printed; resumed,
+    the run's log and weights are the uninterrupted run's."""
+    import subprocess as sp
+    out = tmp_path / "run"
+    proc = sp.Popen([sys.executable, "train.py", *_args(tiny_dir, out, *RESUME_ARGS, "--steps", "400")], cwd=HERE,
+                    stdout=sp.PIPE, stderr=sp.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not ((out / "metrics.jsonl").exists() and _steps(out)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    printed = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 143 and "stopped by SIGTERM" in printed and "--resume" in printed
+    done = checkpoint.latest(out)[1]["step"]
+    assert 1 <= done < 4 and [s["step"] for s in _steps(out)] == list(range(done))
+    assert not (out / ".lock").exists()
+    train.main(_args(tiny_dir, out, *RESUME_ARGS, "--steps", "4", "--resume"))
+    full, resumed = _steps(uninterrupted_run), _steps(out)
+    assert [s["step"] for s in resumed] == [0, 1, 2, 3]
+    for a, b in zip(full, resumed):
+        for key in ("loss_pg", "loss_sft", "kl", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-8), (a["step"], key)
+    w_full = AutoModelForCausalLM.from_pretrained(uninterrupted_run / "checkpoint").state_dict()
+    w_cut = AutoModelForCausalLM.from_pretrained(out / "checkpoint").state_dict()
+    assert all(torch.allclose(w_full[k], w_cut[k], atol=1e-6) for k in w_full)
+
+
+def test_checkpoints_by_time_bound_what_a_hard_kill_loses(tiny_dir, tmp_path, monkeypatch):
+    _crash_in_step_3(monkeypatch)
+    with pytest.raises(Killed):
+        train.main(_args(tiny_dir, tmp_path, "--method", "grpo", "--steps", "5", "--save_every_minutes", "1e-9"))
+    assert checkpoint.latest(tmp_path)[1]["step"] == 3  # written after step 2, by time
+    assert train.parse_args([]).save_every_minutes == 30  # the default: the tiny demo never pauses to save
+
+
+def test_a_live_run_folder_is_refused_and_a_stale_lock_taken_over(tiny_dir, tmp_path):
+    """While another live process holds the folder's lock, a fresh run, --resume and --overwrite are all refused
+    with its PID and change no file; once that process is gone its lock is stale and taken over."""
+    import socket
+    import subprocess as sp
+    train.main(_args(tiny_dir, tmp_path, "--method", "grpo", "--steps", "1"))
+    live = sp.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        (tmp_path / ".lock").write_text(f"{live.pid} {socket.gethostname()}")
+        files = _snapshot(tmp_path)
+        for extra in ([], ["--resume"], ["--overwrite"]):
+            with pytest.raises(SystemExit, match=f"in use by process {live.pid} on "):
+                train.main(_args(tiny_dir, tmp_path, "--method", "grpo", "--steps", "2", *extra))
+            assert _snapshot(tmp_path) == files
+    finally:
+        live.kill()
+        live.wait()
+    train.main(_args(tiny_dir, tmp_path, "--method", "grpo", "--steps", "2", "--resume"))  # the PID is gone: stale
+    assert [s["step"] for s in _steps(tmp_path)] == [0, 1] and not (tmp_path / ".lock").exists()
+
+
+def test_resume_refuses_another_run_and_says_what_it_changes(tiny_dir, tmp_path, capsys):
+    train.main(_args(tiny_dir, tmp_path, "--method", "expo", "--steps", "1"))
+    files = _snapshot(tmp_path)
+    with pytest.raises(SystemExit, match=r"other settings: --method expo -> grpo; --learning_rate 1e-05 -> 0.001"):
+        train.main(_args(tiny_dir, tmp_path, "--method", "grpo", "--learning_rate", "1e-3", "--steps", "2",
+                         "--resume"))
+    assert _snapshot(tmp_path) == files
+    capsys.readouterr()
+    train.main(_args(tiny_dir, tmp_path, "--method", "expo", "--steps", "2", "--eval_k", "1", "--resume"))
+    assert "changed flags: --steps 1 -> 2; --eval_k 2 -> 1" in capsys.readouterr().out
+    assert [s["step"] for s in _steps(tmp_path)] == [0, 1]
+
+
 def test_default_levels_and_output_folder_follow_the_dataset_and_method():
     assert train.parse_args([]).levels == [2] and train.parse_args([]).output_dir == "runs/expo-arith"
     assert train.parse_args(["--dataset", "math"]).levels is None  # all five levels
@@ -897,6 +1002,8 @@ def test_ctrl_c_saves_a_checkpoint_to_resume_from(tiny_dir, tmp_path, monkeypatc
 
 # =========================================================================================== analyze and compare
 
+import itertools  # noqa: E402
+
 import analyze  # noqa: E402
 import compare  # noqa: E402
 
@@ -912,6 +1019,21 @@ def test_analyze_writes_the_three_kinds_of_sample(tiny_dir, tmp_path):
         assert saved[key] == result[key]
     assert saved["expert"]["correct"] == 1.0  # arith's worked solutions end on the gold answer
     assert saved["own"]["truncated"] > 0.5  # a random model rarely stops within 5 tokens
+
+
+def test_hint_reliance_and_pass_at_k_curve(tiny_dir, tmp_path, monkeypatch, tokenizer):
+    """Hint reliance is (NLL without the hint - NLL with it) / tokens per explanation; the coverage curve is the
+    unbiased pass@k at k = 1, 2, 4 from 4 samples per question (here exactly 1 of each question's 4 is right)."""
+    assert analyze.hint_reliance([10.0, 4.0], [6.0, 4.0], [4, 2]) == {"mean": 0.5, "per_sample": [1.0, 0.0]}
+    saved = analyze.main(["--model", str(tiny_dir), "--n", "3", "--k", "2", "--max_new_tokens", "5", "--no_drop_leaks",
+                          "--pass_k", "4", "--json", str(tmp_path / "a.json")])
+    assert len(saved["hint_reliance"]["per_sample"]) == saved["self_explanation"]["n"] == 3
+    assert list(saved["pass_at_k"]) == ["pass@1", "pass@2", "pass@4"]
+    verdicts = itertools.cycle([1.0, 0.0, 0.0, 0.0])
+    monkeypatch.setattr(analyze.reward, "score", lambda text, gold: next(verdicts))
+    curve = analyze.pass_at_k_curve(tiny_llama(tokenizer), tokenizer, data.load("arith", "test", limit=3), n=4,
+                                    max_new_tokens=3)
+    assert curve == pytest.approx({"pass@1": 0.25, "pass@2": 0.5, "pass@4": 1.0})
 
 
 @pytest.mark.exercise8
@@ -933,28 +1055,44 @@ def test_analyze_nll_falls_on_a_target_the_model_was_fitted_to(tokenizer):
 
 
 @pytest.mark.exercise10
-def test_compare_two_methods_writes_folders_table_and_figure(tiny_dir, tmp_path, capsys):
-    args = _args(tiny_dir, tmp_path, "--steps", "1")
+def test_compare_two_methods_two_seeds_one_evaluation_set(tiny_dir, tmp_path, capsys):
+    """A folder per method and seed; every run evaluated on the same questions (the training seed never picks them);
+    the table gives each seed, the mean ± spread and pass@1 by level; complete runs are reused, not retrained, and
+    only if they were trained with the same flags."""
+    args = _args(tiny_dir, tmp_path, "--steps", "1", "--levels", "1", "2", "--eval_limit", "6")  # both levels
     del args[args.index("--output_dir") : args.index("--output_dir") + 2]  # compare.py names each run's folder
-    compare.main(["--methods", "expo", "grpo", "--out", str(tmp_path), "--", *args])
+    summary = compare.main(["--methods", "expo", "grpo", "--seeds", "0", "1", "--out", str(tmp_path), "--", *args])
     for method in ("expo", "grpo"):
-        assert [s["step"] for s in _steps(tmp_path / method)] == [0]
-    evals = [json.loads(line)["eval"] for line in open(tmp_path / "grpo" / "metrics.jsonl") if '"eval"' in line]
-    assert evals == ["after"]  # the initial model is evaluated once, by the first run
-    table = (tmp_path / "compare.md").read_text().splitlines()
-    assert len(table) == 4 and table[2].startswith("| `expo` |") and table[3].startswith("| `grpo` |")
-    assert "± " in table[2]
+        for seed in (0, 1):
+            folder = tmp_path / method / f"seed-{seed}"
+            assert [s["step"] for s in _steps(folder)] == [0]
+            evals = [json.loads(line)["eval"] for line in open(folder / "metrics.jsonl") if '"eval"' in line]
+            assert evals == (["before", "after"] if (method, seed) == ("expo", 0) else ["after"])  # "before" once
+    eval_sets = [[e.id for e in train.Trainer(train.parse_args(
+        [*args, "--seed", str(seed), "--output_dir", str(tmp_path / f"probe-{seed}")])).eval_set] for seed in (0, 1)]
+    assert eval_sets[0] == eval_sets[1]
+    table = (tmp_path / "compare.md").read_text()
+    rows = table.splitlines()
+    assert rows[2].startswith("| initial model |") and rows[3].startswith("| `expo` | 0, 1 |")
+    assert rows[4].startswith("| `grpo` | 0, 1 |") and " ± " in rows[3] and "| level 1 | level 2 |" in table
+    assert [r["seed"] for r in summary["methods"][0]["runs"]] == [0, 1]
+    mean, sd = summary["methods"][0]["pass@1"]
+    assert mean == pytest.approx(sum(r["after"]["pass@1"] for r in summary["methods"][0]["runs"]) / 2) and sd >= 0
     if importlib.util.find_spec("matplotlib"):
         assert (tmp_path / "compare.png").stat().st_size > 1000
     else:
         assert "pip install matplotlib" in capsys.readouterr().out
+    log = (tmp_path / "grpo" / "seed-1" / "metrics.jsonl").read_text()
+    compare.main(["--methods", "expo", "grpo", "--seeds", "0", "1", "--out", str(tmp_path), "--", *args])
+    assert (tmp_path / "grpo" / "seed-1" / "metrics.jsonl").read_text() == log  # reused as it was
+    with pytest.raises(SystemExit, match="--learning_rate"):
+        compare.main(["--methods", "grpo", "--seeds", "1", "--out", str(tmp_path), "--", *args, "--learning_rate", "1"])
 
 
 # ===================================================================================================== teaching kit
 
 import os  # noqa: E402
 import subprocess  # noqa: E402
-import sys  # noqa: E402
 
 import conftest  # noqa: E402
 import exercises  # noqa: E402

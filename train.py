@@ -39,6 +39,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -106,8 +107,12 @@ class Config:
     eval_temperature: float = option(0.7, "sampling temperature of evaluation (the paper: 0.7)")
     eval_limit: int | None = option(24, "evaluate a fixed random subset of this many test questions ('all')")
     eval_max_new_tokens: int | None = option(None, "generation budget of evaluation (default: --max_new_tokens)")
-    save_every: int = option(0, "write a checkpoint every N steps (0 = at the end and on Ctrl-C)")
-    seed: int = option(0, "seed of data order, sampling and the eval subset")
+    save_every: int = option(0, "write a checkpoint every N steps (0: only by time, at the end, and when stopped)")
+    save_every_minutes: float = option(30.0, "write a checkpoint after a step when this many minutes passed since the "
+                                       "last one (0: off): bounds what a hard kill loses")
+    seed: int = option(0, "seed of the training run: question order and sampling (never the evaluation)")
+    eval_seed: int = option(0, "seed of the evaluation subset and its sampling: fixed, so every training seed and "
+                            "method is evaluated on the same questions with the same draws")
     output_dir: str | None = option(None, "where metrics.jsonl, samples.md, checkpoint/ and curve.png go "
                                     "(default: runs/METHOD-DATASET)")
     resume: bool = option(False, "continue the run in output_dir from its newest checkpoint, as if uninterrupted")
@@ -203,11 +208,16 @@ class Trainer:
             if use_bf16 else contextlib.nullcontext
         self.out = Path(cfg.output_dir)
         if self.ranks.main:
+            checkpoint.lock(self.out)  # one process at a time in a run folder
             checkpoint.claim(self.out, cfg.resume, cfg.overwrite)  # never mix a fresh run into an old one
+            if cfg.resume:  # the same run, or an error naming the flags that differ
+                changes = checkpoint.check_config(self.out, asdict(cfg))
+                if changes:
+                    print(f"resuming {self.out} with changed flags: {'; '.join(changes)}", flush=True)
         distributed.barrier(self.ranks)
         torch.manual_seed(cfg.seed)
         self.train_set = data.load(cfg.dataset, "train", levels=cfg.levels)
-        self.eval_set = data.load(cfg.dataset, "test", levels=cfg.levels, limit=cfg.eval_limit, seed=cfg.seed)
+        self.eval_set = data.load(cfg.dataset, "test", levels=cfg.levels, limit=cfg.eval_limit, seed=cfg.eval_seed)
         if cfg.method in ("grpo_sft_gt", "dpo_gt") and not all(e.solution for e in self.train_set):
             raise data.DataError(f"--method {cfg.method} needs expert solutions, and {cfg.dataset} has rows without "
                                  "a 'solution'")
@@ -229,6 +239,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
                                            lr=cfg.learning_rate, betas=(0.9, 0.99), weight_decay=0.0)
         self.step, self.skipped = 0, 0
+        self.stop = StopSignals(abandon=self.ranks.world == 1)  # installed while `train` runs
         self.dpo_chosen: dict[str, tuple[int, str]] = {}  # question id -> (step made, target) for ExP-DPO
         if start:
             self.step = state["step"]
@@ -483,6 +494,7 @@ class Trainer:
         distributed.sum_gradients(self.model, self.ranks)
         norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm))
         if math.isfinite(norm):
+            self.stop.hold()  # from here the step is finished before a stop signal takes effect
             self.optimizer.step()
         else:
             self.skipped += 1
@@ -514,7 +526,7 @@ class Trainer:
             t0 = time.perf_counter()
             with self.amp():
                 result = evaluate.evaluate(self.model, self.tokenizer, self.eval_set, cfg.eval_k, cfg.eval_temperature,
-                                           cfg.eval_max_new_tokens or cfg.max_new_tokens, seed=cfg.seed + 10**6)
+                                           cfg.eval_max_new_tokens or cfg.max_new_tokens, seed=cfg.eval_seed + 10**6)
             self.model.train()
             self.log({"eval": label, "step": self.step, "t_eval": time.perf_counter() - t0,
                       **{k: v for k, v in result.items() if k != "samples"}})
@@ -546,26 +558,29 @@ class Trainer:
         before = self.evaluate("before") if self.step == 0 and cfg.eval_before else None
         bar = tqdm(range(self.step, cfg.steps), desc=cfg.method, initial=self.step, total=cfg.steps, disable=not main)
         try:
-            for _ in bar:
-                questions = batch_indices(len(self.train_set), cfg.batch_size, self.step, cfg.seed)
-                batch = [self.train_set[i] for i in distributed.share(questions, self.ranks)]
-                t0 = time.perf_counter()
-                stats = (self.dpo_step if "dpo" in cfg.method else self.grpo_step)(batch)
-                stats.update(t_step=time.perf_counter() - t0, **self.memory())
-                stats = distributed.merge_stats(distributed.gather(stats, self.ranks))
-                stats.update(step=self.step, skipped_updates=self.skipped)
-                self.log(stats)
-                bar.set_postfix(reward=f"{stats['reward']:.2f}", tok_s=f"{stats.get('gen_tok_s', 0):.0f}")
-                self.step += 1
-                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
-                    self.evaluate(f"step {self.step}")
-                if cfg.save_every and self.step % cfg.save_every == 0:
-                    self.save()
-        except KeyboardInterrupt:
-            path = self.save(everyone=self.ranks.world == 1)
+            with self.stop as stop:
+                last_save = time.monotonic()
+                for _ in bar:
+                    stats = self.train_step()
+                    bar.set_postfix(reward=f"{stats['reward']:.2f}", tok_s=f"{stats.get('gen_tok_s', 0):.0f}")
+                    if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                        self.evaluate(f"step {self.step}")
+                    minutes = (time.monotonic() - last_save) / 60
+                    due = (cfg.save_every and self.step % cfg.save_every == 0) or \
+                        (cfg.save_every_minutes and minutes >= cfg.save_every_minutes)
+                    stopping, due = distributed.all_sum([float(stop.signal is not None), float(due)], self.ranks)
+                    if stopping:  # every rank has finished the same step: stop together, no collective left waiting
+                        raise Stopped(stop.signal or signal.SIGTERM)
+                    if due:
+                        self.save()
+                        last_save = time.monotonic()
+        except (Stopped, KeyboardInterrupt) as e:  # KeyboardInterrupt: a Ctrl-C raised before our handler was in
+            signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
+            path = self.save()
             if main:
-                print(f"\ninterrupted: checkpoint of step {self.step} in {path}; continue with --resume")
-            raise SystemExit(130)
+                print(f"\nstopped by {signal.Signals(signum).name}: checkpoint of step {self.step} in {path}; "
+                      f"continue with the same command and --resume", flush=True)
+            raise SystemExit(128 + signum)
         after = self.evaluate("after")
         path = self.save()
         if main:
@@ -575,6 +590,21 @@ class Trainer:
             print(f"\nlogs: {self.out / 'metrics.jsonl'}\nsamples: {self.out / 'samples.md'}\ncheckpoint: {path}")
         return before, after
 
+    def train_step(self) -> dict:
+        """One step on this rank's share of the step's questions, logged; the step counter moves on after it."""
+        cfg = self.cfg
+        questions = batch_indices(len(self.train_set), cfg.batch_size, self.step, cfg.seed)
+        batch = [self.train_set[i] for i in distributed.share(questions, self.ranks)]
+        t0 = time.perf_counter()
+        stats = (self.dpo_step if "dpo" in cfg.method else self.grpo_step)(batch)
+        stats.update(t_step=time.perf_counter() - t0, **self.memory())
+        stats = distributed.merge_stats(distributed.gather(stats, self.ranks))
+        stats.update(step=self.step, skipped_updates=self.skipped)
+        self.log(stats)
+        self.step += 1
+        self.stop.release()  # the step is applied, logged and counted: a stop signal may now take effect
+        return stats
+
     def memory(self) -> dict:
         if self.device.type == "cuda":
             return {"peak_mem_gb": torch.cuda.max_memory_allocated(self.device) / 2**30}
@@ -583,6 +613,47 @@ class Trainer:
             return {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
         except ImportError:
             return {}
+
+
+class Stopped(Exception):
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class StopSignals:
+    """SIGTERM (schedulers, `timeout`) and SIGINT (Ctrl-C) stop training cleanly: `train` writes a checkpoint of the
+    completed steps and exits with 128 + the signal's number (143, 130), as a shell reports it.
+
+    One process abandons the step in progress at once (`abandon`): nothing of it reaches the weights before the
+    optimizer step, and the next step starts from zeroed gradients. From the update on (`hold`) the step is
+    finished, logged and counted first (`release`). Under torchrun a rank may be inside a collective, so every rank
+    finishes its step and they stop together at the step boundary (`train` sums the flags over ranks there).
+    """
+
+    def __init__(self, abandon: bool):
+        self.abandon, self.signal, self.holding = abandon, None, False
+
+    def __enter__(self) -> "StopSignals":
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def handle(self, signum, frame) -> None:
+        self.signal = signum
+        if self.abandon and not self.holding:
+            raise Stopped(signum)
+
+    def hold(self) -> None:
+        self.holding = True
+
+    def release(self) -> None:
+        self.holding = False
+        if self.abandon and self.signal is not None:
+            raise Stopped(self.signal)
 
 
 def plot(out: Path) -> None:
@@ -611,7 +682,8 @@ def main(argv=None) -> None:
     cfg = parse_args(argv)
     try:
         trainer = Trainer(cfg)
-    except (OSError, data.DataError) as e:  # missing package or model, bad data, no checkpoint: one clear line
+    except (OSError, data.DataError, checkpoint.RunFolderError) as e:  # one clear line: missing package or model,
+        checkpoint.unlock(Path(cfg.output_dir))  # bad data, no checkpoint, a folder in use or of another run
         sys.exit(f"error: {e}")
     try:
         trainer.train()
@@ -619,6 +691,7 @@ def main(argv=None) -> None:
         sys.exit("error: out of GPU memory; try a larger --grad_accum, a smaller --batch_size / --num_generations / "
                  "--max_new_tokens, or --gradient_checkpointing")
     finally:
+        checkpoint.unlock(trainer.out)
         distributed.close(trainer.ranks)
 
 

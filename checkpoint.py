@@ -19,6 +19,9 @@ Rules, each for a reason:
   (a fresh run, --resume or --overwrite) is refused before it touches a file. A lock whose process no longer
   exists on this host is stale and taken over; a lock from another host cannot be checked from here, so the error
   says which process to look for and to delete the lock if it is gone.
+* SIGTERM (what schedulers and `timeout` send before a kill) and SIGINT (Ctrl-C) stop a run cleanly (`StopSignals`):
+  a checkpoint of the completed steps, then exit 143 or 130, as a shell reports those signals. --save_every_minutes
+  bounds what a hard kill (SIGKILL, a crash) can lose.
 * --resume continues the *same* run (`check_config`): flags that say what the run is (method, model, data, seed,
   objective, sampling) must equal the checkpoint's; flags of how long it trains and how it is evaluated, saved and
   placed (MAY_CHANGE) may differ, and each change is listed.
@@ -29,6 +32,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 from pathlib import Path
 
@@ -186,6 +190,50 @@ def truncate_logs(out: Path, step: int) -> None:
         text = samples.read_text()
         later = next((m for m in re.finditer(r"\n## step (\d+)\n", text) if int(m.group(1)) >= step), None)
         samples.write_text(text[: later.start()] if later else text)
+
+
+# ------------------------------------------------------------------------------------------------ stop signals
+
+
+class Stopped(Exception):
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class StopSignals:
+    """SIGTERM (schedulers, `timeout`) and SIGINT (Ctrl-C) stop training cleanly: `train` writes a checkpoint of the
+    completed steps and exits with 128 + the signal's number (143, 130), as a shell reports it.
+
+    One process abandons the step in progress at once (`abandon`): nothing of it reaches the weights before the
+    optimizer step, and the next step starts from zeroed gradients. From the update on (`hold`) the step is
+    finished, logged and counted first (`release`). Under torchrun a rank may be inside a collective, so every rank
+    finishes its step and they stop together at the step boundary (`train` sums the flags over ranks there).
+    """
+
+    def __init__(self, abandon: bool):
+        self.abandon, self.signal, self.holding = abandon, None, False
+
+    def __enter__(self) -> "StopSignals":
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def handle(self, signum, frame) -> None:
+        self.signal = signum
+        if self.abandon and not self.holding:
+            raise Stopped(signum)
+
+    def hold(self) -> None:
+        self.holding = True
+
+    def release(self) -> None:
+        self.holding = False
+        if self.abandon and self.signal is not None:
+            raise Stopped(self.signal)
 
 
 # ---------------------------------------------------------------------------------------- optimizer <-> safetensors

@@ -24,7 +24,7 @@ import rollout
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k)."""
+    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k). k > n is a ValueError."""
     # exercise 10: the unbiased pass@k estimator
     if k > n:
         raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")

@@ -71,8 +71,10 @@ def mentions_hint(explanation: str) -> bool:
 def explanation_target(explanation: str, answer: str) -> str:
     """The training target made from a self-explanation: its final answer set to \\boxed{answer}.
 
-    The content of its last balanced \\boxed{...} is replaced by the gold answer and whatever follows that box is cut;
-    an explanation without a box gets a closing "The answer is \\boxed{answer}." line.
+    The explanation is stripped of surrounding whitespace. The content of its last balanced \\boxed{...} is replaced
+    by the gold answer; the box's closing brace and the `$` signs and one `.` right after it are kept, and everything
+    after those is cut ("so $\\boxed{7}$. Done" -> "so $\\boxed{gold}$."). An explanation without a box gets one
+    line appended after a single newline: "\\nThe answer is \\boxed{gold}.".
     """
     # exercise 7: the self-explanation prompt and its training target
     text = explanation.strip()
@@ -106,6 +108,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "std")
         rewards [1, 0, 0, 0] -> mean 0.25 -> centred [0.75, -0.25, -0.25, -0.25] -> "std": [1.5, -0.5, -0.5, -0.5]
     An all-equal group gives zeros: the question teaches GRPO nothing, which is the gap ExPO fills.
     `scale="none"` keeps r - mean (Dr. GRPO: no division by the std, which over-weights nearly-solved questions).
+    Raises ValueError when the rewards do not split into groups of `group_size` (6 rewards, G = 4), when
+    `scale="std"` has groups of 1 (no std), and for an unknown `scale`.
     """
     # exercise 4: group-normalised advantages
     if rewards.numel() % group_size:
@@ -147,7 +151,11 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
             "token"    sum over all tokens / number of tokens (DAPO);
             "constant" sum / (rows * max_tokens), max_tokens defaulting to the padded length; pass the generation
                        budget to get Dr. GRPO's constant that does not depend on the batch.
-    `ref_logp` may be None when kl_coef == 0. Returns (loss, stats) with stats as plain floats.
+    `ref_logp` may be None when kl_coef == 0. Padding never counts: not in the loss value (which is logged), not in
+    the gradient, and a log-ratio of any size there must not overflow (zero it *before* exp: inf * 0 is nan).
+    Returns (loss, stats), stats as plain floats over completion tokens: `clip_frac` the share where the min takes
+    the clipped branch (rho > 1 + eps with A > 0, or rho < 1 - eps with A < 0: where the gradient is cut; not merely
+    |rho - 1| > eps), `kl` the mean k3 (0 without ref_logp), `ratio` the mean rho.
 
     Worked example, one token, A = 1, eps = 0.2: logp - old_logp = log 1.5 -> rho = 1.5 -> clipped to 1.2, and
     min(1.5, 1.2) = 1.2 does not depend on logp: the gradient is 0 (the update has gone far enough). With A = -1 the
@@ -188,7 +196,12 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, valid: torch.Tensor) -> to
 
 
 def sft_loss(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Token-mean negative log-likelihood of the masked tokens: ExP-GRPO's extra term is beta * sft_loss(targets)."""
+    """Token-mean negative log-likelihood of the masked tokens: ExP-GRPO's extra term is beta * sft_loss(targets).
+
+    Every masked token of every row weighs the same (a row of 3 tokens counts 3 times a row of 1; not a mean of
+    per-row means). Example: log-probs [[log .5, log .5, log .5], [log .1, *, *]] with masks [[1, 1, 1], [1, 0, 0]]
+    -> (3 * 0.693 + 2.303) / 4 = 1.096.
+    """
     # exercise 8: the self-explanation term and exact gradient accumulation
     mask = mask.to(logp.dtype)
     return -(torch.where(mask.bool(), logp, 0.0)).sum() / mask.sum().clamp(min=1)
@@ -205,6 +218,7 @@ def dpo_loss(policy_chosen_logp: torch.Tensor, policy_rejected_logp: torch.Tenso
 
     At equal margins the loss is log 2 ~ 0.693; it falls as the policy raises the chosen response (for ExP-DPO, the
     self-explanation) relative to the rejected one (the policy's own wrong answer), measured against the reference.
+    It must stay exact at any margin: at beta * margin = -495 the loss is 495 (log(sigmoid(-495)) is log 0 in fp32).
     """
     # exercise 9: the DPO loss
     margin = (policy_chosen_logp - ref_chosen_logp) - (policy_rejected_logp - ref_rejected_logp)

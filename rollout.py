@@ -13,6 +13,9 @@ bugs live, so each one is stated (and tested in test_expo.py):
   is 0. Never `ids != pad_id`: SmolLM2's pad token is its EOS, so that test would drop the EOS we must train on.
 * Log-probs are fp32 and position ids follow the left padding, so a row scores the same alone or in a padded batch.
   Logits are computed only for completion positions (`logits_to_keep`), never for the prompt.
+
+Reading order: the contracts above, then `completion_mask`, `sample` (with `_pick` and `_decode`) and
+`token_logprobs`. The two decoder classes at the end are speed machinery a first reading may skip.
 """
 from __future__ import annotations
 
@@ -284,6 +287,61 @@ def _decode(step, stop: list[int], pad_id: int, max_new_tokens: int, temperature
     return tokens  # max_new_tokens == 0
 
 
+# --------------------------------------------------------------------------------------------------------- scoring
+
+
+def token_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
+                   temperature: float = 1.0, with_entropy: bool = False, rows_per_chunk: int = 4):
+    """fp32 log pi(token | prefix) for each completion token, under the sampling temperature. [N, T].
+
+    Prompt [N, P] is left-padded, completion [N, T] right-padded; the logits for completion token t come from
+    position P - 1 + t, so `logits_to_keep = T + 1` keeps exactly the positions we need (the last one is dropped).
+    Works with or without gradients; entries past each row's first EOS are meaningless and must be masked.
+    With `with_entropy`, also returns the per-token entropy [N, T] of the sampling distribution (no gradient).
+
+    Memory: the fp32 [rows, T, vocab] tensors (logits / temperature, and what log-softmax keeps for backward) exist
+    for `rows_per_chunk` rows at a time: each chunk is scored by `chunk_logprobs` under activation checkpointing,
+    so its fp32 copy is recomputed in the backward pass instead of stored. The values and gradient are unchanged.
+    """
+    if temperature <= 0:
+        raise ValueError("scoring needs temperature > 0")
+    n, t = completion_ids.shape
+    ids = torch.cat([prompt_ids, completion_ids], dim=1)  # [N, P + T]
+    attention = torch.cat([prompt_mask, torch.ones_like(completion_ids)], dim=1)
+    positions = (attention.cumsum(dim=1) - 1).clamp(min=0)  # left padding: the first real token is at position 0
+    logits = model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False,
+                   logits_to_keep=t + 1).logits[:, :-1]  # [N, T, V] in the model's dtype
+    logp, entropy = [], []
+    for rows in torch.arange(n).split(rows_per_chunk):
+        chunk, chunk_ids = logits[rows], completion_ids[rows]
+        if logits.requires_grad:  # keep no fp32 chunk for backward: recompute it there
+            logp.append(checkpoint(chunk_logprobs, chunk, chunk_ids, temperature, use_reentrant=False))
+        else:
+            logp.append(chunk_logprobs(chunk, chunk_ids, temperature))
+        if with_entropy:
+            with torch.no_grad():
+                scaled = chunk.float() / temperature  # [rows, T, V]
+                entropy.append(torch.logsumexp(scaled, -1) - (F.softmax(scaled, -1) * scaled).sum(-1))
+    return (torch.cat(logp), torch.cat(entropy)) if with_entropy else torch.cat(logp)
+
+
+def chunk_logprobs(logits: torch.Tensor, completion_ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """fp32 log-softmax of logits [rows, T, V] / temperature, read at the completion ids [rows, T] -> [rows, T].
+
+    Example, one position with vocabulary logits [2, 0, 0] at temperature 1 and token 0: logsumexp = log(e^2 + 2)
+    = 2.2395, so log p = 2 - 2.2395 = -0.2395.
+    """
+    # exercise 2: per-token log-probs of a completion
+    logits = logits.float() / temperature
+    log_norm = torch.logsumexp(logits, dim=-1)  # [rows, T]
+    return logits.gather(-1, completion_ids[..., None]).squeeze(-1) - log_norm
+
+
+# ------------------------------------------------------------------------------------ speed machinery (skip at first)
+# How `_decode` gets the next-token logits of every row still decoding: one forward step per token over a KV cache.
+# Neither class changes what is sampled (tested); they only make it fast, on a CPU and on a GPU respectively.
+
+
 class _EagerDecoder:
     """Decode steps with a growing DynamicCache; each prompt is prefilled once, then shared by all its rows."""
 
@@ -364,53 +422,3 @@ class _GraphedDecoder:
             return self._forward().float()
         self.graph.replay()
         return self.logits.float()  # a copy (bf16 -> fp32): the next replay overwrites self.logits
-
-
-# --------------------------------------------------------------------------------------------------------- scoring
-
-
-def token_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
-                   temperature: float = 1.0, with_entropy: bool = False, rows_per_chunk: int = 4):
-    """fp32 log pi(token | prefix) for each completion token, under the sampling temperature. [N, T].
-
-    Prompt [N, P] is left-padded, completion [N, T] right-padded; the logits for completion token t come from
-    position P - 1 + t, so `logits_to_keep = T + 1` keeps exactly the positions we need (the last one is dropped).
-    Works with or without gradients; entries past each row's first EOS are meaningless and must be masked.
-    With `with_entropy`, also returns the per-token entropy [N, T] of the sampling distribution (no gradient).
-
-    Memory: the fp32 [rows, T, vocab] tensors (logits / temperature, and what log-softmax keeps for backward) exist
-    for `rows_per_chunk` rows at a time: each chunk is scored by `chunk_logprobs` under activation checkpointing,
-    so its fp32 copy is recomputed in the backward pass instead of stored. The values and gradient are unchanged.
-    """
-    if temperature <= 0:
-        raise ValueError("scoring needs temperature > 0")
-    n, t = completion_ids.shape
-    ids = torch.cat([prompt_ids, completion_ids], dim=1)  # [N, P + T]
-    attention = torch.cat([prompt_mask, torch.ones_like(completion_ids)], dim=1)
-    positions = (attention.cumsum(dim=1) - 1).clamp(min=0)  # left padding: the first real token is at position 0
-    logits = model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False,
-                   logits_to_keep=t + 1).logits[:, :-1]  # [N, T, V] in the model's dtype
-    logp, entropy = [], []
-    for rows in torch.arange(n).split(rows_per_chunk):
-        chunk, chunk_ids = logits[rows], completion_ids[rows]
-        if logits.requires_grad:  # keep no fp32 chunk for backward: recompute it there
-            logp.append(checkpoint(chunk_logprobs, chunk, chunk_ids, temperature, use_reentrant=False))
-        else:
-            logp.append(chunk_logprobs(chunk, chunk_ids, temperature))
-        if with_entropy:
-            with torch.no_grad():
-                scaled = chunk.float() / temperature  # [rows, T, V]
-                entropy.append(torch.logsumexp(scaled, -1) - (F.softmax(scaled, -1) * scaled).sum(-1))
-    return (torch.cat(logp), torch.cat(entropy)) if with_entropy else torch.cat(logp)
-
-
-def chunk_logprobs(logits: torch.Tensor, completion_ids: torch.Tensor, temperature: float) -> torch.Tensor:
-    """fp32 log-softmax of logits [rows, T, V] / temperature, read at the completion ids [rows, T] -> [rows, T].
-
-    Example, one position with vocabulary logits [2, 0, 0] at temperature 1 and token 0: logsumexp = log(e^2 + 2)
-    = 2.2395, so log p = 2 - 2.2395 = -0.2395.
-    """
-    # exercise 2: per-token log-probs of a completion
-    logits = logits.float() / temperature
-    log_norm = torch.logsumexp(logits, dim=-1)  # [rows, T]
-    return logits.gather(-1, completion_ids[..., None]).squeeze(-1) - log_norm

@@ -311,6 +311,36 @@ def test_grpo_clipping_zeroes_gradient_exactly_where_it_should():
     assert stats["clip_frac"] == pytest.approx(2 / 6)
 
 
+@pytest.mark.exercise5
+@pytest.mark.parametrize("norm", expo.LOSS_NORMS)
+def test_grpo_loss_value_counts_completion_tokens_only(norm):
+    """The loss *value* (logged as loss_pg), not only its gradient, leaves padding out: padding positions contribute
+    nothing to the sum, whatever the ratio there (here 1, which unmasked would add -A per padding token)."""
+    logp, mask, adv = _rollout_tensors()
+    old = logp.detach() - 0.3  # ratio exp(0.3) = 1.35 on every completion token: clipped where A > 0
+    loss, _ = expo.grpo_loss(logp, old, None, adv, mask, norm=norm, max_tokens=5)
+    ratio = torch.exp(torch.tensor(0.3))
+    per_token = -torch.minimum(ratio * adv, ratio.clamp(0.8, 1.2) * adv)[:, None] * mask  # [3, 5], 0 at padding
+    expected = {"seq": (per_token.sum(1) / mask.sum(1)).mean(), "token": per_token.sum() / mask.sum(),
+                "constant": per_token.sum() / (3 * 5)}[norm]
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.exercise5
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_grpo_loss_zeroes_padding_before_exp(sign):
+    """Padding may hold any finite values. A log-ratio of 200 there overflows exp to inf, and the mask cannot remove
+    it afterwards (inf * 0 is nan, in the loss or in its gradient): it must be zeroed before exp. No KL term here."""
+    logp, mask, adv = _rollout_tensors()
+    garbage = torch.where(mask.bool(), 0.0, 100.0)
+    dirty_logp = (logp.detach() + garbage).requires_grad_()
+    loss, _ = expo.grpo_loss(dirty_logp, logp.detach() - garbage, None, sign * adv, mask)
+    clean, _ = expo.grpo_loss(logp, logp.detach(), None, sign * adv, mask)
+    assert torch.isfinite(loss) and torch.allclose(loss, clean)
+    loss.backward()
+    assert torch.isfinite(dirty_logp.grad).all() and torch.all(dirty_logp.grad[~mask.bool()] == 0)
+
+
 @pytest.mark.exercise6
 def test_grpo_padding_garbage_changes_nothing():
     logp, mask, adv = _rollout_tensors()
@@ -356,12 +386,33 @@ def test_sft_loss_and_sequence_logp_values():
     assert grad.tolist() == [[-0.5, -0.5, 0.0]]  # a token mean over the two masked tokens; padding gets nothing
 
 
+@pytest.mark.exercise8
+def test_sft_loss_is_a_token_mean_not_a_mean_of_row_means():
+    """Every target token weighs the same: a row of 3 tokens counts 3 times a row of 1 (a mean of per-row means would
+    give the short row's token the weight of all three)."""
+    logp = torch.log(torch.tensor([[0.5, 0.5, 0.5, 0.9], [0.1, 0.9, 0.9, 0.9]]))
+    mask = torch.tensor([[1.0, 1, 1, 0], [1, 0, 0, 0]])
+    assert expo.sft_loss(logp, mask).item() == pytest.approx(-(3 * math.log(0.5) + math.log(0.1)) / 4)  # 1.0956
+
+
 @pytest.mark.exercise9
 def test_dpo_loss_values():
     x = torch.tensor([-3.0, -7.0])
     assert expo.dpo_loss(x, x, x, x, beta=0.1).item() == pytest.approx(math.log(2))
     better = expo.dpo_loss(x + 1, x, x, x, beta=0.1).item()
     assert better == pytest.approx(-math.log(1 / (1 + math.exp(-0.1))))
+
+
+@pytest.mark.exercise9
+def test_dpo_loss_is_exact_at_large_margins():
+    """-log sigmoid(z) for z = beta * margin far below 0 is -z: log(sigmoid(z)) underflows to log(0) = -inf there
+    (sigmoid(-495) is 0 in fp32), while F.logsigmoid stays exact, and so does the gradient (-beta per unit margin)."""
+    chosen = torch.tensor([-500.0], requires_grad=True)
+    zero = torch.zeros(1)
+    loss = expo.dpo_loss(chosen, torch.tensor([-5.0]), zero, zero, beta=1.0)
+    assert loss.item() == pytest.approx(495.0)
+    loss.backward()
+    assert chosen.grad.item() == pytest.approx(-1.0)
 
 
 def test_beta_schedule():
@@ -464,6 +515,18 @@ def test_left_padded_logprobs_equal_rows_scored_alone(tokenizer, make):
                                        completions[i : i + 1], temperature=0.7)
         assert torch.allclose(batch[i], alone[0], atol=1e-5)
     assert batch.dtype == torch.float32
+
+
+@pytest.mark.exercise2
+def test_chunk_logprobs_divides_by_the_temperature_in_fp32():
+    """Under bf16 autocast the logits arrive in bf16 (8 significant bits): they are cast to fp32 *before* the division
+    by the temperature and the log-softmax, so no bf16 rounding (~0.05 at these magnitudes) reaches a log-prob."""
+    torch.manual_seed(0)
+    logits = (torch.randn(2, 3, 50) * 8).to(torch.bfloat16)  # [rows, T, V]
+    ids = torch.randint(0, 50, (2, 3))
+    got = rollout.chunk_logprobs(logits, ids, 0.7)
+    exact = torch.log_softmax(logits.float() / 0.7, dim=-1).gather(-1, ids[..., None]).squeeze(-1)
+    assert got.dtype == torch.float32 and torch.allclose(got, exact, atol=1e-5)
 
 
 @pytest.mark.exercise2
@@ -684,7 +747,7 @@ def test_self_explanation_filters(tiny_dir, tmp_path, flags, kept):
              f"Adding gives \\boxed{{{questions[2].answer}}}, and then"]
     out = rollout.encode_targets(t.tokenizer, ["q"] * 3, texts, t.stop_id)
     out.truncated = torch.tensor([False, False, True])
-    targets, _, stats = t.self_explanations(questions, 0, out=out)
+    targets, stats = t.self_explanations(questions, out)
     assert [i for i, x in enumerate(targets) if x is not None] == kept
     assert all(reward.extract_answer(targets[i]) == questions[i].answer for i in kept)
     assert stats["explain_correct"] == pytest.approx(2 / 3)
@@ -782,6 +845,7 @@ def _snapshot(folder: Path) -> dict:
     return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.exercise10
 def test_sigterm_writes_a_checkpoint_and_resume_completes_the_run(tiny_dir, tmp_path, uninterrupted_run):
     """A scheduler's SIGTERM mid-run: exit 143, a checkpoint of exactly the logged steps, the way on printed; resumed,
     the run's log and weights are the uninterrupted run's."""
@@ -809,6 +873,7 @@ def test_sigterm_writes_a_checkpoint_and_resume_completes_the_run(tiny_dir, tmp_
     assert all(torch.allclose(w_full[k], w_cut[k], atol=1e-6) for k in w_full)
 
 
+@pytest.mark.exercise10
 def test_checkpoints_by_time_bound_what_a_hard_kill_loses(tiny_dir, tmp_path, monkeypatch):
     _crash_in_step_3(monkeypatch)
     with pytest.raises(Killed):
@@ -817,6 +882,7 @@ def test_checkpoints_by_time_bound_what_a_hard_kill_loses(tiny_dir, tmp_path, mo
     assert train.parse_args([]).save_every_minutes == 30  # the default: the tiny demo never pauses to save
 
 
+@pytest.mark.exercise10
 def test_a_live_run_folder_is_refused_and_a_stale_lock_taken_over(tiny_dir, tmp_path):
     """While another live process holds the folder's lock, a fresh run, --resume and --overwrite are all refused
     with its PID and change no file; once that process is gone its lock is stale and taken over."""
@@ -838,6 +904,7 @@ def test_a_live_run_folder_is_refused_and_a_stale_lock_taken_over(tiny_dir, tmp_
     assert [s["step"] for s in _steps(tmp_path)] == [0, 1] and not (tmp_path / ".lock").exists()
 
 
+@pytest.mark.exercise10
 def test_resume_refuses_another_run_and_says_what_it_changes(tiny_dir, tmp_path, capsys):
     train.main(_args(tiny_dir, tmp_path, "--method", "expo", "--steps", "1"))
     files = _snapshot(tmp_path)
@@ -943,6 +1010,8 @@ def test_pass_at_k_estimator():
     assert evaluate.pass_at_k(4, 1, 4) == 1.0 and evaluate.pass_at_k(4, 0, 4) == 0.0
     assert evaluate.pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)
     assert evaluate.pass_at_k(10, 3, 5) == pytest.approx(1 - 21 / 252)
+    with pytest.raises(ValueError, match="at least 4 samples"):
+        evaluate.pass_at_k(3, 1, 4)  # pass@4 from 3 samples is undefined, not 1.0 or 0.0
     ex = [data.Example("q", "1", level=1), data.Example("q", "1", level=1), data.Example("q", "1", level=5)]
     rows = [evaluate.Row(ex[0], 2, 2), evaluate.Row(ex[1], 0, 1), evaluate.Row(ex[2], 1, 1)]
     summary = evaluate.summarize(rows, k=2)
@@ -1021,6 +1090,7 @@ def test_analyze_writes_the_three_kinds_of_sample(tiny_dir, tmp_path):
     assert saved["own"]["truncated"] > 0.5  # a random model rarely stops within 5 tokens
 
 
+@pytest.mark.exercise10
 def test_hint_reliance_and_pass_at_k_curve(tiny_dir, tmp_path, monkeypatch, tokenizer):
     """Hint reliance is (NLL without the hint - NLL with it) / tokens per explanation; the coverage curve is the
     unbiased pass@k at k = 1, 2, 4 from 4 samples per question (here exactly 1 of each question's 4 is right)."""
@@ -1100,6 +1170,20 @@ import exercises  # noqa: E402
 HERE = Path(__file__).resolve().parent
 
 
+@pytest.mark.exercise10
+def test_walkthrough_notebook_runs_top_to_bottom():
+    """walkthrough.ipynb executes on the CPU as committed (the embedded model, a minute or so), so it cannot go stale."""
+    nbclient, nbformat = pytest.importorskip("nbclient"), pytest.importorskip("nbformat")
+    notebook = nbformat.read(HERE / "walkthrough.ipynb", as_version=4)
+    try:
+        nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
+                                resources={"metadata": {"path": str(HERE)}}).execute()
+    except nbclient.exceptions.CellExecutionError as e:  # name the cell's own error (in a student copy: which exercise)
+        raise RuntimeError(f"{e.ename}: {e.evalue}") from None
+    printed = "".join(o.get("text", "") for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs)
+    assert "only in the explain prompt" in printed and "grpo_loss" in printed and "nats per token" in printed
+
+
 @pytest.mark.skipif((HERE / exercises.STUDENT_FLAG).exists(), reason="this is a student copy")
 def test_student_copy_fails_exactly_the_exercise_tests(tmp_path):
     """In the student copy every exercise's tests fail with its NotImplementedError and every other test passes."""
@@ -1145,7 +1229,7 @@ def fixed_step(method, norm):
     cfg = train.parse_args(["--model", tiny, "--method", method, "--loss_norm", norm, "--batch_size", "4",
                             "--num_generations", "2", "--grad_accum", "2", "--output_dir", f"{out}/{method}-{norm}",
                             "--overwrite", "--device", "cpu"])
-    t = train.Trainer(cfg)
+    t = train.trainer_for(cfg)
     batch = [t.train_set[i] for i in range(4)]
     mine = distributed.share(list(range(4)), t.ranks)
 
@@ -1156,7 +1240,7 @@ def fixed_step(method, norm):
         roll.prompt_index = torch.arange(len(mine)).repeat_interleave(2)
         return roll, torch.tensor([float(r) for q in mine for r in REWARDS[q]]), {"reward": 0.0}, None
     t.rollouts = rollouts
-    t.self_explanations = lambda ex, seed, model=None, out=None: ([f"Because {e.answer} is right." for e in ex], [], {})
+    t.self_explanations = lambda ex, sampled: ([f"Because {e.answer} is right." for e in ex], {})
     grads = {}
 
     def capture():

@@ -4,37 +4,38 @@
     python train.py --method grpo                     # the same run without the self-explanation term
     python train.py --model Qwen/Qwen2.5-1.5B-Instruct --dataset math --levels 5 ...   # see README: GPU recipe
 
-One ExP-GRPO step (`grpo_step`), for a batch of B questions:
-  1. sample G answer-free rollouts per question from the current policy (rollout.sample, prompt expo.solve_prompt)
-  2. score them with the verifier (reward.score) and normalise rewards within each group (expo.group_advantages)
-  3. sample one self-explanation per question from the *current* policy with the answer in the prompt
-     (expo.explain_prompt) -- in the same rollout.sample call as step 1, one row per explain prompt beside the G per
-     solve prompt, so it costs no second decode loop (with --explain_on failed it needs step 2's rewards, so a
-     second call) -- turn it into a target ending in \\boxed{gold} (expo.explanation_targets), and pair it with
-     the *answer-free* prompt: the hint is never in the context the target is scored under
-  4. freeze old log-probs (only needed when --ppo_epochs > 1: with one pass, old == current, detached)
+One ExP-GRPO step (`Trainer.grpo_step`), for a batch of B questions:
+  1. sample G answer-free rollouts per question from the current policy (rollout.sample, prompt expo.solve_prompt),
+     and one self-explanation per question with the answer in the prompt (expo.explain_prompt) in the same call:
+     one row per explain prompt beside the G per solve prompt, so it costs no second decode loop
+  2. score the rollouts with the verifier (reward.score), normalise rewards within each group (expo.group_advantages)
+  3. turn each self-explanation into a target ending in \\boxed{gold} (expo.explanation_target), paired with the
+     *answer-free* prompt: the hint is never in the context the target is scored under (`sft_targets`)
+  4. choose the rows the policy gradient scores and freeze their old / reference log-probs when needed
   5. for each PPO epoch: loss = grpo_loss(rollouts) + beta(step) * sft_loss(targets), accumulated over
      micro-batches so that their sum is exactly the full-batch loss; clip the gradient norm; one optimizer step
-`--method grpo` skips 3, `grpo_sft_gt` uses the dataset's expert solutions as targets in 3, and the DPO methods
-(`dpo_step`) pair a chosen response (a self-explanation, or the expert solution for `dpo_gt`) with one of the
+`--method grpo` has no targets in 3, `grpo_sft_gt` uses the dataset's expert solutions, and `--explain_on failed`
+explains only the all-wrong groups (it needs step 2's rewards first, so a second sampling call). The DPO methods
+(`DPOTrainer`) pair a chosen response (a self-explanation, or the expert solution for `dpo_gt`) with one of the
 policy's own wrong rollouts and minimise expo.dpo_loss against the frozen initial policy.
 
 Design choices, each for a reason:
 * Weights and optimizer state stay fp32; on a GPU the forward passes run under bf16 autocast. Pure-bf16 weights
   would silently drop updates smaller than 1/256 of a weight, which at RL learning rates is most of them.
 * Each step's batch and sampling seed are functions of (seed, step), so `--resume` replays exactly the run that was
-  interrupted (tested), and two methods with the same seed see the same questions in the same order.
-* A step whose loss or gradient is not finite is skipped and logged; it never reaches the weights.
+  interrupted (tested), and two methods with the same seed see the same questions in the same order. The evaluation
+  set and its draws depend on --eval_seed only, so training seeds never change what a run is measured on.
+* Every micro-batch loss is weighted by one rule (expo.accumulation_weight), so micro-batches and ranks add up to the
+  full-batch loss. A step whose loss or gradient is not finite is skipped and logged; it never reaches the weights.
 * Outputs (in --output_dir, default runs/METHOD-DATASET): metrics.jsonl (one line per step, plus eval lines),
   samples.md (readable rollouts and self-explanations), checkpoint/ (safetensors weights + tokenizer +
-  trainer_state.json, loadable with from_pretrained), curve.png when matplotlib is installed. A fresh run refuses a
-  folder that holds a run (--resume continues it, --overwrite replaces it); checkpoint.py says how resume stays exact.
+  trainer_state.json, loadable with from_pretrained), curve.png when matplotlib is installed. checkpoint.py says how
+  the folder is claimed and locked, how resume stays exact, and how SIGTERM stops a run with a checkpoint.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import json
 import math
 import os
@@ -42,11 +43,11 @@ import random
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
-from safetensors.torch import load_file
 from tqdm import tqdm
 
 import checkpoint
@@ -54,11 +55,16 @@ import data
 import distributed
 import evaluate
 import expo
-import lora
 import reward
 import rollout
+from run import Run
 
 METHODS = ("expo", "grpo", "grpo_sft_gt", "expo_dpo", "dpo_gt")
+# ------------------------------------------------------------------------------------------------------------ flags
+
+SECTIONS = {"method": "the method and the paper's settings", "kl_coef": "the objective",  # first flag -> title
+            "explain_on": "self-explanation filters and ablations", "max_new_tokens": "sampling and evaluation",
+            "seed": "the run"}
 
 
 def option(default, help: str, choices=None):
@@ -68,6 +74,7 @@ def option(default, help: str, choices=None):
 
 @dataclass
 class Config:
+    # the method and the paper's settings
     method: str = option("expo", "expo = ExP-GRPO; grpo; grpo_sft_gt = GRPO + SFT on expert solutions; expo_dpo; "
                          "dpo_gt = DPO with expert solutions", METHODS)
     model: str | None = option(None, "hub id or local folder (default: the embedded SmolLM2-135M-Instruct)")
@@ -77,7 +84,20 @@ class Config:
     num_generations: int = option(4, "G: answer-free rollouts sampled per question")
     batch_size: int = option(8, "questions per step, over all ranks under torchrun (each takes its share)")
     beta: float = option(0.04, "weight of the self-explanation (expo) or expert-solution (grpo_sft_gt) term")
+    learning_rate: float = option(1e-5, "AdamW learning rate (with --lora_rank, use ~10x the full fine-tuning rate)")
+    steps: int = option(7, "training steps")
+    # the objective
+    kl_coef: float = option(0.0, "weight of the k3 KL penalty to the frozen initial policy (0 = no reference model)")
+    clip_eps: float = option(0.2, "PPO clipping range of the token ratio")
+    loss_norm: str = option("seq", "seq (DeepSeekMath), token (DAPO) or constant (Dr. GRPO)", expo.LOSS_NORMS)
+    adv_scale: str = option("std", "std: (r - mean) / std; none: r - mean (Dr. GRPO)", ("std", "none"))
     beta_schedule: str = option("constant", "constant beta, or linear decay to 0 over --steps", ("constant", "linear"))
+    ppo_epochs: int = option(1, "optimizer steps on each batch of rollouts (1 = on-policy, no old-policy pass)")
+    max_grad_norm: float = option(1.0, "gradient norm clipping")
+    dpo_beta: float = option(0.1, "DPO temperature")
+    lora_rank: int = option(0, "train rank-R LoRA adapters on every linear layer instead of all weights (0: off)")
+    lora_alpha: float = option(32.0, "LoRA scale: the update is lora_alpha / lora_rank * B A")
+    # self-explanation filters and ablations
     explain_on: str = option("all", "self-explain every question (all, the paper) or only all-wrong groups",
                              ("all", "failed"))
     drop_leaks: bool = option(True, "drop self-explanations that mention being given the answer")
@@ -85,34 +105,25 @@ class Config:
                                   "cut-off explanation with the answer pasted after it)")
     drop_wrong: bool = option(False, "drop self-explanations whose own final answer is not the gold one (else the gold "
                               "answer replaces it in their last box: the paper's target)")
-    kl_coef: float = option(0.0, "weight of the k3 KL penalty to the frozen initial policy (0 = no reference model)")
-    clip_eps: float = option(0.2, "PPO clipping range of the token ratio")
-    loss_norm: str = option("seq", "seq (DeepSeekMath), token (DAPO) or constant (Dr. GRPO)", expo.LOSS_NORMS)
-    adv_scale: str = option("std", "std: (r - mean) / std; none: r - mean (Dr. GRPO)", ("std", "none"))
-    dpo_beta: float = option(0.1, "DPO temperature")
     dpo_refresh: int = option(0, "expo_dpo: 0 = offline (explanations of the initial model), N = renew every N steps")
-    learning_rate: float = option(1e-5, "AdamW learning rate (with --lora_rank, use ~10x the full fine-tuning rate)")
-    lora_rank: int = option(0, "train rank-R LoRA adapters on every linear layer instead of all weights (0: off)")
-    lora_alpha: float = option(32.0, "LoRA scale: the update is lora_alpha / lora_rank * B A")
-    max_grad_norm: float = option(1.0, "gradient norm clipping")
+    # sampling and evaluation
     max_new_tokens: int = option(128, "generation budget of rollouts and self-explanations")
     temperature: float = option(0.7, "sampling temperature (log-probs are scored at the same temperature)")
-    steps: int = option(7, "training steps")
-    ppo_epochs: int = option(1, "optimizer steps on each batch of rollouts (1 = on-policy, no old-policy pass)")
-    grad_accum: int = option(4, "micro-batches per optimizer step (same gradient, less memory)")
-    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
     eval_every: int = option(0, "evaluate every N steps (0 = only before and after training)")
-    eval_before: bool = option(True, "evaluate before training (compare.py does it once for all methods)")
+    eval_before: bool = option(True, "evaluate before training (compare.py does it once for all runs)")
     eval_k: int = option(4, "samples per eval question: reports pass@1 and pass@k")
     eval_temperature: float = option(0.7, "sampling temperature of evaluation (the paper: 0.7)")
     eval_limit: int | None = option(24, "evaluate a fixed random subset of this many test questions ('all')")
     eval_max_new_tokens: int | None = option(None, "generation budget of evaluation (default: --max_new_tokens)")
+    eval_seed: int = option(0, "seed of the evaluation subset and its sampling: fixed, so every training seed and "
+                            "method is evaluated on the same questions with the same draws")
+    # the run
+    seed: int = option(0, "seed of the training run: question order and sampling (never the evaluation)")
+    grad_accum: int = option(4, "micro-batches per optimizer step (same gradient, less memory)")
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
     save_every: int = option(0, "write a checkpoint every N steps (0: only by time, at the end, and when stopped)")
     save_every_minutes: float = option(30.0, "write a checkpoint after a step when this many minutes passed since the "
                                        "last one (0: off): bounds what a hard kill loses")
-    seed: int = option(0, "seed of the training run: question order and sampling (never the evaluation)")
-    eval_seed: int = option(0, "seed of the evaluation subset and its sampling: fixed, so every training seed and "
-                            "method is evaluated on the same questions with the same draws")
     output_dir: str | None = option(None, "where metrics.jsonl, samples.md, checkpoint/ and curve.png go "
                                     "(default: runs/METHOD-DATASET)")
     resume: bool = option(False, "continue the run in output_dir from its newest checkpoint, as if uninterrupted")
@@ -128,15 +139,17 @@ def _optional_int(text: str) -> int | None:
 def parse_args(argv=None) -> Config:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in fields(Config):
+    group = parser
+    for f in fields(Config):  # in sections, as Config lists them
         flag, help_, choices = f"--{f.name}", f.metadata["help"], f.metadata["choices"]
+        group = parser.add_argument_group(SECTIONS[f.name]) if f.name in SECTIONS else group
         if f.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
         elif f.name == "levels":
-            parser.add_argument(flag, nargs="+", default=None, help=help_)
+            group.add_argument(flag, nargs="+", default=None, help=help_)
         else:
             kind = {"int": int, "float": float, "str": str, "int | None": _optional_int, "str | None": str}[f.type]
-            parser.add_argument(flag, type=kind, default=f.default, choices=choices, help=help_)
+            group.add_argument(flag, type=kind, default=f.default, choices=choices, help=help_)
     cfg = Config(**vars(parser.parse_args(argv)))
     try:
         cfg.levels = data.parse_levels(cfg.dataset, cfg.levels)
@@ -152,6 +165,7 @@ def parse_args(argv=None) -> Config:
         (cfg.temperature <= 0 or cfg.eval_temperature <= 0, "temperatures must be > 0"),
         (cfg.learning_rate <= 0, "--learning_rate must be > 0"),
         (cfg.max_new_tokens < 1, "--max_new_tokens must be >= 1"),
+        (cfg.save_every_minutes < 0, "--save_every_minutes must be >= 0"),
         (cfg.resume and cfg.overwrite, "--resume continues a run and --overwrite replaces it: choose one"),
     ] if bad]
     if problems:
@@ -159,7 +173,7 @@ def parse_args(argv=None) -> Config:
     return cfg
 
 
-# ------------------------------------------------------------------------------------------------------- helpers
+# ---------------------------------------------------------------------------------------------------------- helpers
 
 
 def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
@@ -193,106 +207,28 @@ def logprobs(model, batch: rollout.Rollouts, rows, temperature: float, **kw):
                                   temperature, **kw)
 
 
-# ------------------------------------------------------------------------------------------------- the trainer
+def trainer_for(cfg: Config) -> "Trainer":
+    """The trainer of `cfg.method`: Trainer for the GRPO family, DPOTrainer for the DPO family."""
+    return {"expo_dpo": DPOTrainer, "dpo_gt": DPOTrainer}.get(cfg.method, Trainer)(cfg)
 
 
-class Trainer:
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
-        use_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
-        self.ranks = distributed.init(use_cuda)  # a single process unless launched by torchrun
-        local = f"cuda:{self.ranks.local_rank}" if use_cuda else "cpu"  # under torchrun: this rank's GPU
-        self.device = torch.device(local if cfg.device in ("auto", "cuda") else cfg.device)
-        use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and self.device.type == "cuda")
-        self.amp = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=False)) \
-            if use_bf16 else contextlib.nullcontext
-        self.out = Path(cfg.output_dir)
-        if self.ranks.main:
-            checkpoint.lock(self.out)  # one process at a time in a run folder
-            checkpoint.claim(self.out, cfg.resume, cfg.overwrite)  # never mix a fresh run into an old one
-            if cfg.resume:  # the same run, or an error naming the flags that differ
-                changes = checkpoint.check_config(self.out, asdict(cfg))
-                if changes:
-                    print(f"resuming {self.out} with changed flags: {'; '.join(changes)}", flush=True)
-        distributed.barrier(self.ranks)
-        torch.manual_seed(cfg.seed)
-        self.train_set = data.load(cfg.dataset, "train", levels=cfg.levels)
-        self.eval_set = data.load(cfg.dataset, "test", levels=cfg.levels, limit=cfg.eval_limit, seed=cfg.eval_seed)
-        if cfg.method in ("grpo_sft_gt", "dpo_gt") and not all(e.solution for e in self.train_set):
-            raise data.DataError(f"--method {cfg.method} needs expert solutions, and {cfg.dataset} has rows without "
-                                 "a 'solution'")
-        start, state = (checkpoint.latest(self.out) if cfg.resume else None) or (None, None)
-        if cfg.resume and start is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {self.out}")
-        self.model, self.tokenizer = self.load_model(start)
-        if cfg.gradient_checkpointing:
-            (getattr(self.model, "activation_checkpointing_enable", None)
-             or self.model.gradient_checkpointing_enable)()
-        self.model.train()
-        self.stop_id = rollout.stop_ids(self.model, self.tokenizer)[0]
-        # The frozen reference is the *initial* policy, also after --resume: KL and DPO are measured against it.
-        needs_ref = cfg.kl_coef > 0 or cfg.method in ("expo_dpo", "dpo_gt")
-        self.ref = None  # with LoRA the reference is the same model with its adapters off: no copy
-        if needs_ref and not cfg.lora_rank:
-            self.ref = (rollout.load_policy(cfg.model, self.device)[0] if start else copy.deepcopy(self.model)).eval()
-            self.ref.requires_grad_(False)
-        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
-                                           lr=cfg.learning_rate, betas=(0.9, 0.99), weight_decay=0.0)
-        self.step, self.skipped = 0, 0
-        self.stop = StopSignals(abandon=self.ranks.world == 1)  # installed while `train` runs
-        self.dpo_chosen: dict[str, tuple[int, str]] = {}  # question id -> (step made, target) for ExP-DPO
-        if start:
-            self.step = state["step"]
-            checkpoint.load_optimizer(start, self.optimizer, state)
-            self.dpo_chosen = {k: tuple(v) for k, v in state.get("dpo_chosen", {}).items()}
-            if self.ranks.main:  # the steps after the checkpoint are replayed, not repeated
-                checkpoint.truncate_logs(self.out, self.step)
+# ------------------------------------------------------------------------------------------------------ the trainer
 
-    def load_model(self, start: Path | None):
-        """The policy: a checkpoint's weights, or the base model with LoRA adapters (restored from the checkpoint)."""
-        cfg = self.cfg
-        if not cfg.lora_rank:
-            return rollout.load_policy(str(start) if start else cfg.model, self.device)
-        model, tokenizer = rollout.load_policy(cfg.model, self.device)  # the frozen base, also on --resume
-        lora.apply(model, cfg.lora_rank, cfg.lora_alpha)
-        if start:
-            lora.load_adapter_state(model, load_file(start / "adapter.safetensors"))
-        return model, tokenizer
 
-    @contextlib.contextmanager
-    def reference(self):
-        """The frozen initial policy (KL, DPO, offline ExP-DPO): its own copy, or the LoRA model with adapters off."""
-        if self.cfg.lora_rank:
-            with lora.disabled(self.model):
-                yield self.model
-        else:
-            yield self.ref
+class Trainer(Run):
+    """The GRPO family (expo, grpo, grpo_sft_gt): `grpo_step` is one step of the paper's algorithm box; `train` the
+    loop. Its folder, model, logs, evaluation and checkpoints are `Run`'s (run.py); DPOTrainer overrides `update`."""
 
-    # ------------------------------------------------------------------------------------------------- sampling
+    # ---------------------------------------------------------------------------------------------------- sampling
+
+    def seed(self, salt: int = 0) -> int:
+        return step_seed(self.cfg.seed, self.step, salt, self.ranks.rank)
 
     def sample(self, user_texts: list[str], group_size: int | list[int], seed: int, model=None) -> rollout.Rollouts:
         prompts = rollout.encode_prompts(self.tokenizer, user_texts)
         with self.amp():
             return rollout.sample(model or self.model, self.tokenizer, prompts, group_size, self.cfg.max_new_tokens,
                                   self.cfg.temperature, seed=seed)
-
-    def self_explanations(self, questions: list[data.Example], seed: int, model=None, out=None):
-        """Targets from self-explanations (None where dropped), the explanations, and their stats. `out`: the
-        explanations when already sampled (one row per question), else they are sampled here."""
-        if out is None:
-            out = self.sample([expo.explain_prompt(e.question, e.answer) for e in questions], 1, seed, model)
-        targets, dropped = expo.explanation_targets(out.texts, [e.answer for e in questions], self.cfg.drop_leaks)
-        correct = [reward.score(t, e.answer) for t, e in zip(out.texts, questions)]  # before the answer is swapped in
-        cut = [i for i, t in enumerate(targets) if t is not None and out.truncated[i] and self.cfg.drop_truncated]
-        wrong = [i for i, t in enumerate(targets) if t is not None and i not in cut and self.cfg.drop_wrong
-                 and not correct[i]]
-        for i in cut + wrong:
-            targets[i] = None
-        stats = {"explain_len": float(out.completion_mask.sum(1).float().mean()), "explain_dropped": dropped,
-                 "explain_dropped_truncated": len(cut), "explain_dropped_wrong": len(wrong),
-                 "explain_truncated": float(out.truncated.float().mean()),
-                 "explain_correct": sum(correct) / len(correct)}
-        return targets, out.texts, stats
 
     def rollouts(self, batch: list[data.Example], explain: bool = False):
         """G answer-free rollouts per question, their 0/1 rewards [B*G], the stats every method logs, and with
@@ -309,8 +245,8 @@ class Trainer:
         if explain:
             roll, explanations = out.select(range(B * G)), out.select(range(B * G, len(out.texts)))
         rewards = torch.tensor([reward.score(text, batch[i].answer)
-                                for text, i in zip(roll.texts, roll.prompt_index.tolist())])
-        groups = rewards.view(-1, G)
+                                for text, i in zip(roll.texts, roll.prompt_index.tolist())])  # [B*G]
+        groups = rewards.view(-1, G)  # [B, G]
         stats = {"reward": float(rewards.mean()), "all_wrong": float((groups.sum(1) == 0).float().mean()),
                  "all_right": float((groups.sum(1) == G).float().mean()),
                  "completion_len": float(roll.completion_mask.sum(1).float().mean()),
@@ -318,175 +254,150 @@ class Trainer:
                  "gen_tok_s": float(out.completion_mask.sum()) / max(t_sample, 1e-9), "t_sample": t_sample}
         return roll, rewards, stats, explanations
 
-    def seed(self, salt: int = 0) -> int:
-        return step_seed(self.cfg.seed, self.step, salt, self.ranks.rank)
+    def self_explanations(self, questions: list[data.Example], sampled: rollout.Rollouts) -> tuple[list, dict]:
+        """Training targets from sampled self-explanations (one row per question): each with its final answer set to
+        \\boxed{gold} (expo.explanation_target), or None where a filter drops it, and the stats that count why."""
+        cfg, targets, reasons = self.cfg, [], []
+        correct = [reward.score(t, e.answer) for t, e in zip(sampled.texts, questions)]  # before the answer is swapped
+        for text, e, cut, right in zip(sampled.texts, questions, sampled.truncated.tolist(), correct):
+            reason = ("leak" if cfg.drop_leaks and expo.mentions_hint(text) else
+                      "truncated" if cfg.drop_truncated and cut else
+                      "wrong" if cfg.drop_wrong and not right else None)
+            reasons.append(reason)
+            targets.append(None if reason else expo.explanation_target(text, e.answer))
+        stats = {"explain_len": float(sampled.completion_mask.sum(1).float().mean()),
+                 "explain_dropped": reasons.count("leak"), "explain_dropped_truncated": reasons.count("truncated"),
+                 "explain_dropped_wrong": reasons.count("wrong"),
+                 "explain_truncated": float(sampled.truncated.float().mean()),
+                 "explain_correct": sum(correct) / len(correct)}
+        return targets, stats
 
     # ------------------------------------------------------------------------------------------------ GRPO family
 
+    def update(self, batch: list[data.Example]) -> dict:
+        """The method's step on this rank's questions (DPOTrainer overrides it)."""
+        return self.grpo_step(batch)
+
     def grpo_step(self, batch: list[data.Example]) -> dict:
         """One step of ExP-GRPO (GRPO, GRPO + expert SFT) on this rank's questions, as in the paper's algorithm box."""
-        cfg = self.cfg
-        # 1. G answer-free rollouts per question, 0/1 rewards; when ExP-GRPO explains every question (the paper's
-        #    setting) its self-explanations are drawn in the same sampling pass
-        explain_all = cfg.method == "expo" and cfg.explain_on == "all"
-        roll, rewards, stats, expl = self.rollouts(batch, explain_all)
-        adv = expo.group_advantages(rewards, cfg.num_generations, cfg.adv_scale).to(self.device)  # 2. advantages
-        tgt, first_target = self.sft_targets(batch, rewards, stats, expl)  # 3. self-explanations, scored answer-free
-        rows, frozen = self.frozen_logprobs(roll, adv)  # 4. old / reference log-probs, when needed
+        cfg, G = self.cfg, self.cfg.num_generations
+        # 1. G answer-free rollouts per question, and (the paper's setting) each question's self-explanation
+        explain_now = cfg.method == "expo" and cfg.explain_on == "all"
+        roll, rewards, stats, explanations = self.rollouts(batch, explain=explain_now)
+        # 2. group-normalised advantages: zero for every row of an all-equal group
+        adv = expo.group_advantages(rewards, G, cfg.adv_scale).to(self.device)  # [B*G]
+        # 3. the likelihood term's targets, as completions of the answer-free prompt
+        targets, target_stats, first_target = self.sft_targets(batch, rewards, explanations)
+        # 4. the rows the policy gradient scores, and their frozen old / reference log-probs
+        rows = self.scored_rows(adv)
+        old, ref = self.frozen_logprobs(roll, rows)
+        # 5. grpo_loss + beta * sft_loss, accumulated over micro-batches; one optimizer step per PPO epoch
         beta = expo.beta_at(self.step, cfg.steps, cfg.beta, cfg.beta_schedule)
-        t2 = time.perf_counter()
-        for _ in range(cfg.ppo_epochs):  # 5. grpo_loss + beta * sft_loss, accumulated, one optimizer step
+        t_update = time.perf_counter()
+        for _ in range(cfg.ppo_epochs):
             self.optimizer.zero_grad(set_to_none=True)
-            stats.update(self.policy_gradient_pass(roll, adv, rows, frozen))
-            stats["loss_sft"] = self.sft_pass(tgt, beta)
-            stats["grad_norm"] = self.optimizer_step()
-        stats.update({"beta": beta, "targets": 0 if tgt is None else len(tgt.texts),
-                      "pg_rows": sum(len(r) for r in rows), "t_update": time.perf_counter() - t2})
-        G = cfg.num_generations
+            pg_stats = self.policy_gradient_pass(roll, adv, rows, old, ref)
+            loss_sft = self.sft_pass(targets, beta)
+            grad_norm = self.optimizer_step()
         self.write_samples(batch[0], roll.texts[:G], rewards[:G].tolist(), first_target)
-        return stats
+        return {**stats, **target_stats, **pg_stats, "loss_sft": loss_sft, "grad_norm": grad_norm, "beta": beta,
+                "targets": 0 if targets is None else len(targets.texts), "pg_rows": sum(len(r) for r in rows),
+                "t_update": time.perf_counter() - t_update}
 
-    def sft_targets(self, batch: list[data.Example], rewards: torch.Tensor, stats: dict, sampled=None):
-        """The targets of the likelihood term, as completions of the answer-free prompt (None when there are none):
-        self-explanations for expo (of every question, already `sampled` with the rollouts, or of all-wrong groups
-        only, sampled here), expert solutions for grpo_sft_gt. Also the first question's target, for samples.md."""
-        cfg, t1 = self.cfg, time.perf_counter()
-        targets, first_target = [], None
+    def sft_targets(self, batch: list[data.Example], rewards: torch.Tensor, explanations: rollout.Rollouts | None):
+        """Step 3: (the likelihood term's targets as completions of the answer-free prompt, or None; their stats; the
+        first question's target, for samples.md). expo: self-explanations -- of every question, `explanations`
+        drawn with the rollouts, or (--explain_on failed) of the all-wrong groups, drawn here; grpo_sft_gt: the
+        expert solutions; grpo: none."""
+        cfg, t0 = self.cfg, time.perf_counter()
+        pairs, stats, first = [], {}, None  # (question, target text)
         if cfg.method == "expo":
-            groups = rewards.view(-1, cfg.num_generations)
-            chosen = [i for i, g in enumerate(groups) if cfg.explain_on == "all" or g.sum() == 0]
+            chosen = list(range(len(batch)))
+            if cfg.explain_on == "failed":  # only the all-wrong groups
+                chosen = [i for i, g in enumerate(rewards.view(-1, cfg.num_generations)) if g.sum() == 0]
+            if chosen and explanations is None:  # not drawn with the rollouts: draw them now that rewards are known
+                explanations = self.sample([expo.explain_prompt(batch[i].question, batch[i].answer) for i in chosen],
+                                           1, self.seed(1))
             if chosen:
-                texts, explanations, ex_stats = self.self_explanations([batch[i] for i in chosen], self.seed(1),
-                                                                       out=sampled)
-                stats.update(ex_stats)
-                targets = [(batch[i].question, t) for i, t in zip(chosen, texts) if t is not None]
+                texts, stats = self.self_explanations([batch[i] for i in chosen], explanations)
+                pairs = [(batch[i].question, t) for i, t in zip(chosen, texts) if t is not None]
                 if chosen[0] == 0:
-                    first_target = texts[0] or f"(dropped: see --drop_leaks/_truncated/_wrong) {explanations[0]}"
+                    first = texts[0] or f"(dropped: see --drop_leaks/_truncated/_wrong) {explanations.texts[0]}"
         elif cfg.method == "grpo_sft_gt":
-            targets = [(e.question, e.solution) for e in batch]
-            first_target = batch[0].solution
-        stats["t_explain"] = time.perf_counter() - t1
-        tgt = target_batch(self.tokenizer, *zip(*targets), self.stop_id).to(self.device) if targets else None
-        return tgt, first_target
+            pairs, first = [(e.question, e.solution) for e in batch], batch[0].solution
+        stats["t_explain"] = time.perf_counter() - t0
+        targets = target_batch(self.tokenizer, *zip(*pairs), self.stop_id).to(self.device) if pairs else None
+        return targets, stats, first
 
-    def frozen_logprobs(self, roll: rollout.Rollouts, adv: torch.Tensor):
-        """The micro-batches of rows the policy-gradient pass scores, and the old / reference log-probs it needs.
+    def scored_rows(self, adv: torch.Tensor) -> list[list[int]]:
+        """The micro-batches of rollout rows the policy gradient scores. A zero advantage (every row of an all-equal
+        group) makes a row's clipped surrogate exactly 0, so without a KL term such rows are skipped; the normalisers
+        still count the whole batch, so the gradient is the same. On hard questions this is most of the update."""
+        active = [i for i in range(len(adv)) if adv[i] != 0] if self.cfg.kl_coef == 0 else list(range(len(adv)))
+        return [[active[j] for j in mb] for mb in micro_batches(len(active), self.cfg.grad_accum)] if active else []
 
-        A zero advantage (every row of an all-equal group) makes a row's clipped surrogate exactly 0, so without a
-        KL term such rows are skipped; the normalisers still count the whole batch, so the gradient is the same.
-        On hard questions most groups are all-wrong: this is most of the update's cost saved.
-        """
-        cfg = self.cfg
-        n_rows = len(roll.texts)
-        active = [i for i in range(n_rows) if adv[i] != 0] if cfg.kl_coef == 0 else list(range(n_rows))
-        rows = [[active[j] for j in mb] for mb in micro_batches(len(active), cfg.grad_accum)] if active else []
-        old = ref = None
-        with torch.no_grad(), self.amp():
-            if cfg.ppo_epochs > 1:  # with one pass the old policy *is* the current one: use logp.detach()
-                old = torch.zeros(roll.completion_ids.shape, device=self.device)
+    @torch.no_grad()
+    def frozen_logprobs(self, roll: rollout.Rollouts, rows: list[list[int]]):
+        """(old, ref) [N, T] log-probs of the scored rows, each None when not needed: old only for --ppo_epochs > 1
+        (with one pass the old policy *is* the current one: logp.detach()), ref only for --kl_coef > 0."""
+        cfg, old, ref = self.cfg, None, None
+        with self.amp():
+            if cfg.ppo_epochs > 1:
+                old = torch.zeros(roll.completion_ids.shape, device=self.device)  # [N, T]
                 for r in rows:
                     old[r] = logprobs(self.model, roll, r, cfg.temperature)
             if cfg.kl_coef > 0:
-                ref = torch.zeros(roll.completion_ids.shape, device=self.device)
+                ref = torch.zeros(roll.completion_ids.shape, device=self.device)  # [N, T]
                 with self.reference() as reference:
                     for r in rows:
                         ref[r] = logprobs(reference, roll, r, cfg.temperature)
-        return rows, (old, ref)
+        return old, ref
 
-    def policy_gradient_pass(self, roll: rollout.Rollouts, adv: torch.Tensor, rows: list[list[int]], frozen) -> dict:
-        """Backward of this rank's share of grpo_loss over all rollouts, micro-batch by micro-batch. The normalisers
-        (rows, tokens) count every rollout of the step on every rank, so the shares add up to the full-batch loss."""
-        cfg, (old, ref) = self.cfg, frozen
-        active = [i for r in rows for i in r]
-        n_rows, n_tokens, active_tokens = distributed.all_sum(
-            [len(roll.texts), float(roll.completion_mask.sum()), float(roll.completion_mask[active].sum())], self.ranks)
-        totals = {"loss_pg": 0.0, "clip_frac": 0.0, "kl": 0.0, "entropy": 0.0}
+    def global_counts(self, **counts: float) -> SimpleNamespace:
+        """Counts summed over ranks (rows, tokens, pairs): the normalisers of a loss over the whole step's batch."""
+        return SimpleNamespace(**dict(zip(counts, distributed.all_sum(list(counts.values()), self.ranks))))
+
+    def policy_gradient_pass(self, roll: rollout.Rollouts, adv: torch.Tensor, rows: list[list[int]], old, ref) -> dict:
+        """Backward of this rank's share of grpo_loss over all rollouts, micro-batch by micro-batch; its stats."""
+        cfg, mask = self.cfg, roll.completion_mask  # [N, T]
+        scored = [i for r in rows for i in r]
+        total = self.global_counts(rows=len(roll.texts), tokens=float(mask.sum()), scored_tokens=float(mask[scored].sum()))
+        stats = {"loss_pg": 0.0, "clip_frac": 0.0, "kl": 0.0, "entropy": 0.0}
         for r in rows:
             with self.amp():
-                logp, entropy = logprobs(self.model, roll, r, cfg.temperature, with_entropy=True)
-            mask = roll.completion_mask[r]
-            loss, st = expo.grpo_loss(logp, logp.detach() if old is None else old[r], None if ref is None else ref[r],
-                                      adv[r], mask, cfg.clip_eps, cfg.kl_coef, cfg.loss_norm,
+                logp, entropy = logprobs(self.model, roll, r, cfg.temperature, with_entropy=True)  # [n, T] each
+            loss, st = expo.grpo_loss(logp, old_logp=logp.detach() if old is None else old[r],
+                                      ref_logp=None if ref is None else ref[r], advantages=adv[r], mask=mask[r],
+                                      clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef, norm=cfg.loss_norm,
                                       max_tokens=cfg.max_new_tokens)
-            weight = expo.accumulation_weight(cfg.loss_norm, mask, int(n_rows), int(n_tokens))
+            weight = expo.accumulation_weight(cfg.loss_norm, mask[r], int(total.rows), int(total.tokens))
             (loss * weight).backward()
-            share = float(mask.sum()) / max(1, n_tokens)
-            totals["loss_pg"] += loss.item() * weight
-            for key in ("clip_frac", "kl"):
-                totals[key] += st[key] * share
-            totals["entropy"] += float((entropy * mask).sum()) / max(1, active_tokens)
-        if not active_tokens:
-            del totals["entropy"]  # measured on the rollouts that were scored; none were this step
-        return totals
-
-    def sft_pass(self, tgt: rollout.Rollouts | None, beta: float) -> float:
-        """Backward of beta * sft_loss over the targets, token-mean over all ranks' targets; returns sft_loss's share."""
-        local = 0.0 if tgt is None else float(tgt.completion_mask.sum())
-        (t_tokens,) = distributed.all_sum([local], self.ranks)
-        total = 0.0
-        if tgt is None or beta == 0:
-            return total
-        for r in micro_batches(tgt.completion_ids.shape[0], self.cfg.grad_accum):
-            with self.amp():
-                logp = logprobs(self.model, tgt, r, 1.0)  # the policy's own likelihood (temperature 1)
-            mask = tgt.completion_mask[r]
-            loss = expo.sft_loss(logp, mask) * (float(mask.sum()) / t_tokens)
-            (beta * loss).backward()
-            total += loss.item()
-        return total
-
-    # ------------------------------------------------------------------------------------------------- DPO family
-
-    def dpo_step(self, batch: list[data.Example]) -> dict:
-        cfg, G = self.cfg, self.cfg.num_generations
-        roll, rewards, stats, _ = self.rollouts(batch)
-        scores = rewards.tolist()
-        chosen = self.chosen_responses(batch, stats)
-        pairs = []  # (question, chosen text, rejected text): the first wrong rollout of the question
-        for i, e in enumerate(batch):
-            wrong = [roll.texts[i * G + j] for j in range(G) if scores[i * G + j] == 0]
-            if chosen[i] is not None and wrong:
-                pairs.append((e.question, chosen[i], wrong[0]))
-        (n,) = distributed.all_sum([len(pairs)], self.ranks)  # the loss is a mean over every rank's pairs
-        stats["pairs"] = len(pairs)
-        t2 = time.perf_counter()
-        self.optimizer.zero_grad(set_to_none=True)
-        stats["loss_dpo"] = 0.0
-        if pairs:
-            questions, good, bad = zip(*pairs)
-            both = target_batch(self.tokenizer, questions + questions, good + bad, self.stop_id).to(self.device)
-            for r in micro_batches(len(pairs), cfg.grad_accum):
-                rows = r + [i + len(pairs) for i in r]  # chosen rows, then their rejected partners
-                with torch.no_grad(), self.amp(), self.reference() as reference:
-                    ref_seq = expo.sequence_logp(logprobs(reference, both, rows, 1.0), both.completion_mask[rows])
-                with self.amp():
-                    seq = expo.sequence_logp(logprobs(self.model, both, rows, 1.0), both.completion_mask[rows])
-                k = len(r)
-                loss = expo.dpo_loss(seq[:k], seq[k:], ref_seq[:k], ref_seq[k:], cfg.dpo_beta) * (k / n)
-                loss.backward()
-                stats["loss_dpo"] += loss.item()
-            self.write_samples(batch[0], roll.texts[:G], scores[:G], chosen[0])
-        stats["grad_norm"] = self.optimizer_step()
-        stats["t_update"] = time.perf_counter() - t2
+            stats["loss_pg"] += loss.item() * weight
+            token_share = expo.accumulation_weight("token", mask[r], int(total.rows), total.tokens)
+            stats["clip_frac"] += st["clip_frac"] * token_share
+            stats["kl"] += st["kl"] * token_share
+            stats["entropy"] += float((entropy * mask[r]).sum()) / max(1, total.scored_tokens)
+        if not total.scored_tokens:
+            del stats["entropy"]  # measured on the rollouts that were scored; none were this step
         return stats
 
-    def chosen_responses(self, batch: list[data.Example], stats: dict) -> list[str | None]:
-        """dpo_gt: expert solutions. expo_dpo: self-explanations, cached per question -- made once by the initial
-        (reference) policy when offline, or by the current policy and renewed every --dpo_refresh steps."""
-        if self.cfg.method == "dpo_gt":
-            return [e.solution for e in batch]
-        refresh = self.cfg.dpo_refresh
-        stale = [e for e in batch if e.id not in self.dpo_chosen
-                 or (refresh and self.step - self.dpo_chosen[e.id][0] >= refresh)]
-        if stale:
-            with contextlib.nullcontext(self.model) if refresh else self.reference() as model:
-                targets, _, ex_stats = self.self_explanations(stale, self.seed(1), model=model)
-            stats.update(ex_stats)
-            for e, t in zip(stale, targets):
-                self.dpo_chosen[e.id] = (self.step, t)
-        return [self.dpo_chosen[e.id][1] for e in batch]
+    def sft_pass(self, targets: rollout.Rollouts | None, beta: float) -> float:
+        """Backward of beta * sft_loss over the targets (a token mean over every rank's targets); sft_loss's value."""
+        mask = None if targets is None else targets.completion_mask  # [n, T]
+        total = self.global_counts(rows=0 if mask is None else mask.shape[0],
+                                   tokens=0.0 if mask is None else float(mask.sum()))
+        value = 0.0
+        if targets is None or beta == 0:
+            return value
+        for r in micro_batches(mask.shape[0], self.cfg.grad_accum):
+            with self.amp():
+                logp = logprobs(self.model, targets, r, 1.0)  # [n, T] the policy's own likelihood (temperature 1)
+            loss = expo.sft_loss(logp, mask[r]) * expo.accumulation_weight("token", mask[r], total.rows, total.tokens)
+            (beta * loss).backward()
+            value += loss.item()
+        return value
 
-    # ------------------------------------------------------------------------------------------------- plumbing
+    # -------------------------------------------------------------------------------------------------- plumbing
 
     def optimizer_step(self) -> float:
         """Sum the ranks' gradients, clip, and apply, unless the norm is not finite (then nothing changes). The norm
@@ -502,53 +413,6 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
-    def write_samples(self, example: data.Example, texts, rewards, explanation) -> None:
-        if not self.ranks.main:
-            return
-        with open(self.out / "samples.md", "a") as f:
-            f.write(f"\n## step {self.step}\n\n**Question** ({example.id}, gold `{example.answer}`): "
-                    f"{example.question}\n\n")
-            for text, r in zip(texts[:3], rewards):
-                f.write(f"- reward {r:.0f}: {text.strip()[:600]!r}\n")
-            if explanation:
-                f.write(f"\n**Training target (self-explanation or expert solution):** {explanation.strip()[:800]!r}\n")
-
-    def log(self, record: dict) -> None:
-        if not self.ranks.main:
-            return
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def evaluate(self, label: str) -> dict | None:
-        """pass@k on the eval set, logged; rank 0 evaluates while the other ranks wait."""
-        cfg, result = self.cfg, None
-        if self.ranks.main:
-            t0 = time.perf_counter()
-            with self.amp():
-                result = evaluate.evaluate(self.model, self.tokenizer, self.eval_set, cfg.eval_k, cfg.eval_temperature,
-                                           cfg.eval_max_new_tokens or cfg.max_new_tokens, seed=cfg.eval_seed + 10**6)
-            self.model.train()
-            self.log({"eval": label, "step": self.step, "t_eval": time.perf_counter() - t0,
-                      **{k: v for k, v in result.items() if k != "samples"}})
-        distributed.barrier(self.ranks)
-        return result
-
-    def save(self, everyone: bool = True) -> Path:
-        """The checkpoint of the completed steps, written by rank 0 with every rank's ExP-DPO targets; `everyone`
-        False (Ctrl-C, when the ranks may be anywhere) writes rank 0's without any collective."""
-        chosen = self.dpo_chosen
-        if everyone:
-            chosen = {k: v for part in distributed.gather(self.dpo_chosen, self.ranks) for k, v in part.items()}
-        path = self.out / "checkpoint"
-        if self.ranks.main:
-            adapters = {"adapter.safetensors": lora.adapter_state(self.model)} if self.cfg.lora_rank else {}
-            path = checkpoint.save(self.out, self.model, self.tokenizer, self.optimizer,
-                                   {"step": self.step, "config": asdict(self.cfg), "dpo_chosen": chosen},
-                                   weights=lora.merged_state_dict(self.model) if adapters else None, extra=adapters)
-        if everyone:
-            distributed.barrier(self.ranks)
-        return path
-
     def train(self) -> tuple[dict | None, dict | None]:
         cfg, main = self.cfg, self.ranks.main
         levels = "all levels" if cfg.levels is None else "level " + ",".join(map(str, cfg.levels))
@@ -556,26 +420,11 @@ class Trainer:
             print(f"{cfg.method} on {cfg.dataset}, {levels}: {len(self.train_set)} train / {len(self.eval_set)} eval "
                   f"questions, device {self.device}, {self.ranks.world} process(es), output {self.out}", flush=True)
         before = self.evaluate("before") if self.step == 0 and cfg.eval_before else None
-        bar = tqdm(range(self.step, cfg.steps), desc=cfg.method, initial=self.step, total=cfg.steps, disable=not main)
         try:
-            with self.stop as stop:
-                last_save = time.monotonic()
-                for _ in bar:
-                    stats = self.train_step()
-                    bar.set_postfix(reward=f"{stats['reward']:.2f}", tok_s=f"{stats.get('gen_tok_s', 0):.0f}")
-                    if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
-                        self.evaluate(f"step {self.step}")
-                    minutes = (time.monotonic() - last_save) / 60
-                    due = (cfg.save_every and self.step % cfg.save_every == 0) or \
-                        (cfg.save_every_minutes and minutes >= cfg.save_every_minutes)
-                    stopping, due = distributed.all_sum([float(stop.signal is not None), float(due)], self.ranks)
-                    if stopping:  # every rank has finished the same step: stop together, no collective left waiting
-                        raise Stopped(stop.signal or signal.SIGTERM)
-                    if due:
-                        self.save()
-                        last_save = time.monotonic()
-        except (Stopped, KeyboardInterrupt) as e:  # KeyboardInterrupt: a Ctrl-C raised before our handler was in
-            signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
+            with self.stop:
+                self.loop()
+        except (checkpoint.Stopped, KeyboardInterrupt) as e:  # KeyboardInterrupt: a Ctrl-C before our handler was in
+            signum = e.signum if isinstance(e, checkpoint.Stopped) else signal.SIGINT
             path = self.save()
             if main:
                 print(f"\nstopped by {signal.Signals(signum).name}: checkpoint of step {self.step} in {path}; "
@@ -590,13 +439,33 @@ class Trainer:
             print(f"\nlogs: {self.out / 'metrics.jsonl'}\nsamples: {self.out / 'samples.md'}\ncheckpoint: {path}")
         return before, after
 
+    def loop(self) -> None:
+        """The training steps, with evaluations and checkpoints between them; a stop signal ends it at a step
+        boundary that every rank has reached (one tiny collective per step decides it for all)."""
+        cfg, last_save = self.cfg, time.monotonic()
+        bar = tqdm(range(self.step, cfg.steps), desc=cfg.method, initial=self.step, total=cfg.steps,
+                   disable=not self.ranks.main)
+        for _ in bar:
+            stats = self.train_step()
+            bar.set_postfix(reward=f"{stats['reward']:.2f}", tok_s=f"{stats.get('gen_tok_s', 0):.0f}")
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                self.evaluate(f"step {self.step}")
+            due = (cfg.save_every and self.step % cfg.save_every == 0) or \
+                (cfg.save_every_minutes and time.monotonic() - last_save >= 60 * cfg.save_every_minutes)
+            stopping, due = distributed.all_sum([float(self.stop.signal is not None), float(due)], self.ranks)
+            if stopping:
+                raise checkpoint.Stopped(self.stop.signal or signal.SIGTERM)
+            if due:
+                self.save()
+                last_save = time.monotonic()
+
     def train_step(self) -> dict:
-        """One step on this rank's share of the step's questions, logged; the step counter moves on after it."""
+        """One step on this rank's share of the step's questions, logged; then the step counter moves on."""
         cfg = self.cfg
         questions = batch_indices(len(self.train_set), cfg.batch_size, self.step, cfg.seed)
         batch = [self.train_set[i] for i in distributed.share(questions, self.ranks)]
         t0 = time.perf_counter()
-        stats = (self.dpo_step if "dpo" in cfg.method else self.grpo_step)(batch)
+        stats = self.update(batch)
         stats.update(t_step=time.perf_counter() - t0, **self.memory())
         stats = distributed.merge_stats(distributed.gather(stats, self.ranks))
         stats.update(step=self.step, skipped_updates=self.skipped)
@@ -605,55 +474,83 @@ class Trainer:
         self.stop.release()  # the step is applied, logged and counted: a stop signal may now take effect
         return stats
 
-    def memory(self) -> dict:
-        if self.device.type == "cuda":
-            return {"peak_mem_gb": torch.cuda.max_memory_allocated(self.device) / 2**30}
-        try:
-            import resource
-            return {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
-        except ImportError:
-            return {}
+# --------------------------------------------------------------------------------------------------- the DPO family
 
 
-class Stopped(Exception):
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
+class DPOTrainer(Trainer):
+    """ExP-DPO (expo_dpo) and DPO on expert solutions (dpo_gt): each question's chosen response -- its
+    self-explanation, or its expert solution -- against the first of the policy's own wrong rollouts, with
+    expo.dpo_loss against the frozen initial policy. Owns its cached self-explanations and checkpoints them."""
+
+    def __init__(self, cfg: Config):
+        self.chosen: dict[str, tuple[int, str]] = {}  # question id -> (step made, target), expo_dpo only
+        super().__init__(cfg)
+
+    def needs_reference(self) -> bool:
+        return True
+
+    def restore(self, start: Path, state: dict) -> None:
+        super().restore(start, state)
+        self.chosen = {k: tuple(v) for k, v in state.get("dpo_chosen", {}).items()}
+
+    def checkpoint_state(self) -> dict:
+        """Rank 0 saves every rank's cached explanations: each rank explains its own share of the questions."""
+        merged = {k: v for part in distributed.gather(self.chosen, self.ranks) for k, v in part.items()}
+        return {**super().checkpoint_state(), "dpo_chosen": merged}
+
+    def update(self, batch: list[data.Example]) -> dict:
+        return self.dpo_step(batch)
+
+    def dpo_step(self, batch: list[data.Example]) -> dict:
+        cfg, G = self.cfg, self.cfg.num_generations
+        roll, rewards, stats, _ = self.rollouts(batch)
+        scores = rewards.tolist()
+        chosen, chosen_stats = self.chosen_responses(batch)
+        pairs = []  # (question, chosen text, rejected text): the first wrong rollout of the question
+        for i, e in enumerate(batch):
+            wrong = [roll.texts[i * G + j] for j in range(G) if scores[i * G + j] == 0]
+            if chosen[i] is not None and wrong:
+                pairs.append((e.question, chosen[i], wrong[0]))
+        total = self.global_counts(pairs=len(pairs))  # the loss is a mean over every rank's pairs
+        t_update, loss_dpo = time.perf_counter(), 0.0
+        self.optimizer.zero_grad(set_to_none=True)
+        if pairs:
+            questions, good, bad = zip(*pairs)
+            both = target_batch(self.tokenizer, questions + questions, good + bad, self.stop_id).to(self.device)
+            for r in micro_batches(len(pairs), cfg.grad_accum):
+                rows = r + [i + len(pairs) for i in r]  # chosen rows, then their rejected partners
+                with torch.no_grad(), self.amp(), self.reference() as reference:
+                    ref_seq = expo.sequence_logp(logprobs(reference, both, rows, 1.0), both.completion_mask[rows])
+                with self.amp():
+                    seq = expo.sequence_logp(logprobs(self.model, both, rows, 1.0), both.completion_mask[rows])  # [2k]
+                k = len(r)
+                weight = expo.accumulation_weight("seq", both.completion_mask[r], int(total.pairs), 0)
+                loss = expo.dpo_loss(seq[:k], seq[k:], ref_seq[:k], ref_seq[k:], cfg.dpo_beta) * weight
+                loss.backward()
+                loss_dpo += loss.item()
+            self.write_samples(batch[0], roll.texts[:G], scores[:G], chosen[0])
+        grad_norm = self.optimizer_step()
+        return {**stats, **chosen_stats, "pairs": len(pairs), "loss_dpo": loss_dpo, "grad_norm": grad_norm,
+                "t_update": time.perf_counter() - t_update}
+
+    def chosen_responses(self, batch: list[data.Example]) -> tuple[list[str | None], dict]:
+        """dpo_gt: expert solutions. expo_dpo: self-explanations, cached per question -- made once by the initial
+        (reference) policy when offline, or by the current policy and renewed every --dpo_refresh steps."""
+        if self.cfg.method == "dpo_gt":
+            return [e.solution for e in batch], {}
+        refresh, stats = self.cfg.dpo_refresh, {}
+        stale = [e for e in batch if e.id not in self.chosen
+                 or (refresh and self.step - self.chosen[e.id][0] >= refresh)]
+        if stale:
+            with contextlib.nullcontext(self.model) if refresh else self.reference() as model:
+                sampled = self.sample([expo.explain_prompt(e.question, e.answer) for e in stale], 1, self.seed(1),
+                                      model)
+            targets, stats = self.self_explanations(stale, sampled)
+            self.chosen.update({e.id: (self.step, t) for e, t in zip(stale, targets)})
+        return [self.chosen[e.id][1] for e in batch], stats
 
 
-class StopSignals:
-    """SIGTERM (schedulers, `timeout`) and SIGINT (Ctrl-C) stop training cleanly: `train` writes a checkpoint of the
-    completed steps and exits with 128 + the signal's number (143, 130), as a shell reports it.
-
-    One process abandons the step in progress at once (`abandon`): nothing of it reaches the weights before the
-    optimizer step, and the next step starts from zeroed gradients. From the update on (`hold`) the step is
-    finished, logged and counted first (`release`). Under torchrun a rank may be inside a collective, so every rank
-    finishes its step and they stop together at the step boundary (`train` sums the flags over ranks there).
-    """
-
-    def __init__(self, abandon: bool):
-        self.abandon, self.signal, self.holding = abandon, None, False
-
-    def __enter__(self) -> "StopSignals":
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-    def handle(self, signum, frame) -> None:
-        self.signal = signum
-        if self.abandon and not self.holding:
-            raise Stopped(signum)
-
-    def hold(self) -> None:
-        self.holding = True
-
-    def release(self) -> None:
-        self.holding = False
-        if self.abandon and self.signal is not None:
-            raise Stopped(self.signal)
+# --------------------------------------------------------------------------------------------------------- the CLI
 
 
 def plot(out: Path) -> None:
@@ -681,7 +578,7 @@ def plot(out: Path) -> None:
 def main(argv=None) -> None:
     cfg = parse_args(argv)
     try:
-        trainer = Trainer(cfg)
+        trainer = trainer_for(cfg)
     except (OSError, data.DataError, checkpoint.RunFolderError) as e:  # one clear line: missing package or model,
         checkpoint.unlock(Path(cfg.output_dir))  # bad data, no checkpoint, a folder in use or of another run
         sys.exit(f"error: {e}")

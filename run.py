@@ -1,0 +1,185 @@
+"""A training run's plumbing: where it runs, its folder, data, model and reference, its logs, evaluations and
+checkpoints. `train.Trainer` (the GRPO family) and `train.DPOTrainer` build on `Run` and add the method: how a step
+samples, scores and updates, and the loop. Nothing here knows the method.
+
+    Run(cfg)             ranks and device; the run folder locked and claimed (checkpoint.py); the train and eval
+                         sets; the policy (a checkpoint's, or the base model with LoRA adapters); the frozen initial
+                         policy when a loss needs one; AdamW; the step and optimizer state of a checkpoint on --resume
+    log / write_samples  metrics.jsonl (one JSON line per step or evaluation) and samples.md, by rank 0
+    evaluate(label)      pass@k on the fixed evaluation set (its questions and draws depend on --eval_seed only)
+    save()               the checkpoint of the completed steps (every rank calls it at the same step)
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+import checkpoint
+import data
+import distributed
+import evaluate
+import lora
+import rollout
+
+
+class Run:
+    """Everything a training run holds besides the method (see the module docstring)."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.ranks, self.device, self.amp = self.placement()
+        self.out = Path(cfg.output_dir)
+        if self.ranks.main:
+            self.claim_folder()
+        distributed.barrier(self.ranks)
+        torch.manual_seed(cfg.seed)
+        self.train_set, self.eval_set = self.load_data()
+        start, state = (checkpoint.latest(self.out) if cfg.resume else None) or (None, None)
+        if cfg.resume and start is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {self.out}")
+        self.model, self.tokenizer = self.load_model(start)
+        self.stop_id = rollout.stop_ids(self.model, self.tokenizer)[0]
+        self.ref = self.load_reference(start)
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
+                                           lr=cfg.learning_rate, betas=(0.9, 0.99), weight_decay=0.0)
+        self.step, self.skipped = 0, 0
+        self.stop = checkpoint.StopSignals(abandon=self.ranks.world == 1)  # installed while `train` runs
+        if start:
+            self.restore(start, state)
+
+    # ------------------------------------------------------------------------------------------------------ setup
+
+    def placement(self):
+        """(ranks, device, autocast context) -- a single process unless launched by torchrun."""
+        cfg = self.cfg
+        use_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+        ranks = distributed.init(use_cuda)
+        local = f"cuda:{ranks.local_rank}" if use_cuda else "cpu"  # under torchrun: this rank's GPU
+        device = torch.device(local if cfg.device in ("auto", "cuda") else cfg.device)
+        use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
+        amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)) \
+            if use_bf16 else contextlib.nullcontext
+        return ranks, device, amp
+
+    def claim_folder(self) -> None:
+        """Lock the run folder, refuse to mix a fresh run into an old one, and check that --resume continues it."""
+        cfg = self.cfg
+        checkpoint.lock(self.out)  # one process at a time in a run folder
+        checkpoint.claim(self.out, cfg.resume, cfg.overwrite)
+        if cfg.resume:  # the same run, or an error naming the flags that differ
+            changes = checkpoint.check_config(self.out, asdict(cfg))
+            if changes:
+                print(f"resuming {self.out} with changed flags: {'; '.join(changes)}", flush=True)
+
+    def load_data(self) -> tuple[list[data.Example], list[data.Example]]:
+        cfg = self.cfg
+        train_set = data.load(cfg.dataset, "train", levels=cfg.levels)
+        eval_set = data.load(cfg.dataset, "test", levels=cfg.levels, limit=cfg.eval_limit, seed=cfg.eval_seed)
+        if cfg.method in ("grpo_sft_gt", "dpo_gt") and not all(e.solution for e in train_set):
+            raise data.DataError(f"--method {cfg.method} needs expert solutions, and {cfg.dataset} has rows without "
+                                 "a 'solution'")
+        return train_set, eval_set
+
+    def load_model(self, start: Path | None):
+        """The policy: a checkpoint's weights, or the base model with LoRA adapters (restored from the checkpoint)."""
+        cfg = self.cfg
+        if not cfg.lora_rank:
+            model, tokenizer = rollout.load_policy(str(start) if start else cfg.model, self.device)
+        else:
+            model, tokenizer = rollout.load_policy(cfg.model, self.device)  # the frozen base, also on --resume
+            lora.apply(model, cfg.lora_rank, cfg.lora_alpha)
+            if start:
+                lora.load_adapter_state(model, load_file(start / "adapter.safetensors"))
+        if cfg.gradient_checkpointing:
+            (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+        return model.train(), tokenizer
+
+    def load_reference(self, start: Path | None):
+        """The frozen *initial* policy (also after --resume) when a loss needs one: KL here, DPO in DPOTrainer. With
+        LoRA there is no copy: the reference is the same model with its adapters off (see `reference`)."""
+        if not self.needs_reference() or self.cfg.lora_rank:
+            return None
+        ref = rollout.load_policy(self.cfg.model, self.device)[0] if start else copy.deepcopy(self.model)
+        return ref.eval().requires_grad_(False)
+
+    def needs_reference(self) -> bool:
+        return self.cfg.kl_coef > 0
+
+    def restore(self, start: Path, state: dict) -> None:
+        """Continue from a checkpoint: its step and optimizer state; the logs are cut back to it."""
+        self.step = state["step"]
+        checkpoint.load_optimizer(start, self.optimizer, state)
+        if self.ranks.main:  # the steps after the checkpoint are replayed, not repeated
+            checkpoint.truncate_logs(self.out, self.step)
+
+    @contextlib.contextmanager
+    def reference(self):
+        """The frozen initial policy: its own copy, or the LoRA model with its adapters off."""
+        if self.cfg.lora_rank:
+            with lora.disabled(self.model):
+                yield self.model
+        else:
+            yield self.ref
+
+    # --------------------------------------------------------------------------------------------------- logging
+
+    def write_samples(self, example: data.Example, texts, rewards, explanation) -> None:
+        if not self.ranks.main:
+            return
+        with open(self.out / "samples.md", "a") as f:
+            f.write(f"\n## step {self.step}\n\n**Question** ({example.id}, gold `{example.answer}`): "
+                    f"{example.question}\n\n")
+            for text, r in zip(texts[:3], rewards):
+                f.write(f"- reward {r:.0f}: {text.strip()[:600]!r}\n")
+            if explanation:
+                f.write(f"\n**Training target (self-explanation or expert solution):** {explanation.strip()[:800]!r}\n")
+
+    def log(self, record: dict) -> None:
+        if not self.ranks.main:
+            return
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def evaluate(self, label: str) -> dict | None:
+        """pass@k on the eval set, logged; rank 0 evaluates while the other ranks wait."""
+        cfg, result = self.cfg, None
+        if self.ranks.main:
+            t0 = time.perf_counter()
+            with self.amp():
+                result = evaluate.evaluate(self.model, self.tokenizer, self.eval_set, cfg.eval_k, cfg.eval_temperature,
+                                           cfg.eval_max_new_tokens or cfg.max_new_tokens, seed=cfg.eval_seed + 10**6)
+            self.model.train()
+            self.log({"eval": label, "step": self.step, "t_eval": time.perf_counter() - t0,
+                      **{k: v for k, v in result.items() if k != "samples"}})
+        distributed.barrier(self.ranks)
+        return result
+
+    def checkpoint_state(self) -> dict:
+        """What a checkpoint keeps besides weights and optimizer (DPOTrainer adds its cached explanations)."""
+        return {"step": self.step, "config": asdict(self.cfg)}
+
+    def save(self) -> Path:
+        """The checkpoint of the completed steps, written by rank 0 (every rank calls it, at the same step)."""
+        state, path = self.checkpoint_state(), self.out / "checkpoint"
+        if self.ranks.main:
+            adapters = {"adapter.safetensors": lora.adapter_state(self.model)} if self.cfg.lora_rank else {}
+            path = checkpoint.save(self.out, self.model, self.tokenizer, self.optimizer, state,
+                                   weights=lora.merged_state_dict(self.model) if adapters else None, extra=adapters)
+        distributed.barrier(self.ranks)
+        return path
+
+    def memory(self) -> dict:
+        if self.device.type == "cuda":
+            return {"peak_mem_gb": torch.cuda.max_memory_allocated(self.device) / 2**30}
+        try:
+            import resource
+            return {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+        except ImportError:
+            return {}

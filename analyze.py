@@ -203,5 +203,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(max(1, __import__("os").cpu_count() or 1))
+    if "OMP_NUM_THREADS" not in __import__("os").environ:  # set it (e.g. to 1) to share the CPU
+        torch.set_num_threads(max(1, __import__("os").cpu_count() or 1))
     main()

@@ -2,7 +2,8 @@
 back to it on --resume, so that a resumed run leaves exactly the files an uninterrupted run would have.
 
     runs/expo-arith/
-        metrics.jsonl       one JSON line per step, plus eval lines       (train.py appends)
+        config.json         the flags the run started with                (written once, at the start)
+    metrics.jsonl       one JSON line per step, plus eval lines       (train.py appends)
         samples.md          readable rollouts and training targets        (train.py appends)
         curve.png           when matplotlib is installed                  (train.py rewrites at the end)
         checkpoint/         model + tokenizer (from_pretrained loads it), optimizer.safetensors, trainer_state.json
@@ -40,7 +41,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 NAMES = ("checkpoint", ".checkpoint-tmp", ".checkpoint-old")  # the live one, one being written, one being replaced
-RUN_FILES = ("metrics.jsonl", "samples.md", "curve.png", *NAMES)
+RUN_FILES = ("metrics.jsonl", "samples.md", "curve.png", "config.json", *NAMES)
 
 
 LOCK = ".lock"
@@ -102,13 +103,27 @@ def check_config(out: Path, config: dict) -> list[str]:
     """The changes of a resumed run's flags against its checkpoint's (`--name old -> new`, MAY_CHANGE ones only);
     RunFolderError if any other flag differs, since the log would then mix two different runs."""
     found = latest(out)
-    saved = found[1]["config"] if found else {}
+    saved = found[1]["config"] if found else read_config(out)
     changed = [name for name, value in config.items() if name in saved and saved[name] != value]
     refused = [f"--{n} {saved[n]} -> {config[n]}" for n in changed if n not in MAY_CHANGE]
     if refused:
         raise RunFolderError(f"{out} holds a run with other settings: {'; '.join(refused)}. Resume it with its own "
                              "flags, or start a new run in another --output_dir")
     return [f"--{n} {saved[n]} -> {config[n]}" for n in changed if n not in ("resume", "overwrite", "eval_before")]
+
+
+def write_config(out: Path, config: dict) -> None:
+    """out/config.json: the flags a fresh run started with (a finished run's log can be checked without its weights)."""
+    tmp = out / "config.json.partial"
+    tmp.write_text(json.dumps(config, indent=1))
+    tmp.rename(out / "config.json")
+
+
+def read_config(out: Path) -> dict:
+    try:
+        return json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def claim(out: Path, resume: bool, overwrite: bool) -> None:

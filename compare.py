@@ -225,5 +225,6 @@ if __name__ == "__main__":
     import os
 
     import torch
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if "OMP_NUM_THREADS" not in os.environ:  # set it (e.g. to 1) to share the CPU with another job
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
     main()

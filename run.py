@@ -77,6 +77,8 @@ class Run:
             changes = checkpoint.check_config(self.out, asdict(cfg))
             if changes:
                 print(f"resuming {self.out} with changed flags: {'; '.join(changes)}", flush=True)
+        else:
+            checkpoint.write_config(self.out, asdict(cfg))
 
     def load_data(self) -> tuple[list[data.Example], list[data.Example]]:
         cfg = self.cfg
@@ -183,3 +185,25 @@ class Run:
             return {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
         except ImportError:
             return {}
+
+
+def plot_curve(out: Path) -> None:
+    """curve.png: training reward per step and eval pass@1, when matplotlib is installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(pip install matplotlib for curve.png; or plot metrics.jsonl with any tool)")
+        return
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    steps = [r for r in records if "eval" not in r]
+    evals = [r for r in records if "eval" in r]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in steps], [r["reward"] for r in steps], label="train reward (mean)")
+    ax.plot([r["step"] for r in evals], [r["all"]["pass@1"] for r in evals], "o-", label="eval pass@1")
+    ax.set_xlabel("step")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "curve.png", dpi=120)
+    plt.close(fig)

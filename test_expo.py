@@ -792,6 +792,19 @@ def _crash_in_step_3(monkeypatch):
     monkeypatch.setattr(train.Trainer, "grpo_step", step)
 
 
+def _resume_and_match(tiny_dir, out, uninterrupted_run):
+    """Resume the run in `out` to 4 steps: every step once, with the uninterrupted run's losses and weights."""
+    train.main(_args(tiny_dir, out, *RESUME_ARGS, "--steps", "4", "--resume"))
+    full, resumed = _steps(uninterrupted_run), _steps(out)
+    assert [s["step"] for s in resumed] == [0, 1, 2, 3]
+    for a, b in zip(full, resumed):
+        for key in ("loss_pg", "loss_sft", "kl", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-8), (a["step"], key)
+    w_full = AutoModelForCausalLM.from_pretrained(uninterrupted_run / "checkpoint").state_dict()
+    w_cut = AutoModelForCausalLM.from_pretrained(out / "checkpoint").state_dict()
+    assert all(torch.allclose(w_full[k], w_cut[k], atol=1e-6) for k in w_full)
+
+
 @pytest.mark.exercise10
 @pytest.mark.parametrize("cut", ["clean", "crash_mid_swap", "crash_after_checkpoint"])
 def test_resume_reproduces_the_uninterrupted_run(tiny_dir, tmp_path, uninterrupted_run, monkeypatch, cut):
@@ -810,19 +823,11 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_dir, tmp_path, uninterrupt
             assert not (out / "checkpoint").exists() and checkpoint.latest(out)[1]["step"] == 2
         else:
             assert [s["step"] for s in _steps(out)] == [0, 1, 2]  # step 2 was logged after its checkpoint
-    train.main(_args(tiny_dir, out, *RESUME_ARGS, "--steps", "4", "--resume"))
-    full, resumed = _steps(uninterrupted_run), _steps(out)
-    assert [s["step"] for s in resumed] == [0, 1, 2, 3]
-    for a, b in zip(full, resumed):
-        for key in ("loss_pg", "loss_sft", "kl", "grad_norm"):
-            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-8), (a["step"], key)
+    _resume_and_match(tiny_dir, out, uninterrupted_run)
     evals = [json.loads(line)["eval"] for line in open(out / "metrics.jsonl") if '"eval"' in line]
     assert evals == ["before", "after"]
     headings = re.findall(r"^## step (\d+)$", (out / "samples.md").read_text(), re.MULTILINE)
     assert headings == ["0", "1", "2", "3"]
-    w_full = AutoModelForCausalLM.from_pretrained(uninterrupted_run / "checkpoint").state_dict()
-    w_cut = AutoModelForCausalLM.from_pretrained(out / "checkpoint").state_dict()
-    assert all(torch.allclose(w_full[k], w_cut[k], atol=1e-6) for k in w_full)
     assert not (out / ".checkpoint-tmp").exists() and not (out / ".checkpoint-old").exists()
 
 
@@ -862,15 +867,7 @@ def test_sigterm_writes_a_checkpoint_and_resume_completes_the_run(tiny_dir, tmp_
     done = checkpoint.latest(out)[1]["step"]
     assert 1 <= done < 4 and [s["step"] for s in _steps(out)] == list(range(done))
     assert not (out / ".lock").exists()
-    train.main(_args(tiny_dir, out, *RESUME_ARGS, "--steps", "4", "--resume"))
-    full, resumed = _steps(uninterrupted_run), _steps(out)
-    assert [s["step"] for s in resumed] == [0, 1, 2, 3]
-    for a, b in zip(full, resumed):
-        for key in ("loss_pg", "loss_sft", "kl", "grad_norm"):
-            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-8), (a["step"], key)
-    w_full = AutoModelForCausalLM.from_pretrained(uninterrupted_run / "checkpoint").state_dict()
-    w_cut = AutoModelForCausalLM.from_pretrained(out / "checkpoint").state_dict()
-    assert all(torch.allclose(w_full[k], w_cut[k], atol=1e-6) for k in w_full)
+    _resume_and_match(tiny_dir, out, uninterrupted_run)
 
 
 @pytest.mark.exercise10
@@ -1072,6 +1069,7 @@ def test_ctrl_c_saves_a_checkpoint_to_resume_from(tiny_dir, tmp_path, monkeypatc
 # =========================================================================================== analyze and compare
 
 import itertools  # noqa: E402
+import shutil  # noqa: E402
 
 import analyze  # noqa: E402
 import compare  # noqa: E402
@@ -1156,6 +1154,9 @@ def test_compare_two_methods_two_seeds_one_evaluation_set(tiny_dir, tmp_path, ca
     compare.main(["--methods", "expo", "grpo", "--seeds", "0", "1", "--out", str(tmp_path), "--", *args])
     assert (tmp_path / "grpo" / "seed-1" / "metrics.jsonl").read_text() == log  # reused as it was
     with pytest.raises(SystemExit, match="--learning_rate"):
+        compare.main(["--methods", "grpo", "--seeds", "1", "--out", str(tmp_path), "--", *args, "--learning_rate", "1"])
+    shutil.rmtree(tmp_path / "grpo" / "seed-1" / "checkpoint")  # a finished run kept as its logs (e.g. committed)
+    with pytest.raises(SystemExit, match="--learning_rate"):  # is still checked, against its config.json
         compare.main(["--methods", "grpo", "--seeds", "1", "--out", str(tmp_path), "--", *args, "--learning_rate", "1"])
 
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import random
@@ -57,7 +56,7 @@ import evaluate
 import expo
 import reward
 import rollout
-from run import Run
+from run import Run, plot_curve
 
 METHODS = ("expo", "grpo", "grpo_sft_gt", "expo_dpo", "dpo_gt")
 # ------------------------------------------------------------------------------------------------------------ flags
@@ -435,7 +434,7 @@ class Trainer(Run):
         if main:
             if before:
                 print("\n" + evaluate.table(before, after, cfg.eval_k))
-            plot(self.out)
+            plot_curve(self.out)
             print(f"\nlogs: {self.out / 'metrics.jsonl'}\nsamples: {self.out / 'samples.md'}\ncheckpoint: {path}")
         return before, after
 
@@ -553,28 +552,6 @@ class DPOTrainer(Trainer):
 # --------------------------------------------------------------------------------------------------------- the CLI
 
 
-def plot(out: Path) -> None:
-    """curve.png: training reward per step and eval pass@1, when matplotlib is installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(pip install matplotlib for curve.png; or plot metrics.jsonl with any tool)")
-        return
-    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    steps = [r for r in records if "eval" not in r]
-    evals = [r for r in records if "eval" in r]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in steps], [r["reward"] for r in steps], label="train reward (mean)")
-    ax.plot([r["step"] for r in evals], [r["all"]["pass@1"] for r in evals], "o-", label="eval pass@1")
-    ax.set_xlabel("step")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "curve.png", dpi=120)
-    plt.close(fig)
-
-
 def main(argv=None) -> None:
     cfg = parse_args(argv)
     try:
@@ -593,5 +570,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if "OMP_NUM_THREADS" not in os.environ:  # set it (e.g. to 1) to share the CPU with another job
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
     main()

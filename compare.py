@@ -91,9 +91,11 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
 
 def summarize(methods: list[str], seeds: list[int], out: Path, k: int) -> dict:
     """The initial model's evaluation and, per method, every complete seed's results and their mean and spread."""
-    before = next(evals["before"] for m in methods for s in seeds
-                  if (run_folder(out, m, s) / "metrics.jsonl").exists()
-                  and "before" in (evals := read_run(run_folder(out, m, s))[1]))
+    before = next((evals["before"] for m in methods for s in seeds
+                   if (run_folder(out, m, s) / "metrics.jsonl").exists()
+                   and "before" in (evals := read_run(run_folder(out, m, s))[1])), None)
+    if before is None:
+        raise SystemExit(f"error: no run in {out} has evaluated the initial model (the first run of a comparison does)")
     rows = []
     for method in methods:
         runs = []

@@ -268,7 +268,7 @@ def bench_train(args, device: torch.device) -> list[dict]:
     return results
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=["cpu", *SHAPES], default="cpu",
                         help="'cpu' = the tiny model and SmolLM2-135M; or one random-weight shape")
@@ -293,20 +293,15 @@ def main(argv=None) -> None:
     args.group = args.group or (4 if args.natural else 8)
     args.prompt_len = args.prompt_len or (256 if gpu else 64)
     args.new_tokens = args.new_tokens or (512 if gpu else 64)
-    device = torch.device("cuda" if gpu else "cpu")
-    if args.natural:
-        results = bench_natural(args)
-        if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=2))
-        return
-    if args.train:
-        if args.shape == "cpu":
-            args.shape, args.prompts, args.group, args.new_tokens = "tiny", 2, 2, 8
-        results = bench_train(args, device)
-        if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=2))
-        return
-    results = []
+    if args.train and args.shape == "cpu":
+        args.shape, args.prompts, args.group, args.new_tokens = "tiny", 2, 2, 8
+    args.device = torch.device("cuda" if gpu else "cpu")
+    return args
+
+
+def bench_sampling(args) -> list[dict]:
+    """Our sampler against model.generate: the tiny model and SmolLM2 on a CPU, or one random-weight shape on a GPU."""
+    device, results = args.device, []
     if args.shape == "cpu":
         model, tokenizer = rollout.load_policy(None)
         results.append(bench(AutoModelForCausalLM.from_config(SHAPES["tiny"](len(tokenizer))).eval(), tokenizer,
@@ -314,14 +309,24 @@ def main(argv=None) -> None:
         results.append(bench(model.eval(), tokenizer, args, "smollm2"))
     else:
         torch.manual_seed(0)
-        dtype = torch.bfloat16 if gpu else torch.float32
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         model = AutoModelForCausalLM.from_config(SHAPES[args.shape](None), dtype=dtype).to(device).eval()
         results.append(bench(model, _Tok(eos=2), args, args.shape))
     if device.type == "cuda" and rollout._GraphedDecoder.supported(model):
         results.append(graph_check(device))
+    return results
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.natural:
+        results = bench_natural(args)
+    elif args.train:
+        results = bench_train(args, args.device)
+    else:
+        results = bench_sampling(args)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        Path(args.json).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

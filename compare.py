@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -48,10 +47,9 @@ def is_complete(folder: Path) -> bool:
         return False
 
 
-def run_all(methods: list[str], seeds: list[int], out: Path, train_args: list[str]) -> dict[str, float]:
+def run_all(methods: list[str], seeds: list[int], out: Path, train_args: list[str]) -> None:
     """Train each (method, seed) into its folder with the same flags, seed by seed, skipping complete runs and
-    resuming interrupted ones; returns the wall seconds of each run trained here, keyed by folder."""
-    seconds = {}
+    resuming interrupted ones (each run's minutes are read back from its log)."""
     jobs = [(seed, method) for seed in seeds for method in methods]
     for i, (seed, method) in enumerate(jobs):
         folder = run_folder(out, method, seed)
@@ -70,10 +68,7 @@ def run_all(methods: list[str], seeds: list[int], out: Path, train_args: list[st
         elif folder.exists():
             flags.append("--overwrite")  # an earlier start of this run that wrote no checkpoint: nothing to keep
         print(f"\n=== {method}, seed {seed} ({i + 1}/{len(jobs)}) ===", flush=True)
-        start = time.perf_counter()
         train.main(flags)
-        seconds[str(folder)] = time.perf_counter() - start
-    return seconds
 
 
 def read_run(folder: Path) -> tuple[list[dict], dict[str, dict]]:

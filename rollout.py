@@ -273,14 +273,15 @@ def _decode(step, stop: list[int], pad_id: int, max_new_tokens: int, temperature
         if t < min_new_tokens:
             logits[:, stop_t] = -float("inf")
         u = None if temperature == 0 else torch.rand(n, 1, generator=generator, device=device, dtype=torch.float64)
-        nxt = _pick(logits, temperature, u=None if u is None else u[live])  # [M]
-        nxt = torch.where(done[live], pad_id, nxt)
+        finished = done[live]  # [M] rows of the batch that stopped earlier (they emit padding)
+        nxt = torch.where(finished, pad_id, _pick(logits, temperature, u=None if u is None else u[live]))  # [M]
         tokens[live, t] = nxt
-        done[live] |= torch.isin(nxt, stop_t)
+        finished = finished | torch.isin(nxt, stop_t)
+        done[live] = finished
         if t + 1 == max_new_tokens or ((t + 1) % check_every == 0 and bool(done.all())):
             return tokens[:, : t + 1]
-        if compact and int(done[live].sum()) >= COMPACT_AT * len(live):
-            keep = (~done[live]).nonzero().squeeze(1)  # [M'] batch positions of the rows still decoding
+        if compact and int(finished.sum()) >= COMPACT_AT * len(live):
+            keep = (~finished).nonzero().squeeze(1)  # [M'] batch positions of the rows still decoding
             step.keep(keep)
             live, nxt = live[keep], nxt[keep]
         logits = step(nxt)

@@ -152,8 +152,24 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def grouped_bars(ax, groups: dict[str, str], initial: dict, rows: list[dict], value, title: str) -> None:
+    """For each group (key -> label): the initial model's bar, and each method's mean bar with every seed a point;
+    `initial[key]` and `value(run, key)` give the numbers."""
+    width = 0.8 / (len(rows) + 1)
+    for j, key in enumerate(groups):
+        ax.bar(j, initial[key], width, color="grey", label="initial" if j == 0 else None)
+        for i, r in enumerate(rows):
+            x, seeds = j + (i + 1) * width, [value(run, key) for run in r["runs"]]
+            ax.bar(x, sum(seeds) / len(seeds), width, color=f"C{i}", alpha=0.4, label=r["method"] if j == 0 else None)
+            ax.plot([x] * len(seeds), seeds, "o", color=f"C{i}", ms=3)
+    ax.set_xticks([j + 0.4 for j in range(len(groups))], list(groups.values()))
+    ax.set(title=title)
+    ax.legend(fontsize=7)
+
+
 def plot(summary: dict, path: Path) -> bool:
-    """pass@1 and pass@k after training, every seed a point and the mean a bar; pass@1 by level; train reward."""
+    """pass@1 and pass@k after training (every seed a point, the mean a bar), pass@1 by level, and format against
+    solving: the commit rate and the accuracy among committed answers."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -164,33 +180,18 @@ def plot(summary: dict, path: Path) -> bool:
     k, before, rows = summary["k"], summary["before"], summary["methods"]
     levels = list(before.get("level", {}))
     fig, axes = plt.subplots(1, 4 if levels else 3, figsize=(16 if levels else 12, 3.8))
-    names = [r["method"] for r in rows]
+
+    def after(run, key):
+        return run["after"][key]
+
     for ax, metric in zip(axes, ("pass@1", f"pass@{k}")):
-        ax.bar(range(len(rows)), [r[metric][0] for r in rows], color=[f"C{i}" for i in range(len(rows))], alpha=0.4)
-        for i, r in enumerate(rows):
-            ax.plot([i] * len(r["runs"]), [run["after"][metric] for run in r["runs"]], "o", color=f"C{i}")
-        ax.axhline(before["all"][metric], color="grey", ls="--", label="initial model")
-        ax.set_xticks(range(len(rows)), names)
-        ax.set(title=f"{metric} after training (points: seeds)")
-        ax.legend()
+        grouped_bars(ax, {metric: metric}, before["all"], rows, after, f"{metric} after training (points: seeds)")
     if levels:
-        width = 0.8 / (len(rows) + 1)
-        for j, lv in enumerate(levels):
-            axes[2].bar(j, before["level"][lv]["pass@1"], width, color="grey", label="initial" if j == 0 else None)
-            for i, r in enumerate(rows):
-                x = j + (i + 1) * width
-                axes[2].bar(x, r["by_level"][lv][0], width, color=f"C{i}", alpha=0.4,
-                            label=r["method"] if j == 0 else None)
-                axes[2].plot([x] * len(r["runs"]), [run["by_level"][lv]["pass@1"] for run in r["runs"]], "o",
-                             color=f"C{i}", ms=3)
-        axes[2].set_xticks([j + 0.4 for j in range(len(levels))], [f"level {lv}" for lv in levels])
-        axes[2].set(title="pass@1 by level")
-        axes[2].legend(fontsize=7)
-    for i, r in enumerate(rows):
-        for n, run in enumerate(r["runs"]):
-            axes[-1].plot(run["reward"], color=f"C{i}", alpha=0.6, label=r["method"] if n == 0 else None)
-    axes[-1].set(title="train reward per step (lines: seeds)", xlabel="step")
-    axes[-1].legend()
+        grouped_bars(axes[2], {lv: f"level {lv}" for lv in levels},
+                     {lv: before["level"][lv]["pass@1"] for lv in levels}, rows,
+                     lambda run, lv: run["by_level"][lv]["pass@1"], "pass@1 by level")
+    grouped_bars(axes[-1], {"commit": "commit rate\n(format)", "acc_committed": "accuracy among\ncommitted (solving)"},
+                 before["all"], rows, after, "format vs solving")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

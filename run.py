@@ -53,6 +53,8 @@ class Run:
         self.stop = checkpoint.StopSignals(abandon=self.ranks.world == 1)  # installed while `train` runs
         if start:
             self.restore(start, state)
+        elif self.ranks.main:  # written once the run can start: a start that failed (bad data, model) leaves no run
+            checkpoint.write_config(self.out, asdict(cfg))
 
     # ------------------------------------------------------------------------------------------------------ setup
 
@@ -69,7 +71,8 @@ class Run:
         return ranks, device, amp
 
     def claim_folder(self) -> None:
-        """Lock the run folder, refuse to mix a fresh run into an old one, and check that --resume continues it."""
+        """Lock the run folder, refuse to mix a fresh run into an old one, and check that --resume continues it
+        (a fresh run's config.json is written once its data and model have loaded)."""
         cfg = self.cfg
         checkpoint.lock(self.out)  # one process at a time in a run folder
         checkpoint.claim(self.out, cfg.resume, cfg.overwrite)
@@ -77,8 +80,6 @@ class Run:
             changes = checkpoint.check_config(self.out, asdict(cfg))
             if changes:
                 print(f"resuming {self.out} with changed flags: {'; '.join(changes)}", flush=True)
-        else:
-            checkpoint.write_config(self.out, asdict(cfg))
 
     def load_data(self) -> tuple[list[data.Example], list[data.Example]]:
         cfg = self.cfg

@@ -997,8 +997,10 @@ def test_bad_flags_and_missing_checkpoint_give_one_line_errors(tmp_path, capsys)
     assert "invalid choice: 'ppo'" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="no checkpoint"):
         train.main(["--resume", "--output_dir", str(tmp_path)])
-    with pytest.raises(SystemExit, match="unknown dataset"):
-        train.main(["--dataset", "nope"])
+    for _ in range(2):  # a start that fails leaves no run behind, so the corrected command is not refused
+        with pytest.raises(SystemExit, match="unknown dataset"):
+            train.main(["--dataset", "nope", "--output_dir", str(tmp_path / "nope")])
+        assert not (tmp_path / "nope" / "config.json").exists()
 
 
 @pytest.mark.exercise10

@@ -70,7 +70,7 @@ def measure(model, tokenizer, examples: list[data.Example], k: int = 4, max_new_
             temperature: float = 0.7, seed: int = 0, drop_leaks: bool = True) -> dict:
     """The three kinds of positive sample for `examples`, each described by `describe` (see the module docstring)."""
     device = next(model.parameters()).device
-    stop_id = rollout.stop_ids(model, tokenizer)[0]
+    turn_end = rollout.turn_end_id(tokenizer)
     solve = [expo.solve_prompt(e.question) for e in examples]
     golds = [e.answer for e in examples]
 
@@ -84,19 +84,19 @@ def measure(model, tokenizer, examples: list[data.Example], k: int = 4, max_new_
     targets, dropped = expo.explanation_targets(raw.texts, golds, drop_leaks)
     kept = [i for i, t in enumerate(targets) if t is not None]
     if kept:
-        batch = rollout.encode_targets(tokenizer, [solve[i] for i in kept], [targets[i] for i in kept], stop_id)
+        batch = rollout.encode_targets(tokenizer, [solve[i] for i in kept], [targets[i] for i in kept], turn_end)
         nll, lengths = sequence_nll(model, batch.to(device))
         result["self_explanation"] = describe(nll, lengths, [reward.score(raw.texts[i], golds[i]) for i in kept],
                                               [bool(raw.truncated[i]) for i in kept])
         result["self_explanation"]["dropped_leaks"] = dropped
         hinted = rollout.encode_targets(tokenizer, [expo.explain_prompt(examples[i].question, golds[i]) for i in kept],
-                                        [targets[i] for i in kept], stop_id)
+                                        [targets[i] for i in kept], turn_end)
         result["hint_reliance"] = hint_reliance(nll, sequence_nll(model, hinted.to(device))[0], lengths)
 
     experts = [i for i, e in enumerate(examples) if e.solution]
     if experts:
         batch = rollout.encode_targets(tokenizer, [solve[i] for i in experts],
-                                       [examples[i].solution for i in experts], stop_id)
+                                       [examples[i].solution for i in experts], turn_end)
         nll, lengths = sequence_nll(model, batch.to(device))
         result["expert"] = describe(nll, lengths, [reward.score(examples[i].solution, golds[i]) for i in experts],
                                     [False] * len(experts))

@@ -16,10 +16,9 @@ Rules, each for a reason:
   copy under another name, and `latest` looks at all three names and takes the newest complete one.
 * On --resume the logs are cut back to the checkpoint's step (`truncate_logs`): steps run after the checkpoint by the
   interrupted process are replayed, and must not appear twice.
-* One process at a time: a run holds `out/.lock` (its PID and host) while it uses the folder, so a second process
-  (a fresh run, --resume or --overwrite) is refused before it touches a file. A lock whose process no longer
-  exists on this host is stale and taken over; a lock from another host cannot be checked from here, so the error
-  says which process to look for and to delete the lock if it is gone.
+* One process at a time: a run holds a kernel lock on `out/.lock` (`flock`; the file names its PID and host) while
+  it uses the folder, so a second process (a fresh run, --resume or --overwrite) is refused before it touches a
+  file. The kernel releases the lock when its process ends, even by SIGKILL, so a dead run's lock never blocks.
 * SIGTERM (what schedulers and `timeout` send before a kill) and SIGINT (Ctrl-C) stop a run cleanly (`StopSignals`):
   a checkpoint of the completed steps, then exit 143 or 130, as a shell reports those signals. --save_every_minutes
   bounds what a hard kill (SIGKILL, a crash) can lose.
@@ -29,6 +28,7 @@ Rules, each for a reason:
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -56,47 +56,49 @@ class RunFolderError(Exception):
     """The run folder cannot be used as asked (held by a live process, a run of other flags): a one-line reason."""
 
 
+_HELD: dict[Path, int] = {}  # lock file -> the descriptor this process holds its flock through
+
+
 def lock(out: Path) -> None:
-    """Hold `out/.lock` (PID and host) for this process, or raise RunFolderError naming the live process that does."""
+    """Hold `out/.lock` for this process, or raise RunFolderError naming the live process that does.
+
+    The lock is the kernel's (`fcntl.flock` on the file), not the file's existence: it is released when its process
+    ends, however it ends, so a lock left by a dead process is free without any judgement of staleness, and two
+    processes racing for it cannot both win. The file holds the holder's PID and host, for the error message.
+    """
     out.mkdir(parents=True, exist_ok=True)
-    path, me = out / LOCK, f"{os.getpid()} {socket.gethostname()}"
-    for _ in range(2):
+    path = (out / LOCK).resolve()
+    if path in _HELD:
+        return  # this process holds it already (one process runs its trainers one after another)
+    for _ in range(10):
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # atomic: one process wins
-        except FileExistsError:
-            holder = path.read_text().split() if path.exists() else []
-            if holder == me.split():
-                return  # this process holds it already (one process runs its trainers one after another)
-            if len(holder) == 2 and holder[1] == socket.gethostname() and not _alive(int(holder[0])):
-                path.unlink(missing_ok=True)  # stale: its process is gone; try again
-                continue
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 256).decode(errors="replace").split()
+            os.close(fd)
             who = f"process {holder[0]} on {holder[1]}" if len(holder) == 2 else "another process"
-            raise RunFolderError(f"{out} is in use by {who} (lock file {path}); wait for it to end, or delete the lock "
-                                 "if that process is gone") from None
-        with os.fdopen(fd, "w") as f:
-            f.write(me)
-        return
+            raise RunFolderError(f"{out} is in use by {who} (lock file {path}); wait for it to end") from None
+        try:
+            current = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()} {socket.gethostname()}".encode())
+            _HELD[path] = fd
+            return
+        os.close(fd)  # the holder removed this file as we opened it: lock the one that replaced it
     raise RunFolderError(f"{path}: could not take the lock")
 
 
 def unlock(out: Path) -> None:
-    """Release the lock if this process holds it."""
-    path = out / LOCK
-    try:
-        if path.read_text().split()[0] == str(os.getpid()):
-            path.unlink()
-    except (OSError, IndexError):
-        pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, as another user's
-        return True
-    return True
+    """Release the lock if this process holds it (the file is removed first, then the flock released)."""
+    path = (out / LOCK).resolve()
+    fd = _HELD.pop(path, None)
+    if fd is not None:
+        path.unlink(missing_ok=True)
+        os.close(fd)
 
 
 def check_config(out: Path, config: dict) -> list[str]:

@@ -13,16 +13,19 @@ ExP-GRPO, in the paper's notation, for a question q with gold answer a*:
     e~       ~ pi_theta(. | q, a*)                one self-explanation            (rollout.py, prompt: explain_prompt)
     A_i      = (r_i - mean(r)) / (std(r) + eps)                                   group_advantages
     J(theta) = 1/G sum_i 1/|o_i| sum_t [ min(rho_it A_i, clip(rho_it, 1-eps, 1+eps) A_i) - beta_KL k3_it ]
-               + beta * log pi_theta(e~, a* | q)                                  grpo_loss  +  beta * -sft_loss
+               + beta * 1/|E| sum_{tokens t of the step's targets E} log pi_theta(e~_t | q, e~<t)
+                                                                                  grpo_loss  +  beta * -sft_loss
     rho_it   = pi_theta(o_it | q, o_i<t) / pi_old(o_it | q, o_i<t)
     k3_it    = exp(ref - logp) - (ref - logp) - 1  (an unbiased estimate of KL(pi_theta || pi_ref))
 
 The self-explanation term is scored under solve_prompt(q): the answer hint is *not* in its context (train.py scores
 `explanation_target(e~, a*)` after solve_prompt). It is not a member of the group -- no advantage, no ratio, no
 clipping -- just a log-likelihood weighted by beta (0.04 in the paper; 0 gives GRPO; 0.5 did worse than GRPO), which
-`beta_at` may anneal to 0. The same term on the dataset's expert solutions instead of e~ is the "GRPO SFT-GT-CoT"
-baseline. ExP-DPO uses `dpo_loss` with e~ as the chosen response and one of the policy's own wrong answers as the
-rejected one.
+`beta_at` may anneal to 0. The paper writes the sequence log-likelihood; we take its token mean over all the step's
+targets (E above, at temperature 1), so that beta weighs a target token alike in long and short explanations and keeps
+its meaning when the batch or the budget changes. The same term on the dataset's expert solutions instead of e~ is
+the "GRPO SFT-GT-CoT" baseline. ExP-DPO uses `dpo_loss` with e~ as the chosen response and one of the policy's own
+wrong answers as the rejected one. Every target ends in the chat template's turn-end token (rollout.turn_end_id).
 
 All loss functions take per-token log-probs `logp` [rows, tokens] and a 0/1 `mask` [rows, tokens] that marks the
 completion tokens; padding positions may hold any finite values and never change a loss or receive a gradient.
@@ -54,27 +57,49 @@ def explain_prompt(question: str, answer: str) -> str:
     return solve_prompt(question) + HINT.format(answer=answer)
 
 
-# Phrases that give away that the answer was handed over; such a target would teach the model to talk about a hint
-# it never sees at test time.
+# A target must not talk about a hint the model never sees at test time. Two tests catch that: any five consecutive
+# words of HINT itself ("the correct final answer is", "as if you were solving the"), and the usual ways of saying
+# that the answer was handed over.
+_HINT_WORDS = 5
 _LEAK = re.compile(
-    r"(given|provided|stated|expected) (final )?answer (is|was|of)|answer (was|is) (given|provided)"
-    r"|we (are|were) told|as given|(the|a) hint|you (said|gave|told|provided)",
+    r"(given|provided|stated|expected|known) (final )?answer (is|was|of)|answer (was|is) (given|provided|known)"
+    r"|(we are|we were|i was|we have been) told|given that the (final |correct )?answer|as given|(the|a) hint"
+    r"|since the (final |correct )?answer is|back(wards)? from the (final |correct )?answer"
+    r"|you (said|gave|told|provided|have already)|already (been )?(provided|given)",
     re.IGNORECASE,
 )
 
 
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9']+", text.lower())
+
+
+def _ngrams(words: list[str], n: int) -> set[str]:
+    return {" ".join(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+
+_HINT_NGRAMS = set().union(*(_ngrams(_words(part), _HINT_WORDS) for part in HINT.split("{answer}")))
+
+
 def mentions_hint(explanation: str) -> bool:
-    """True when an explanation talks about having been given the answer."""
-    return _LEAK.search(explanation) is not None
+    """True when an explanation repeats the hint's wording or talks about having been given the answer."""
+    return _LEAK.search(explanation) is not None or not _HINT_NGRAMS.isdisjoint(
+        _ngrams(_words(explanation), _HINT_WORDS))
+
+
+# What may close the final box: outer braces, `$` / `$$`, `\]`, `\)`, `**` emphasis, with whitespace between them.
+_CLOSERS = re.compile(r"\}(?:\s*(?:\}|\$|\\\]|\\\)|\*\*))*\.?")
 
 
 def explanation_target(explanation: str, answer: str) -> str:
-    """The training target made from a self-explanation: its final answer set to \\boxed{answer}.
+    r"""The training target made from a self-explanation: its final answer set to \boxed{answer}.
 
-    The explanation is stripped of surrounding whitespace. The content of its last balanced \\boxed{...} is replaced
-    by the gold answer; the box's closing brace and the `$` signs and one `.` right after it are kept, and everything
-    after those is cut ("so $\\boxed{7}$. Done" -> "so $\\boxed{gold}$."). An explanation without a box gets one
-    line appended after a single newline: "\\nThe answer is \\boxed{gold}.".
+    The explanation is stripped of surrounding whitespace. The content of its last balanced \boxed{...} is replaced
+    by the gold answer; what closes the math and emphasis around the box is kept (the box's `}`, outer braces, `$`,
+    `$$`, `\]`, `\)`, `**`, with any whitespace between them, and one `.` right after them), and the prose after
+    those is cut: "so $\boxed{7}$. Done" -> "so $\boxed{gold}$."; "\[ \boxed{7} \] Thus" -> "\[ \boxed{gold} \]";
+    "**\boxed{7}**" -> "**\boxed{gold}**". An explanation without a box gets one line appended after a single
+    newline: "\nThe answer is \boxed{gold}.".
     """
     # exercise 7: the self-explanation prompt and its training target
     text = explanation.strip()
@@ -82,7 +107,7 @@ def explanation_target(explanation: str, answer: str) -> str:
     if span is None:
         return f"{text}\nThe answer is \\boxed{{{answer}}}."
     start, end = span
-    tail = re.match(r"\}\$*\.?", text[end:]).group(0)  # keep the closing `}$.`, drop anything later
+    tail = _CLOSERS.match(text, end).group(0)  # the closers of the box and its math, not the prose after them
     return text[:start] + answer + tail
 
 

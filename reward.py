@@ -133,11 +133,14 @@ _THOUSANDS_INSIDE = re.compile(r"(?<=/\()\d{1,3}(?:,\d{3})+(?=\))|(?<=\{)\d{1,3}
 # an integer directly followed by \frac{integer}{integer}, not part of a number, power, index or command before it
 _MIXED = re.compile(r"(?<![\w.^_}\\])(\d+)\\frac\{(\d+)\}\{(\d+)\}")
 _MATH_WORDS = {"sqrt", "pi", "infty", "inf", "sin", "cos", "tan", "log", "ln", "exp", "cdot", "times", "div"}
+# Unicode a model (or `arith`'s own questions) may write for the LaTeX operators and plain spaces we parse
+_UNICODE = str.maketrans({"×": " \\times ", "·": " \\cdot ", "⋅": " \\cdot ", "÷": " \\div ", "−": "-",
+                          "\u00a0": " ", "\u2009": " ", "\u202f": " ", "\u200a": " ", "\u2002": " ", "\u2003": " "})
 
 
 def normalize(answer: str) -> str:
     """A canonical spelling of an answer string (LaTeX noise, units, `x =` and separators removed)."""
-    s = answer.strip()
+    s = answer.translate(_UNICODE).strip()
     s = re.sub(r"\\[dtc]frac", r"\\frac", s)
     for _ in range(3):  # nested wrappers: \text{\textbf{C}}
         s = _UNWRAP.sub(r"\1", s)

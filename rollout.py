@@ -78,9 +78,30 @@ def load_policy(name: str | None = None, device: str = "cpu", dtype: torch.dtype
     return model, tokenizer
 
 
+def turn_end_id(tokenizer) -> int:
+    """The token the chat template closes an assistant turn with: what every training target ends in.
+
+    Read from the template itself: render a one-turn conversation and take the first token after the assistant's text
+    (`<|im_end|>` for ChatML models such as SmolLM2 and Qwen2.5, `<|eot_id|>` for Llama-3). Not the smallest EOS id:
+    Qwen2.5 also lists `<|endoftext|>` and Llama-3 `<|end_of_text|>`, which a chat model never writes there. A
+    tokenizer without a template ends a target in its EOS token.
+    """
+    if not tokenizer.chat_template:
+        return tokenizer.eos_token_id
+    reply = "Reply text."
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Question text?"},
+                                          {"role": "assistant", "content": reply}], tokenize=False)
+    after = text[text.rindex(reply) + len(reply):].strip()
+    ids = tokenizer(after, add_special_tokens=False).input_ids if after else []
+    if not ids:
+        raise ValueError("the chat template writes nothing after an assistant turn: cannot tell its turn-end token")
+    return ids[0]
+
+
 def stop_ids(model, tokenizer) -> list[int]:
-    """Token ids that end a completion: the tokenizer's EOS and any the model's generation config lists."""
-    ids = {tokenizer.eos_token_id}
+    """Token ids that end a completion: the tokenizer's EOS, any the model's generation config lists, and the chat
+    template's turn-end token (`turn_end_id`)."""
+    ids = {tokenizer.eos_token_id, turn_end_id(tokenizer)}
     config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids.update(config_eos if isinstance(config_eos, list) else [config_eos])
     return sorted(i for i in ids if i is not None)
@@ -119,10 +140,10 @@ def left_pad(rows: list[list[int]], pad_id: int, device="cpu") -> tuple[torch.Te
     return ids.to(device), mask.to(device)
 
 
-def encode_targets(tokenizer, user_texts: list[str], targets: list[str], stop_id: int) -> "Rollouts":
-    """Given texts as completions of the given user messages, each ending in one stop token, masked by length."""
+def encode_targets(tokenizer, user_texts: list[str], targets: list[str], turn_end: int) -> "Rollouts":
+    """Given texts as completions of the given user messages, each ending in the turn-end token, masked by length."""
     prompts = encode_prompts(tokenizer, user_texts)
-    completions = [tokenizer(t, add_special_tokens=False).input_ids + [stop_id] for t in targets]
+    completions = [tokenizer(t, add_special_tokens=False).input_ids + [turn_end] for t in targets]
     p_ids, p_mask = left_pad(prompts, tokenizer.pad_token_id)
     width = max(len(c) for c in completions)
     c_ids = torch.full((len(completions), width), tokenizer.pad_token_id, dtype=torch.long)

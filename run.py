@@ -45,7 +45,7 @@ class Run:
         if cfg.resume and start is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {self.out}")
         self.model, self.tokenizer = self.load_model(start)
-        self.stop_id = rollout.stop_ids(self.model, self.tokenizer)[0]
+        self.turn_end = rollout.turn_end_id(self.tokenizer)  # what every training target ends in
         self.ref = self.load_reference(start)
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
                                            lr=cfg.learning_rate, betas=(0.9, 0.99), weight_decay=0.0)
@@ -117,7 +117,7 @@ class Run:
 
     def restore(self, start: Path, state: dict) -> None:
         """Continue from a checkpoint: its step and optimizer state; the logs are cut back to it."""
-        self.step = state["step"]
+        self.step, self.skipped = state["step"], state.get("skipped_updates", 0)
         checkpoint.load_optimizer(start, self.optimizer, state)
         if self.ranks.main:  # the steps after the checkpoint are replayed, not repeated
             checkpoint.truncate_logs(self.out, self.step)
@@ -150,6 +150,13 @@ class Run:
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
+    def logged_eval(self, step: int) -> bool:
+        """Does metrics.jsonl hold an evaluation line of `step`? (A resumed run redoes one a stop cut off.)"""
+        path = self.out / "metrics.jsonl"
+        records = [json.loads(line) for line in open(path)] if self.ranks.main and path.exists() else []
+        logged = any("eval" in r and r["step"] == step and r["eval"] != "after" for r in records)
+        return bool(distributed.all_sum([float(logged)], self.ranks)[0])  # every rank takes the same decision
+
     def evaluate(self, label: str) -> dict | None:
         """pass@k on the eval set, logged; rank 0 evaluates while the other ranks wait."""
         cfg, result = self.cfg, None
@@ -166,7 +173,7 @@ class Run:
 
     def checkpoint_state(self) -> dict:
         """What a checkpoint keeps besides weights and optimizer (DPOTrainer adds its cached explanations)."""
-        return {"step": self.step, "config": asdict(self.cfg)}
+        return {"step": self.step, "skipped_updates": self.skipped, "config": asdict(self.cfg)}
 
     def save(self) -> Path:
         """The checkpoint of the completed steps, written by rank 0 (every rank calls it, at the same step)."""

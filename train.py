@@ -107,7 +107,8 @@ class Config:
     dpo_refresh: int = option(0, "expo_dpo: 0 = offline (explanations of the initial model), N = renew every N steps")
     # sampling and evaluation
     max_new_tokens: int = option(128, "generation budget of rollouts and self-explanations")
-    temperature: float = option(0.7, "sampling temperature (log-probs are scored at the same temperature)")
+    temperature: float = option(0.7, "sampling temperature; the policy-gradient log-probs are scored at the same "
+                                     "temperature, the likelihood terms (self-explanation, expert SFT, DPO) at T = 1")
     eval_every: int = option(0, "evaluate every N steps (0 = only before and after training)")
     eval_before: bool = option(True, "evaluate before training (compare.py does it once for all runs)")
     eval_k: int = option(4, "samples per eval question: reports pass@1 and pass@k")
@@ -196,9 +197,10 @@ def micro_batches(n_rows: int, grad_accum: int) -> list[list[int]]:
     return [list(range(i, min(i + size, n_rows))) for i in range(0, n_rows, size)]
 
 
-def target_batch(tokenizer, questions: list[str], targets: list[str], stop_id: int) -> rollout.Rollouts:
-    """Targets as completions of the *answer-free* solve prompt: the hint is never in the context they are scored in."""
-    return rollout.encode_targets(tokenizer, [expo.solve_prompt(q) for q in questions], targets, stop_id)
+def target_batch(tokenizer, questions: list[str], targets: list[str], turn_end: int) -> rollout.Rollouts:
+    """Targets as completions of the *answer-free* solve prompt: the hint is never in the context they are scored in.
+    Each ends in the chat template's turn-end token (`rollout.turn_end_id`)."""
+    return rollout.encode_targets(tokenizer, [expo.solve_prompt(q) for q in questions], targets, turn_end)
 
 
 def logprobs(model, batch: rollout.Rollouts, rows, temperature: float, **kw):
@@ -325,7 +327,7 @@ class Trainer(Run):
         elif cfg.method == "grpo_sft_gt":
             pairs, first = [(e.question, e.solution) for e in batch], batch[0].solution
         stats["t_explain"] = time.perf_counter() - t0
-        targets = target_batch(self.tokenizer, *zip(*pairs), self.stop_id).to(self.device) if pairs else None
+        targets = target_batch(self.tokenizer, *zip(*pairs), self.turn_end).to(self.device) if pairs else None
         return targets, stats, first
 
     def scored_rows(self, adv: torch.Tensor) -> list[list[int]]:
@@ -400,7 +402,15 @@ class Trainer(Run):
 
     def optimizer_step(self) -> float:
         """Sum the ranks' gradients, clip, and apply, unless the norm is not finite (then nothing changes). The norm
-        is taken after the sum, so every rank makes the same decision."""
+        is taken after the sum, so every rank makes the same decision.
+
+        A step in which no rank ran a backward (every group all-equal, no targets) has no gradient, and is not an
+        update: AdamW is not stepped, so its momentum does not move the weights, in one process and under torchrun
+        alike (there `sum_gradients` would zero-fill the gradients and AdamW would step). "GRPO learns nothing from
+        an all-wrong batch" then holds exactly, and one process and N ranks stay the same run."""
+        has_grad = any(p.grad is not None for p in self.model.parameters())
+        if not distributed.all_sum([float(has_grad)], self.ranks)[0]:
+            return 0.0
         distributed.sum_gradients(self.model, self.ranks)
         norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm))
         if math.isfinite(norm):
@@ -442,12 +452,14 @@ class Trainer(Run):
         """The training steps, with evaluations and checkpoints between them; a stop signal ends it at a step
         boundary that every rank has reached (one tiny collective per step decides it for all)."""
         cfg, last_save = self.cfg, time.monotonic()
+        if self.step and self.eval_due() and not self.logged_eval(self.step):  # resumed: a stop cut off this eval
+            self.evaluate(f"step {self.step}")
         bar = tqdm(range(self.step, cfg.steps), desc=cfg.method, initial=self.step, total=cfg.steps,
                    disable=not self.ranks.main)
         for _ in bar:
             stats = self.train_step()
             bar.set_postfix(reward=f"{stats['reward']:.2f}", tok_s=f"{stats.get('gen_tok_s', 0):.0f}")
-            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+            if self.eval_due():
                 self.evaluate(f"step {self.step}")
             due = (cfg.save_every and self.step % cfg.save_every == 0) or \
                 (cfg.save_every_minutes and time.monotonic() - last_save >= 60 * cfg.save_every_minutes)
@@ -457,6 +469,10 @@ class Trainer(Run):
             if due:
                 self.save()
                 last_save = time.monotonic()
+
+    def eval_due(self) -> bool:
+        """Is an evaluation due after the step just completed (every --eval_every steps, the last one excepted)?"""
+        return bool(self.cfg.eval_every) and self.step % self.cfg.eval_every == 0 and self.step < self.cfg.steps
 
     def train_step(self) -> dict:
         """One step on this rank's share of the step's questions, logged; then the step counter moves on."""
@@ -515,7 +531,7 @@ class DPOTrainer(Trainer):
         self.optimizer.zero_grad(set_to_none=True)
         if pairs:
             questions, good, bad = zip(*pairs)
-            both = target_batch(self.tokenizer, questions + questions, good + bad, self.stop_id).to(self.device)
+            both = target_batch(self.tokenizer, questions + questions, good + bad, self.turn_end).to(self.device)
             for r in micro_batches(len(pairs), cfg.grad_accum):
                 rows = r + [i + len(pairs) for i in r]  # chosen rows, then their rejected partners
                 with torch.no_grad(), self.amp(), self.reference() as reference:

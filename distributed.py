@@ -109,7 +109,10 @@ def barrier(ranks: Ranks) -> None:
 
 
 def close(ranks: Ranks) -> None:
+    """Leave the process group together: a rank that destroys it while a peer still talks to it can make gloo abort
+    that peer at exit ("terminate called without an active exception")."""
     if ranks.world > 1 and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

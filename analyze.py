@@ -67,20 +67,21 @@ def describe(nll: list[float], lengths: list[int], correct: list[float], truncat
 
 
 def measure(model, tokenizer, examples: list[data.Example], k: int = 4, max_new_tokens: int = 128,
-            temperature: float = 0.7, seed: int = 0, drop_leaks: bool = True) -> dict:
-    """The three kinds of positive sample for `examples`, each described by `describe` (see the module docstring)."""
-    device = next(model.parameters()).device
+            temperature: float = 0.7, seed: int = 0, drop_leaks: bool = True, sampler=None) -> dict:
+    """The three kinds of positive sample for `examples`, each described by `describe` (see the module docstring).
+    Samples come from `sampler` (a bf16 copy, as in training) when given, else from `model`; NLLs are `model`'s."""
+    device, sampler = next(model.parameters()).device, sampler or model
     turn_end = rollout.turn_end_id(tokenizer)
     solve = [expo.solve_prompt(e.question) for e in examples]
     golds = [e.answer for e in examples]
 
-    own = rollout.sample(model, tokenizer, rollout.encode_prompts(tokenizer, solve), k, max_new_tokens, temperature,
+    own = rollout.sample(sampler, tokenizer, rollout.encode_prompts(tokenizer, solve), k, max_new_tokens, temperature,
                          seed=seed)
     result = {"own": describe(*sequence_nll(model, own), [reward.score(t, golds[i // k]) for i, t in
                                                           enumerate(own.texts)], own.truncated.tolist())}
 
     explain = rollout.encode_prompts(tokenizer, [expo.explain_prompt(e.question, e.answer) for e in examples])
-    raw = rollout.sample(model, tokenizer, explain, 1, max_new_tokens, temperature, seed=seed + 1)
+    raw = rollout.sample(sampler, tokenizer, explain, 1, max_new_tokens, temperature, seed=seed + 1)
     targets, dropped = expo.explanation_targets(raw.texts, golds, drop_leaks)
     kept = [i for i, t in enumerate(targets) if t is not None]
     if kept:
@@ -178,6 +179,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=0, help="question subset and sampling seed")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu | cuda")
+    parser.add_argument("--sampler_dtype", default="auto", choices=("auto", "fp32", "bf16"),
+                        help="sample from a bf16 copy (auto: where bf16 matmuls are native), as train.py does")
     args = parser.parse_args(argv)
     try:
         examples = data.load(args.dataset, args.split, levels=data.parse_levels(args.dataset, args.levels),
@@ -186,12 +189,14 @@ def main(argv=None) -> dict:
     except (OSError, data.DataError) as e:
         raise SystemExit(f"error: {e}")
     model.eval()
+    bf16 = args.sampler_dtype == "bf16" or (args.sampler_dtype == "auto" and rollout.bf16_is_native(model.device))
+    sampler = rollout.sampler_copy(model) if bf16 else model
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if args.device.startswith("cuda") else contextlib.nullcontext()
     with amp:
         result = measure(model, tokenizer, examples, args.k, args.max_new_tokens, args.temperature, args.seed,
-                         drop_leaks=not args.no_drop_leaks)
+                         drop_leaks=not args.no_drop_leaks, sampler=sampler)
         if args.pass_k:
-            result["pass_at_k"] = pass_at_k_curve(model, tokenizer, examples, args.pass_k, args.max_new_tokens,
+            result["pass_at_k"] = pass_at_k_curve(sampler, tokenizer, examples, args.pass_k, args.max_new_tokens,
                                                   args.temperature, args.seed + 2)
     result["config"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     print(table(result))

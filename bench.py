@@ -13,9 +13,10 @@ per-prompt counts (what train.py does) and in two calls, each relative to the G 
 
 `--natural` times the sampler at natural lengths instead (`bench_natural`): the embedded SmolLM2-135M with its real
 weights on real arith prompts (B solve prompts x G rollouts plus B explain prompts, as an ExP-GRPO step samples them),
-each row stopping where the model stops, at the demo's budget (128 new tokens) and the comparison's (256), with
-finished rows leaving the batch (`compact`, at two thresholds) and without, and one whole ExP-GRPO training step with
-and without. The variants run side by side in one run and must sample identical tokens.
+each row stopping where the model stops, at the demo's budget (128 new tokens) and the comparison's (256), sampled
+from the fp32 policy and from its bf16 copy (`--sampler_dtype`), side by side in one run, with the bf16 sampler's
+mismatch to the fp32 trainer on the tokens it drew (k3 per token, the largest ratio), and one whole ExP-GRPO step
+sampled each way.
 
 `--train` times whole steps of train.py instead (`bench_train`): a GRPO step and an ExP-GRPO step, each with full
 fine-tuning and with `--lora_rank`, on the same random-weight model (the SmolLM2 tokenizer), with every completion
@@ -25,7 +26,6 @@ seconds per step (after one warm-up step), the sampling share, peak memory, and 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import gc
 import json
@@ -147,75 +147,63 @@ def graph_check(device) -> dict:
 
 
 def bench_natural(args) -> list[dict]:
-    """Sampling at natural lengths, finished rows dropped or kept, at the demo's and the comparison's budgets."""
+    """Sampling at natural lengths from the fp32 policy and from its bf16 copy, at the demo's and the comparison's
+    budgets, and how far the bf16 sampler's distribution is from the fp32 trainer's on the tokens it drew."""
     model, tokenizer = rollout.load_policy(None)
+    copy = rollout.sampler_copy(model)
     questions = train.data.load("arith", "test", levels=args.levels, limit=args.prompts, seed=0)
     texts = [train.expo.solve_prompt(e.question) for e in questions]
     texts += [train.expo.explain_prompt(e.question, e.answer) for e in questions]
     prompts = rollout.encode_prompts(tokenizer, texts)
     counts = [args.group] * len(questions) + [1] * len(questions)
-    variants = {"kept": dict(compact=False), "dropped at 1/4": dict(compact=True, at=0.25),
-                "dropped at once": dict(compact=True, at=1e-9)}
-    if args.bf16:  # the default decoder under bf16 autocast (this CPU may have AVX-512 BF16)
-        variants["dropped at 1/4, bf16"] = dict(compact=True, at=0.25, bf16=True)
     results = []
     for budget in args.budgets:
-        seconds, tokens = {}, {}
-        for name, v in variants.items():
-            rollout.COMPACT_AT = v.get("at", 0.25)
-            runs = []
-            amp = torch.autocast("cpu", dtype=torch.bfloat16) if v.get("bf16") else contextlib.nullcontext()
-            with amp:
-                seconds[name] = min(_timed(lambda: runs.append(rollout.sample(
-                    model, tokenizer, prompts, counts, budget, 0.7, seed=1, compact=v["compact"])), model.device)
-                    for _ in range(args.repeats))
-            tokens[name] = runs[-1].completion_ids
-        rollout.COMPACT_AT = 0.25
-        same = all(torch.equal(tokens[k], tokens["kept"]) for k in variants if not variants[k].get("bf16"))
-        lengths = runs[-1].completion_mask.sum(1).float()
-        row = {"budget": budget, "rows": len(counts), "mean_len": round(float(lengths.mean()), 1),
-               "truncated": round(float(runs[-1].truncated.float().mean()), 2), "identical_tokens": same,
-               "mean_len_by_variant": {k: round(float((t != tokenizer.pad_token_id).sum(1).float().mean()), 1)
-                                       for k, t in tokens.items()},
-               "seconds": {k: round(v, 2) for k, v in seconds.items()},
-               "speedup": {k: round(seconds["kept"] / v, 2) for k, v in seconds.items()}}
+        seconds, runs = {}, {}
+        for name, sampler in (("fp32", model), ("bf16 copy", copy)):
+            seconds[name] = min(_timed(lambda: runs.__setitem__(name, rollout.sample(
+                sampler, tokenizer, prompts, counts, budget, 0.7, seed=1)), model.device) for _ in range(args.repeats))
+        out = runs["bf16 copy"]
+        with torch.no_grad():
+            trainer_logp = rollout.token_logprobs(model, out.prompt_ids, out.prompt_mask, out.completion_ids, 0.7)
+        m = train.expo.sampler_mismatch(trainer_logp, out.sampler_logp, out.completion_mask)
+        n_tokens = {k: int(r.completion_mask.sum()) for k, r in runs.items()}
+        row = {"budget": budget, "rows": len(counts), "seconds": {k: round(v, 2) for k, v in seconds.items()},
+               "tokens": n_tokens, "tok_s": {k: round(n_tokens[k] / seconds[k], 1) for k in runs},
+               "mean_len": {k: round(float(r.completion_mask.sum(1).float().mean()), 1) for k, r in runs.items()},
+               "truncated": {k: round(float(r.truncated.float().mean()), 2) for k, r in runs.items()},
+               "mismatch_k3_per_token": m["k3"] / n_tokens["bf16 copy"],
+               "mismatch_log_ratio_per_token": m["log_ratio"] / n_tokens["bf16 copy"], "max_ratio": m["max_ratio"]}
+        row["tok_s_ratio"] = round(row["tok_s"]["bf16 copy"] / row["tok_s"]["fp32"], 2)
         results.append(row)
-        print(f"{len(questions)} x G={args.group} + {len(questions)} explanations, budget {budget}: mean length "
-              f"{row['mean_len']}, {row['truncated']:.0%} cut off; " + ", ".join(
-                  f"{k} {seconds[k]:.1f} s ({row['speedup'][k]}x)" for k in variants) + f"; identical tokens: {same}",
-              flush=True)
+        print(f"{len(questions)} x G={args.group} + {len(questions)} explanations, budget {budget}: " + ", ".join(
+            f"{k} {seconds[k]:.1f} s, {row['tok_s'][k]:.0f} tok/s (mean length {row['mean_len'][k]})" for k in runs)
+            + f"; bf16 / fp32 tokens/s {row['tok_s_ratio']}x; mismatch per token: k3 {row['mismatch_k3_per_token']:.2e},"
+            f" log-ratio {row['mismatch_log_ratio_per_token']:.2e}, largest ratio {m['max_ratio']:.3f}", flush=True)
     results.append(natural_step(args))
     return results
 
 
 def natural_step(args) -> dict:
-    """One whole ExP-GRPO step of train.py (embedded model, arith, --max_new_tokens = the last budget), with finished
-    rows dropped and kept: the same step twice from the same weights (its update is undone in between)."""
-    real_sample = train.rollout.sample
-    variants = (("kept", False, "fp32"), ("dropped", True, "fp32")) + ((("dropped, bf16", True, "bf16"),) if args.bf16
-                                                                        else ())
+    """One whole ExP-GRPO step of train.py (embedded model, arith, --max_new_tokens = the last budget), sampling from
+    the fp32 policy and from its bf16 copy: the same step twice from the same weights (its update is undone between)."""
     flags = ["--batch_size", str(args.prompts), "--num_generations", str(args.group), "--max_new_tokens",
              str(args.budgets[-1]), "--output_dir", tempfile.mkdtemp(prefix="expo-bench-"), "--overwrite",
-             "--levels", *map(str, args.levels)]
+             "--levels", *map(str, args.levels), "--sampler_dtype", "fp32"]
     trainer = train.Trainer(train.parse_args(flags))
     weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     batch = trainer.train_set[: args.prompts]
     out = {}
-    try:
-        for name, compact, dtype in variants:
-            train.rollout.sample = functools.partial(real_sample, compact=compact)
-            trainer.amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False)) \
-                if dtype == "bf16" else contextlib.nullcontext  # what --dtype bf16 sets
-            trainer.model.load_state_dict(weights)
-            start = time.perf_counter()
-            stats = trainer.grpo_step(batch)
-            out[name] = {"step_s": round(time.perf_counter() - start, 1), "sample_s": round(stats["t_sample"], 1)}
-    finally:
-        train.rollout.sample = real_sample
-    out["speedup"] = round(out["kept"]["step_s"] / out["dropped"]["step_s"], 2)
+    for name in ("fp32", "bf16 copy"):
+        trainer.model.load_state_dict(weights)
+        trainer.sampler = trainer.model if name == "fp32" else rollout.sampler_copy(trainer.model)
+        start = time.perf_counter()
+        stats = trainer.grpo_step(batch)
+        out[name] = {"step_s": round(time.perf_counter() - start, 1), "sample_s": round(stats["t_sample"], 1),
+                     "mismatch_k3": stats.get("mismatch_k3")}
+    out["speedup"] = round(out["fp32"]["step_s"] / out["bf16 copy"]["step_s"], 2)
     print(f"one ExP-GRPO step, budget {args.budgets[-1]}: " + ", ".join(
-        f"rows {name} {out[name]['step_s']} s (sampling {out[name]['sample_s']} s)" for name, *_ in variants)
-        + f": dropped / kept {out['speedup']}x", flush=True)
+        f"{name} {out[name]['step_s']} s (sampling {out[name]['sample_s']} s)" for name in ("fp32", "bf16 copy"))
+        + f": fp32 / bf16 copy {out['speedup']}x", flush=True)
     return {"step": out}
 
 
@@ -280,9 +268,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--static-generate", action="store_true", help="also time generate with a static cache")
     parser.add_argument("--json", default=None, help="write the figures to this file")
     parser.add_argument("--train", action="store_true", help="time training steps instead of sampling (see above)")
-    parser.add_argument("--natural", action="store_true", help="CPU: sampling at natural lengths, finished rows "
-                        "dropped or kept (see above)")
-    parser.add_argument("--bf16", action="store_true", help="--natural: also under bf16 autocast")
+    parser.add_argument("--natural", action="store_true", help="CPU: sampling at natural lengths, from the fp32 "
+                        "policy and from its bf16 copy (see above)")
     parser.add_argument("--budgets", type=int, nargs="+", default=[128, 256], help="--natural: new-token budgets")
     parser.add_argument("--levels", type=int, nargs="+", default=[2], help="--natural: arith levels of the prompts")
     parser.add_argument("--lora-rank", type=int, default=16, help="--train: the LoRA rank of the LoRA rows")

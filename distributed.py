@@ -91,7 +91,8 @@ def gather(obj, ranks: Ranks) -> list:
 # Per-rank values that are shares of a global total (the losses and token-weighted means carry global normalisers,
 # and counts) add up over ranks; every other statistic is averaged over the ranks that report it.
 SUMMED = ("loss_pg", "loss_sft", "loss_dpo", "clip_frac", "kl", "entropy", "targets", "pg_rows", "pairs",
-          "explain_dropped", "explain_dropped_truncated", "explain_dropped_wrong")
+          "explain_dropped", "explain_dropped_truncated", "explain_dropped_wrong", "mismatch_log_ratio", "mismatch_k3")
+MAXED = ("mismatch_max_ratio",)  # the largest over ranks
 
 
 def merge_stats(per_rank: list[dict]) -> dict:
@@ -99,7 +100,7 @@ def merge_stats(per_rank: list[dict]) -> dict:
     merged = {}
     for key in dict.fromkeys(k for stats in per_rank for k in stats):
         values = [stats[key] for stats in per_rank if key in stats]
-        merged[key] = sum(values) if key in SUMMED else sum(values) / len(values)
+        merged[key] = sum(values) if key in SUMMED else max(values) if key in MAXED else sum(values) / len(values)
     return merged
 
 

@@ -122,11 +122,14 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=16, help="questions sampled together")
     parser.add_argument("--seed", type=int, default=0, help="sampling and subset seed")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu | cuda")
+    parser.add_argument("--sampler_dtype", default="auto", choices=("auto", "fp32", "bf16"),
+                        help="the weights' dtype (auto: bf16 where bf16 matmuls are native), as train.py samples")
     args = parser.parse_args()
     levels = data.parse_levels(args.dataset, args.levels)
     examples = data.load(args.dataset, args.split, levels=levels, limit=args.limit, seed=args.seed)
-    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-    model, tokenizer = rollout.load_policy(args.model, args.device, dtype)
+    native = rollout.bf16_is_native(torch.device(args.device))
+    bf16 = args.sampler_dtype == "bf16" or (args.sampler_dtype == "auto" and native)
+    model, tokenizer = rollout.load_policy(args.model, args.device, torch.bfloat16 if bf16 else torch.float32)
     result = evaluate(model, tokenizer, examples, args.k, args.temperature, args.max_new_tokens, args.batch_size,
                       args.seed)
     print(table(result, None, args.k))

@@ -168,7 +168,8 @@ def _reduce(per_token: torch.Tensor, mask: torch.Tensor, norm: str, max_tokens: 
 
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None, advantages: torch.Tensor,
               mask: torch.Tensor, clip_eps: float = 0.2, kl_coef: float = 0.0, norm: str = "seq",
-              max_tokens: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+              max_tokens: int | None = None,
+              token_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The clipped GRPO surrogate (negated, to minimise) plus kl_coef * k3, averaged over completion tokens.
 
     Per token: -min(rho * A, clip(rho, 1 - eps, 1 + eps) * A) + kl_coef * k3, with rho = exp(logp - old_logp).
@@ -176,8 +177,10 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
             "token"    sum over all tokens / number of tokens (DAPO);
             "constant" sum / (rows * max_tokens), max_tokens defaulting to the padded length; pass the generation
                        budget to get Dr. GRPO's constant that does not depend on the batch.
-    `ref_logp` may be None when kl_coef == 0. Padding never counts: not in the loss value (which is logged), not in
-    the gradient, and a log-ratio of any size there must not overflow (zero it *before* exp: inf * 0 is nan).
+    `token_weights` [rows, tokens] (detached), when given, multiplies each token's clipped surrogate (not the KL term):
+    the truncated importance weight of `tis_weights`. `ref_logp` may be None when kl_coef == 0. Padding never counts:
+    not in the loss value (which is logged), not in the gradient, and a log-ratio of any size there must not overflow
+    (zero it *before* exp: inf * 0 is nan).
     Returns (loss, stats), stats as plain floats over completion tokens: `clip_frac` the share where the min takes
     the clipped branch (rho > 1 + eps with A > 0, or rho < 1 - eps with A < 0: where the gradient is cut; not merely
     |rho - 1| > eps), `kl` the mean k3 (0 without ref_logp), `ratio` the mean rho.
@@ -193,6 +196,8 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
     ratio = torch.exp(log_ratio)
     adv = advantages.to(logp.dtype)[:, None]  # [rows, 1]
     surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+    if token_weights is not None:
+        surrogate = surrogate * torch.where(valid, token_weights, 0.0)
     per_token = -surrogate
     kl = torch.zeros_like(logp) if ref_logp is None else k3_kl(logp, ref_logp, valid)
     if kl_coef:
@@ -206,6 +211,28 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
         stats = {"clip_frac": float((clipped * mask).sum() / n), "kl": float((kl * mask).sum() / n),
                  "ratio": float((ratio * mask).sum() / n)}
     return loss, stats
+
+
+def tis_weights(old_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance-sampling weights [rows, tokens]: min(pi_old / pi_sampler, cap) per token, detached.
+
+    Rollouts drawn from a bf16 copy of the policy are slightly off-policy for the fp32 trainer; weighting each token's
+    surrogate by this ratio, capped so that rare large ratios cannot blow up the variance, corrects for it (Yao et al.
+    2025; TRL's vllm_importance_sampling_correction). Example: old log 0.5, sampler log 0.4 -> 1.25; with cap 1.2 ->
+    1.2. 0 at padding.
+    """
+    log_ratio = torch.where(mask.bool(), old_logp - sampler_logp, 0.0)
+    return torch.where(mask.bool(), log_ratio.exp().clamp(max=cap), 0.0).detach()
+
+
+def sampler_mismatch(trainer_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """How far the sampler's distribution is from the trainer's, on the tokens the sampler drew: sums over the masked
+    tokens of d = log pi_trainer - log pi_sampler and of k3 = exp(d) - d - 1 (an unbiased estimate of
+    KL(sampler || trainer) per token), and the largest ratio exp(d). Sums, so that micro-batches add up."""
+    valid = mask.bool()
+    d = torch.where(valid, trainer_logp.detach() - sampler_logp, 0.0)
+    return {"log_ratio": float(d.sum()), "k3": float((d.exp() - d - 1).sum()),
+            "max_ratio": float(d.exp()[valid].max()) if valid.any() else 1.0}
 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ Reading order: the contracts above, then `completion_mask`, `sample` (with `_pic
 """
 from __future__ import annotations
 
+import copy
 import importlib.metadata
 import inspect
 import os
@@ -76,6 +77,30 @@ def load_policy(name: str | None = None, device: str = "cpu", dtype: torch.dtype
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     return model, tokenizer
+
+
+def bf16_is_native(device: torch.device) -> bool:
+    """Does `device` multiply bf16 matrices in hardware: CUDA with bf16, or a CPU with AMX-BF16 or AVX512-BF16?"""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    return bool(caps.get("amx_bf16") or caps.get("avx512_bf16"))
+
+
+def sampler_copy(model, dtype: torch.dtype = torch.bfloat16):
+    """A copy of the policy to sample from, its parameters in `dtype` (buffers such as RoPE frequencies stay fp32),
+    as RL stacks sample from a low-precision inference engine. `refresh_sampler` keeps it equal to the policy."""
+    sampler = copy.deepcopy(model).eval().requires_grad_(False)
+    for p in sampler.parameters():
+        p.data = p.data.to(dtype)
+    return sampler
+
+
+@torch.no_grad()
+def refresh_sampler(sampler, model) -> None:
+    """Copy the policy's (fp32) weights into the sampler, cast to its dtype: after every optimizer step."""
+    for s, p in zip(sampler.parameters(), model.parameters(), strict=True):
+        s.copy_(p)
 
 
 def turn_end_id(tokenizer) -> int:
@@ -182,6 +207,7 @@ class Rollouts:
     texts: list[str]  # decoded completions, special tokens dropped
     truncated: torch.Tensor  # [N] bool: hit max_new_tokens without an EOS
     prompt_index: torch.Tensor  # [N] which prompt each row belongs to
+    sampler_logp: torch.Tensor | None = None  # [N, T] log-prob of each sampled token under the sampler (at T)
 
     def to(self, device) -> "Rollouts":
         return Rollouts(*(x.to(device) if torch.is_tensor(x) else x for x in vars(self).values()))
@@ -195,7 +221,7 @@ class Rollouts:
         start, end = p_mask.shape[1] - int(p_mask.sum(1).max()), int(c_mask.sum(1).max())
         return Rollouts(self.prompt_ids[rows, start:], p_mask[:, start:], self.completion_ids[rows, :end],
                         c_mask[:, :end], [self.texts[i] for i in rows.tolist()], self.truncated[rows],
-                        self.prompt_index[rows])
+                        self.prompt_index[rows], None if self.sampler_logp is None else self.sampler_logp[rows, :end])
 
 
 def _pick(logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None,
@@ -253,13 +279,13 @@ def sample(model, tokenizer, prompts: list[list[int]], group_size: int | list[in
             step = _GraphedDecoder(model, p_ids[index], p_mask[index], max_new_tokens)
         else:
             step = _EagerDecoder(model, p_ids, p_mask, index)
-        tokens = _decode(step, stop, pad_id, max_new_tokens, temperature, generator, min_new_tokens, compact)
+        tokens, logp = _decode(step, stop, pad_id, max_new_tokens, temperature, generator, min_new_tokens, compact)
     finally:
         model.train(was_training)
     c_mask, truncated = completion_mask(tokens, stop)
     texts = tokenizer.batch_decode([row[m.bool()].tolist() for row, m in zip(tokens.cpu(), c_mask.cpu())],
                                    skip_special_tokens=True)
-    return Rollouts(p_ids[index], p_mask[index], tokens, c_mask, texts, truncated, index)
+    return Rollouts(p_ids[index], p_mask[index], tokens, c_mask, texts, truncated, index, logp)
 
 
 def _row_index(n_prompts: int, group_size: int | list[int], device) -> torch.Tensor:
@@ -275,7 +301,8 @@ COMPACT_AT = 0.25  # the eager decoder drops its finished rows once they are thi
 
 def _decode(step, stop: list[int], pad_id: int, max_new_tokens: int, temperature: float,
             generator: torch.Generator, min_new_tokens: int = 0, compact: bool = True) -> torch.Tensor:
-    """The decode loop: [N, T] sampled tokens, pad after each row's first stop token, T <= max_new_tokens.
+    """The decode loop: ([N, T] sampled tokens, pad after each row's first stop token, T <= max_new_tokens; [N, T]
+    the sampler's log-prob of each sampled token at `temperature`: 0 at greedy decoding, meaningless after the stop).
 
     Finished rows leave the batch (`compact`, for a decoder with a `keep` method: the eager one). On a CPU a decode
     step costs in proportion to its rows, and at a realistic budget most rows finish long before the longest one.
@@ -286,6 +313,7 @@ def _decode(step, stop: list[int], pad_id: int, max_new_tokens: int, temperature
     device, n = logits.device, logits.shape[0]
     stop_t = torch.tensor(stop, device=device)
     tokens = torch.full((n, max_new_tokens), pad_id, dtype=torch.long, device=device)  # [N, T]
+    logps = torch.zeros(n, max_new_tokens, device=device)  # [N, T]
     done = torch.zeros(n, dtype=torch.bool, device=device)  # [N]
     live = torch.arange(n, device=device)  # [M] the original row of each row of the decoder's batch
     compact = compact and hasattr(step, "keep")
@@ -297,16 +325,18 @@ def _decode(step, stop: list[int], pad_id: int, max_new_tokens: int, temperature
         finished = done[live]  # [M] rows of the batch that stopped earlier (they emit padding)
         nxt = torch.where(finished, pad_id, _pick(logits, temperature, u=None if u is None else u[live]))  # [M]
         tokens[live, t] = nxt
+        if temperature:
+            logps[live, t] = torch.log_softmax(logits.float() / temperature, -1).gather(1, nxt[:, None]).squeeze(1)
         finished = finished | torch.isin(nxt, stop_t)
         done[live] = finished
         if t + 1 == max_new_tokens or ((t + 1) % check_every == 0 and bool(done.all())):
-            return tokens[:, : t + 1]
+            return tokens[:, : t + 1], logps[:, : t + 1]
         if compact and int(finished.sum()) >= COMPACT_AT * len(live):
             keep = (~finished).nonzero().squeeze(1)  # [M'] batch positions of the rows still decoding
             step.keep(keep)
             live, nxt = live[keep], nxt[keep]
         logits = step(nxt)
-    return tokens  # max_new_tokens == 0
+    return tokens, logps  # max_new_tokens == 0
 
 
 # --------------------------------------------------------------------------------------------------------- scoring

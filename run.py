@@ -45,6 +45,7 @@ class Run:
         if cfg.resume and start is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {self.out}")
         self.model, self.tokenizer = self.load_model(start)
+        self.sampler = self.load_sampler()
         self.turn_end = rollout.turn_end_id(self.tokenizer)  # what every training target ends in
         self.ref = self.load_reference(start)
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
@@ -104,6 +105,24 @@ class Run:
             (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
         return model.train(), tokenizer
 
+    def load_sampler(self):
+        """What rollouts, self-explanations and evaluations are sampled from (--sampler_dtype): a bf16 copy of the
+        policy where bf16 matmuls are native, refreshed after every optimizer step (`refresh_sampler`), else the
+        policy itself. The trainer's log-probs, losses and optimizer stay fp32 either way. With LoRA the copy holds the
+        adapters too, and the refresh copies them."""
+        want = self.cfg.sampler_dtype
+        if want == "bf16" or (want == "auto" and rollout.bf16_is_native(self.device)):
+            return rollout.sampler_copy(self.model, torch.bfloat16)
+        return self.model
+
+    def refresh_sampler(self) -> None:
+        if self.sampler is not self.model:
+            rollout.refresh_sampler(self.sampler, self.model)
+
+    def sampling(self, model):
+        """The context to sample `model` in: none for a bf16 model, else the run's autocast (bf16 on a GPU)."""
+        return contextlib.nullcontext() if next(model.parameters()).dtype == torch.bfloat16 else self.amp()
+
     def load_reference(self, start: Path | None):
         """The frozen *initial* policy (also after --resume) when a loss needs one: KL here, DPO in DPOTrainer. With
         LoRA there is no copy: the reference is the same model with its adapters off (see `reference`)."""
@@ -162,9 +181,10 @@ class Run:
         cfg, result = self.cfg, None
         if self.ranks.main:
             t0 = time.perf_counter()
-            with self.amp():
-                result = evaluate.evaluate(self.model, self.tokenizer, self.eval_set, cfg.eval_k, cfg.eval_temperature,
-                                           cfg.eval_max_new_tokens or cfg.max_new_tokens, seed=cfg.eval_seed + 10**6)
+            with self.sampling(self.sampler):
+                result = evaluate.evaluate(self.sampler, self.tokenizer, self.eval_set, cfg.eval_k,
+                                           cfg.eval_temperature, cfg.eval_max_new_tokens or cfg.max_new_tokens,
+                                           seed=cfg.eval_seed + 10**6)
             self.model.train()
             self.log({"eval": label, "step": self.step, "t_eval": time.perf_counter() - t0,
                       **{k: v for k, v in result.items() if k != "samples"}})

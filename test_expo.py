@@ -748,7 +748,8 @@ def tiny_dir(tmp_path_factory, tokenizer):
 
 def _args(tiny_dir, out, *extra):
     return ["--model", str(tiny_dir), "--output_dir", str(out), "--batch_size", "2", "--num_generations", "2",
-            "--max_new_tokens", "6", "--eval_limit", "2", "--eval_k", "2", "--grad_accum", "2", *extra]
+            "--max_new_tokens", "6", "--eval_limit", "2", "--eval_k", "2", "--grad_accum", "2",
+            "--sampler_dtype", "fp32", *extra]  # fp32: the same tokens on every CPU (bf16 has tests of its own)
 
 
 def _steps(out):
@@ -1224,7 +1225,7 @@ def test_grpo_learns_a_synthetic_reward(tokenizer, tmp_path, monkeypatch):
     before = digit_rate()
     cfg = train.parse_args(["--method", "grpo", "--steps", "6", "--batch_size", "4", "--num_generations", "8",
                             "--max_new_tokens", "2", "--learning_rate", "1e-2", "--temperature", "1.0",
-                            "--output_dir", str(tmp_path), "--grad_accum", "1"])
+                            "--output_dir", str(tmp_path), "--grad_accum", "1", "--sampler_dtype", "fp32"])
     trainer = train.Trainer(cfg)
     for step in range(6):
         trainer.grpo_step([trainer.train_set[i] for i in train.batch_indices(len(trainer.train_set), 4, step, 0)])
@@ -1705,6 +1706,7 @@ def test_policy_gradient_normalisers_in_the_step(tiny_dir, tmp_path, norm):
     assert t.grpo_step(t.train_set[:2])["loss_pg"] == pytest.approx(float(want), abs=1e-6), f"the {norm} denominator"
 
 
+@pytest.mark.exercise10
 def test_seeds_vary_training_and_never_evaluation(tiny_dir, tmp_path, monkeypatch):
     """Each step samples with its own seed; epochs are shuffled differently; the evaluation set and its draws depend
     on --eval_seed only, never on --seed."""
@@ -1822,6 +1824,102 @@ def test_golden_run_of_each_method(golden_dir, tmp_path, monkeypatch):
         assert len(steps) == len(want) and all(same(a, b) for x, y in zip(steps, want) for a, b in zip(x, y)), (
             f"{method}'s logged {GOLDEN_KEYS} moved from the golden values: {steps} vs {GOLDEN.get(method)}. If the "
             "change is intended, regenerate: EXPO_GOLDEN=print python -m pytest -q test_expo.py -k golden -s")
+
+
+# ------------------------------------------------------------------------------------------ the bf16 sampler copy
+
+
+@pytest.mark.exercise5
+def test_tis_weights_and_mismatch_values():
+    """Hand-computed: old log 0.5 vs sampler log 0.4 -> ratio 1.25, capped at 1.2; 0 at padding; k3 of d = log 1.25."""
+    old, sampler = torch.log(torch.tensor([[0.5, 0.5, 0.9]])), torch.log(torch.tensor([[0.4, 0.5, 0.1]]))
+    mask = torch.tensor([[1, 1, 0]])
+    assert expo.tis_weights(old, sampler, mask, cap=1.2)[0].tolist() == pytest.approx([1.2, 1.0, 0.0])
+    assert expo.tis_weights(old, sampler, mask, cap=2.0)[0].tolist() == pytest.approx([1.25, 1.0, 0.0])
+    m = expo.sampler_mismatch(old, sampler, mask)
+    d = math.log(1.25)
+    assert m == pytest.approx({"log_ratio": d, "k3": 1.25 - d - 1, "max_ratio": 1.25})
+    logp = torch.zeros(1, 3, requires_grad=True)
+    weighted, _ = expo.grpo_loss(logp, logp.detach(), None, torch.tensor([1.0]), mask, norm="token",
+                                 token_weights=expo.tis_weights(old, sampler, mask, cap=1.2))
+    weighted.backward()
+    assert logp.grad[0].tolist() == pytest.approx([-0.6, -0.5, 0.0])  # each token's gradient scaled by its weight
+
+
+@pytest.mark.exercise2
+def test_sampler_logprobs_are_the_sampled_tokens_logprobs(tokenizer):
+    model = tiny_llama(tokenizer)
+    out = rollout.sample(model, tokenizer, [[1, 400, 401], [1, 500]], 2, 6, temperature=0.7, seed=3)
+    with torch.no_grad():
+        want = rollout.token_logprobs(model, out.prompt_ids, out.prompt_mask, out.completion_ids, 0.7)
+    mask = out.completion_mask.bool()
+    assert torch.allclose(out.sampler_logp[mask], want[mask], atol=1e-4)
+    assert out.select([1, 2]).sampler_logp.shape == out.select([1, 2]).completion_ids.shape
+
+
+@pytest.mark.exercise2
+def test_bf16_sampler_is_seeded_and_close_to_the_policy(tokenizer):
+    """A bf16 copy: bf16 parameters, fp32 buffers; a seed gives the same tokens twice; its log-probs are within bf16
+    rounding of the fp32 policy's."""
+    model = tiny_llama(tokenizer)
+    sampler = rollout.sampler_copy(model)
+    assert all(p.dtype == torch.bfloat16 for p in sampler.parameters())
+    assert all(b.dtype == torch.float32 for b in sampler.buffers() if b.is_floating_point())
+    runs = [rollout.sample(sampler, tokenizer, [[1, 400, 401], [1, 500]], 4, 8, temperature=1.0, seed=5) for _ in "ab"]
+    assert torch.equal(runs[0].completion_ids, runs[1].completion_ids)
+    out = runs[0]
+    with torch.no_grad():
+        fp32 = rollout.token_logprobs(model, out.prompt_ids, out.prompt_mask, out.completion_ids, 1.0)
+    mask = out.completion_mask.bool()
+    gap = (fp32[mask] - out.sampler_logp[mask]).abs()
+    assert 0 < gap.max() < 0.1, f"bf16 sampler vs fp32 policy: largest log-prob gap {gap.max():.4f}"
+
+
+def test_auto_sampler_dtype_follows_the_devices_bf16_support(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": False, "amx_bf16": False})
+    assert not rollout.bf16_is_native(torch.device("cpu"))
+    t = train.Trainer(train.parse_args(_args(tiny_dir, tmp_path / "no", "--sampler_dtype", "auto")))
+    assert t.sampler is t.model, "auto chose a bf16 sampler on a CPU without bf16 matmuls"
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": False, "amx_bf16": True})
+    t = train.Trainer(train.parse_args(_args(tiny_dir, tmp_path / "yes", "--sampler_dtype", "auto")))
+    assert t.sampler is not t.model and next(t.sampler.parameters()).dtype == torch.bfloat16
+
+
+@pytest.mark.exercise10
+@pytest.mark.parametrize("flags", [[], ["--grad_accum", "1", "--ppo_epochs", "2"], ["--lora_rank", "4"], ["--resume"]])
+def test_bf16_sampler_is_the_policy_cast_after_every_update(tiny_dir, tmp_path, monkeypatch, flags):
+    """No stale sampler: before training and after every optimizer step the bf16 copy equals the fp32 weights cast
+    to bf16, with micro-batches, two PPO epochs, LoRA adapters, and a resumed run."""
+    checks = []
+
+    def check(t, when):
+        cast = [p.detach().to(torch.bfloat16) for p in t.model.parameters()]
+        checks.append(when)
+        assert all(torch.equal(s, c) for s, c in zip(t.sampler.parameters(), cast, strict=True)), f"stale at {when}"
+    real_step, real_loop = train.Trainer.optimizer_step, train.Trainer.loop
+    monkeypatch.setattr(train.Trainer, "optimizer_step", lambda t: (real_step(t), check(t, f"step {t.step}"))[0])
+    monkeypatch.setattr(train.Trainer, "loop", lambda t: (check(t, "start"), real_loop(t))[1])
+    args = _args(tiny_dir, tmp_path, "--method", "expo", "--learning_rate", "1e-2", "--sampler_dtype", "bf16",
+                 *[f for f in flags if f != "--resume"])
+    if "--resume" in flags:
+        train.main(args + ["--steps", "1"])
+    train.main(args + ["--steps", "2"] + (["--resume"] if "--resume" in flags else []))
+    epochs = 2 if "--ppo_epochs" in flags else 1
+    assert checks.count("start") == (2 if "--resume" in flags else 1) and len(checks) > epochs
+
+
+@pytest.mark.exercise10
+def test_tis_weight_is_exactly_one_when_the_sampler_is_the_trainer(tiny_dir, tmp_path):
+    """--sampler_dtype fp32 samples from the policy itself: --tis_cap changes nothing (the cached decoder's tiny
+    rounding differences are not corrected); with a bf16 copy the mismatch is logged and the correction applied."""
+    flags = ["--method", "grpo", "--kl_coef", "0.1", "--steps", "2", "--learning_rate", "1e-2"]
+    for name, extra in [("plain", []), ("tis", ["--tis_cap", "2"])]:
+        train.main(_args(tiny_dir, tmp_path / name, *flags, *extra))
+    plain, tis = _steps(tmp_path / "plain"), _steps(tmp_path / "tis")
+    assert [s["loss_pg"] for s in plain] == [s["loss_pg"] for s in tis]
+    assert all(abs(s["mismatch_log_ratio"]) < 1e-5 and s["mismatch_k3"] < 1e-6 for s in plain)
+    train.main(_args(tiny_dir, tmp_path / "bf16", *flags, "--sampler_dtype", "bf16"))
+    assert all(s["mismatch_k3"] > 0 and s["mismatch_max_ratio"] > 1 for s in _steps(tmp_path / "bf16"))
 
 
 # ====================================================================================================== distributed

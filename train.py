@@ -94,6 +94,8 @@ class Config:
     ppo_epochs: int = option(1, "optimizer steps on each batch of rollouts (1 = on-policy, no old-policy pass)")
     max_grad_norm: float = option(1.0, "gradient norm clipping")
     dpo_beta: float = option(0.1, "DPO temperature")
+    tis_cap: float = option(0.0, "weight each rollout token's policy-gradient term by min(pi_old / pi_sampler, C): "
+                            "the truncated importance-sampling correction for a bf16 sampler (0: off)")
     lora_rank: int = option(0, "train rank-R LoRA adapters on every linear layer instead of all weights (0: off)")
     lora_alpha: float = option(32.0, "LoRA scale: the update is lora_alpha / lora_rank * B A")
     # self-explanation filters and ablations
@@ -109,6 +111,10 @@ class Config:
     max_new_tokens: int = option(128, "generation budget of rollouts and self-explanations")
     temperature: float = option(0.7, "sampling temperature; the policy-gradient log-probs are scored at the same "
                                      "temperature, the likelihood terms (self-explanation, expert SFT, DPO) at T = 1")
+    sampler_dtype: str = option("auto", "what rollouts, self-explanations and evaluations are sampled from: bf16 = a "
+                                "bf16 copy of the policy refreshed after every update, fp32 = the policy itself, auto = "
+                                "bf16 where bf16 matmuls are native (CUDA, a CPU with AMX / AVX512-BF16)",
+                                ("auto", "fp32", "bf16"))
     eval_every: int = option(0, "evaluate every N steps (0 = only before and after training)")
     eval_before: bool = option(True, "evaluate before training (compare.py does it once for all runs)")
     eval_k: int = option(4, "samples per eval question: reports pass@1 and pass@k")
@@ -227,8 +233,9 @@ class Trainer(Run):
 
     def sample(self, user_texts: list[str], group_size: int | list[int], seed: int, model=None) -> rollout.Rollouts:
         prompts = rollout.encode_prompts(self.tokenizer, user_texts)
-        with self.amp():
-            return rollout.sample(model or self.model, self.tokenizer, prompts, group_size, self.cfg.max_new_tokens,
+        model = model or self.sampler
+        with self.sampling(model):
+            return rollout.sample(model, self.tokenizer, prompts, group_size, self.cfg.max_new_tokens,
                                   self.cfg.temperature, seed=seed)
 
     def rollouts(self, batch: list[data.Example], explain: bool = False):
@@ -364,13 +371,21 @@ class Trainer(Run):
         scored = [i for r in rows for i in r]
         total = self.global_counts(rows=len(roll.texts), tokens=float(mask.sum()), scored_tokens=float(mask[scored].sum()))
         stats = {"loss_pg": 0.0, "clip_frac": 0.0, "kl": 0.0, "entropy": 0.0}
+        mismatch = {"log_ratio": 0.0, "k3": 0.0, "max_ratio": 1.0}  # sampler vs trainer, on the scored tokens
         for r in rows:
             with self.amp():
                 logp, entropy = logprobs(self.model, roll, r, cfg.temperature, with_entropy=True)  # [n, T] each
-            loss, st = expo.grpo_loss(logp, old_logp=logp.detach() if old is None else old[r],
-                                      ref_logp=None if ref is None else ref[r], advantages=adv[r], mask=mask[r],
-                                      clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef, norm=cfg.loss_norm,
-                                      max_tokens=cfg.max_new_tokens)
+            old_r = logp.detach() if old is None else old[r]  # [n, T]
+            sampler_r = None if roll.sampler_logp is None else roll.sampler_logp[r]  # [n, T]; None: text, not sampled
+            tis = None  # when the sampler *is* the fp32 trainer there is nothing to correct
+            if cfg.tis_cap and self.sampler is not self.model and sampler_r is not None:
+                tis = expo.tis_weights(old_r, sampler_r, mask[r], cfg.tis_cap)  # [n, T]
+            loss, st = expo.grpo_loss(logp, old_logp=old_r, ref_logp=None if ref is None else ref[r],
+                                      advantages=adv[r], mask=mask[r], clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef,
+                                      norm=cfg.loss_norm, max_tokens=cfg.max_new_tokens, token_weights=tis)
+            if sampler_r is not None:
+                m = expo.sampler_mismatch(old_r, sampler_r, mask[r])
+                mismatch = {k: max(v, m[k]) if k == "max_ratio" else v + m[k] for k, v in mismatch.items()}
             weight = expo.accumulation_weight(cfg.loss_norm, mask[r], int(total.rows), int(total.tokens))
             (loss * weight).backward()
             stats["loss_pg"] += loss.item() * weight
@@ -380,6 +395,9 @@ class Trainer(Run):
             stats["entropy"] += float((entropy * mask[r]).sum()) / max(1, total.scored_tokens)
         if not total.scored_tokens:
             del stats["entropy"]  # measured on the rollouts that were scored; none were this step
+        else:
+            stats.update(mismatch_log_ratio=mismatch["log_ratio"] / total.scored_tokens,
+                         mismatch_k3=mismatch["k3"] / total.scored_tokens, mismatch_max_ratio=mismatch["max_ratio"])
         return stats
 
     def sft_pass(self, targets: rollout.Rollouts | None, beta: float) -> float:
@@ -416,6 +434,7 @@ class Trainer(Run):
         if math.isfinite(norm):
             self.stop.hold()  # from here the step is finished before a stop signal takes effect
             self.optimizer.step()
+            self.refresh_sampler()
         else:
             self.skipped += 1
             print(f"step {self.step}: non-finite loss or gradient (norm {norm}); update skipped", file=sys.stderr)
@@ -427,7 +446,9 @@ class Trainer(Run):
         levels = "all levels" if cfg.levels is None else "level " + ",".join(map(str, cfg.levels))
         if main:
             print(f"{cfg.method} on {cfg.dataset}, {levels}: {len(self.train_set)} train / {len(self.eval_set)} eval "
-                  f"questions, device {self.device}, {self.ranks.world} process(es), output {self.out}", flush=True)
+                  f"questions, device {self.device}, {self.ranks.world} process(es), sampling from "
+                  f"{'a bf16 copy of the policy' if self.sampler is not self.model else 'the fp32 policy'}, "
+                  f"output {self.out}", flush=True)
         before = self.evaluate("before") if self.step == 0 and cfg.eval_before else None
         try:
             with self.stop:

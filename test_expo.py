@@ -1178,7 +1178,8 @@ def test_gpu_recipe_flags_dry_run_on_a_qwen_shaped_model(tmp_path):
     """The README's GPU recipe scaled down on the CPU: MATH level 5, LoRA, gradient checkpointing, --grad_accum,
     --eval_every; one evaluation mid-run, a loadable merged checkpoint."""
     out = tmp_path / "run"
-    train.main(["--model", str(save_family_model("qwen2.5", tmp_path / "qwen")), "--dataset", "math", "--levels", "5", "--num_generations", "2",
+    train.main(["--model", str(save_family_model("qwen2.5", tmp_path / "qwen")), "--dataset", "math", "--levels", "5",
+                "--num_generations", "2",
                 "--batch_size", "2", "--max_new_tokens", "8", "--learning_rate", "1e-5", "--beta", "0.04", "--steps", "2",
                 "--grad_accum", "2", "--gradient_checkpointing", "--eval_every", "1", "--eval_limit", "2", "--eval_k", "2",
                 "--eval_max_new_tokens", "8", "--lora_rank", "4", "--output_dir", str(out)])
@@ -1628,7 +1629,8 @@ def test_references_are_the_frozen_initial_model(tiny_dir, tmp_path, monkeypatch
             with torch.no_grad():
                 want = rollout.token_logprobs(initial, roll.prompt_ids, roll.prompt_mask, roll.completion_ids, 0.7)
             mask = roll.completion_mask[scored].bool()
-            assert torch.allclose(ref[scored][mask], want[scored][mask], atol=1e-5), "the KL reference is not the initial model"
+            assert torch.allclose(ref[scored][mask], want[scored][mask], atol=1e-5), \
+                "the KL reference is not the initial model"
         else:
             both, (_, _, ref_chosen, ref_rejected, _) = built[0], seen[0]
             want = seq_logp(initial, both)
@@ -1725,6 +1727,9 @@ def test_seeds_vary_training_and_never_evaluation(tiny_dir, tmp_path, monkeypatc
             assert len(set(seeds[1:-1])) == len(seeds[1:-1]) == 2, "two training steps sampled with one seed"
     assert evals[0] == evals[1] == evals[2] == evals[3], "the evaluation depends on the training seed"
     assert evals[4][0] != evals[0][0] and evals[4][1] != evals[0][1], "--eval_seed does not choose the evaluation"
+    with pytest.raises(SystemExit, match="--seed 0 -> 1"):  # a resumed run is the same run: its seed cannot change
+        train.main(_args(tiny_dir, tmp_path / "0", "--method", "grpo", "--steps", "3", "--eval_limit", "3", "--seed",
+                         "1", "--resume"))
 
 
 def test_the_papers_settings_are_the_defaults():
@@ -1741,19 +1746,19 @@ def test_the_papers_settings_are_the_defaults():
 
 
 
-@pytest.mark.exercise10
 @pytest.mark.parametrize("call, message", [
-    (lambda: expo.group_advantages(torch.zeros(6), 4), "do not split into groups"),
-    (lambda: expo.group_advantages(torch.zeros(4), 1), "at least 2"),
-    (lambda: expo.group_advantages(torch.zeros(4), 2, scale="max"), "scale must be"),
-    (lambda: expo.grpo_loss(torch.zeros(1, 2), torch.zeros(1, 2), None, torch.ones(1), torch.ones(1, 2), kl_coef=0.1),
-     "needs ref_logp"),
-    (lambda: expo.grpo_loss(torch.zeros(1, 2), torch.zeros(1, 2), None, torch.ones(1), torch.ones(1, 2), norm="row"),
-     "norm must be"),
+    pytest.param(lambda: expo.group_advantages(torch.zeros(6), 4), "do not split into groups", marks=pytest.mark.exercise4),
+    pytest.param(lambda: expo.group_advantages(torch.zeros(4), 1), "at least 2", marks=pytest.mark.exercise4),
+    pytest.param(lambda: expo.group_advantages(torch.zeros(4), 2, scale="max"), "scale must be",
+                 marks=pytest.mark.exercise4),
+    pytest.param(lambda: expo.grpo_loss(torch.zeros(1, 2), torch.zeros(1, 2), None, torch.ones(1), torch.ones(1, 2),
+                                        kl_coef=0.1), "needs ref_logp", marks=pytest.mark.exercise5),
+    pytest.param(lambda: expo.grpo_loss(torch.zeros(1, 2), torch.zeros(1, 2), None, torch.ones(1), torch.ones(1, 2),
+                                        norm="row"), "norm must be", marks=pytest.mark.exercise5),
     (lambda: expo.beta_at(0, 10, 0.04, "cosine"), "beta schedule"),
     (lambda: rollout.token_logprobs(None, None, None, torch.zeros(1, 1, dtype=torch.long), temperature=0), "temperature"),
     (lambda: rollout._row_index(2, [1], "cpu"), "sample count"),
-    (lambda: evaluate.pass_at_k(3, 1, 4), "at least 4 samples"),
+    pytest.param(lambda: evaluate.pass_at_k(3, 1, 4), "at least 4 samples", marks=pytest.mark.exercise10),
 ])
 def test_every_promised_value_error_is_raised(call, message):
     with pytest.raises(ValueError, match=message):
@@ -2008,9 +2013,9 @@ def _initial_weights(folder):
 @pytest.mark.exercise10
 def test_torchrun_two_ranks_equal_one_process(tiny_dir, tmp_path):
     """Same rollouts, same update: 2 gloo ranks x 2 questions give the 1-process gradient on 4 questions (1e-6) and
-    log the same losses and counts, for each loss normalisation, with the self-explanation term, with zero-advantage rows skipped on rank 0 only, and
-    for DPO; the weights after a step with a gradient and after one without (no update in either); then `torchrun
-    --nproc_per_node 2 train.py` writes one log and one loadable checkpoint."""
+    log the same losses and counts, for each loss normalisation, with the self-explanation term, with zero-advantage
+    rows skipped on rank 0 only, and for DPO; the weights after a step with a gradient and after one without (no
+    update in either); then `torchrun --nproc_per_node 2 train.py` writes one log and one loadable checkpoint."""
     driver = tmp_path / "driver.py"
     driver.write_text(DIST_DRIVER)
     one, two = tmp_path / "one", tmp_path / "two"

@@ -1610,7 +1610,7 @@ def test_references_are_the_frozen_initial_model(tiny_dir, tmp_path, monkeypatch
     """The KL term's and DPO's reference log-probs are the initial model's, after the policy has moved, after
     --resume, and with LoRA (the adapters off)."""
     extra = ["--learning_rate", "1e-2", *(["--lora_rank", "4"] if lora else [])]
-    for method in ("grpo", "dpo_gt"):
+    for method in ("expo", "dpo_gt"):  # expo: its targets move the policy at every step, so a wrong reference shows
         out = tmp_path / method
         train.main(_args(tiny_dir, out, "--method", method, "--kl_coef", "0.1", "--steps", "1", *extra))
         seen = []
@@ -1623,13 +1623,13 @@ def test_references_are_the_frozen_initial_model(tiny_dir, tmp_path, monkeypatch
         train.main(_args(tiny_dir, out, "--method", method, "--kl_coef", "0.1", "--steps", "2", "--resume", *extra))
         monkeypatch.undo()
         initial = _initial(tiny_dir)
-        if method == "grpo":
+        if method == "expo":
             roll, rows, (_, ref) = seen[0]
             scored = [i for r in rows for i in r]
             with torch.no_grad():
                 want = rollout.token_logprobs(initial, roll.prompt_ids, roll.prompt_mask, roll.completion_ids, 0.7)
             mask = roll.completion_mask[scored].bool()
-            assert torch.allclose(ref[scored][mask], want[scored][mask], atol=1e-5), \
+            assert torch.allclose(ref[scored][mask], want[scored][mask], atol=1e-6), \
                 "the KL reference is not the initial model"
         else:
             both, (_, _, ref_chosen, ref_rejected, _) = built[0], seen[0]

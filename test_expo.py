@@ -1914,14 +1914,16 @@ def test_bf16_sampler_is_the_policy_cast_after_every_update(tiny_dir, tmp_path, 
 
 
 @pytest.mark.exercise10
-def test_tis_weight_is_exactly_one_when_the_sampler_is_the_trainer(tiny_dir, tmp_path):
+def test_tis_weight_is_exactly_one_when_the_sampler_is_the_trainer(tiny_dir, tmp_path, monkeypatch):
     """--sampler_dtype fp32 samples from the policy itself: --tis_cap changes nothing (the cached decoder's tiny
     rounding differences are not corrected); with a bf16 copy the mismatch is logged and the correction applied."""
-    flags = ["--method", "grpo", "--kl_coef", "0.1", "--steps", "2", "--learning_rate", "1e-2"]
+    monkeypatch.setattr(train.reward, "score", lambda text, gold: float(len(text) % 2))  # mixed groups
+    flags = ["--method", "grpo", "--kl_coef", "0.1", "--steps", "2", "--learning_rate", "1e-2", "--num_generations", "4"]
     for name, extra in [("plain", []), ("tis", ["--tis_cap", "2"])]:
         train.main(_args(tiny_dir, tmp_path / name, *flags, *extra))
     plain, tis = _steps(tmp_path / "plain"), _steps(tmp_path / "tis")
-    assert [s["loss_pg"] for s in plain] == [s["loss_pg"] for s in tis]
+    assert [(s["loss_pg"], s["grad_norm"]) for s in plain] == [(s["loss_pg"], s["grad_norm"]) for s in tis], \
+        "--tis_cap changed the update although the sampler is the fp32 policy"
     assert all(abs(s["mismatch_log_ratio"]) < 1e-5 and s["mismatch_k3"] < 1e-6 for s in plain)
     train.main(_args(tiny_dir, tmp_path / "bf16", *flags, "--sampler_dtype", "bf16"))
     assert all(s["mismatch_k3"] > 0 and s["mismatch_max_ratio"] > 1 for s in _steps(tmp_path / "bf16"))

@@ -11,7 +11,7 @@ A good positive sample (a text to raise the likelihood of) must be
 For N questions we measure three candidates:
   own               k answer-free rollouts per question, what GRPO learns from:       (1) by construction, rarely (2)
   self_explanation  one sample with the gold answer in the prompt, made into the training target exactly as
-                    training makes it (`expo.explanation_targets`), ExPO's positive:   the paper's claim: (1) and (2)
+                    training makes it (`expo.self_explanation_targets`), ExPO's positive:   the paper's claim: (1) and (2)
   expert            the dataset's worked solution, GRPO SFT-GT-CoT's positive:        (2), but not (1)
 
 Every NLL is scored under the *answer-free* solve prompt at temperature 1 -- the context and the distribution that
@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 import data
+import decode
 import evaluate
 import expo
 import reward
@@ -67,7 +68,8 @@ def describe(nll: list[float], lengths: list[int], correct: list[float], truncat
 
 
 def measure(model, tokenizer, examples: list[data.Example], k: int = 4, max_new_tokens: int = 128,
-            temperature: float = 0.7, seed: int = 0, drop_leaks: bool = True, sampler=None) -> dict:
+            temperature: float = 0.7, seed: int = 0, drop_leaks: bool = True, drop_truncated: bool = False,
+            sampler=None) -> dict:
     """The three kinds of positive sample for `examples`, each described by `describe` (see the module docstring).
     Samples come from `sampler` (a bf16 copy, as in training) when given, else from `model`; NLLs are `model`'s."""
     device, sampler = next(model.parameters()).device, sampler or model
@@ -82,14 +84,16 @@ def measure(model, tokenizer, examples: list[data.Example], k: int = 4, max_new_
 
     explain = rollout.encode_prompts(tokenizer, [expo.explain_prompt(e.question, e.answer) for e in examples])
     raw = rollout.sample(sampler, tokenizer, explain, 1, max_new_tokens, temperature, seed=seed + 1)
-    targets, dropped = expo.explanation_targets(raw.texts, golds, drop_leaks)
+    targets, counts = expo.self_explanation_targets(raw.texts, golds, raw.truncated.tolist(), None, drop_leaks,
+                                                    drop_truncated)  # exactly as training makes them
     kept = [i for i, t in enumerate(targets) if t is not None]
     if kept:
         batch = rollout.encode_targets(tokenizer, [solve[i] for i in kept], [targets[i] for i in kept], turn_end)
         nll, lengths = sequence_nll(model, batch.to(device))
         result["self_explanation"] = describe(nll, lengths, [reward.score(raw.texts[i], golds[i]) for i in kept],
                                               [bool(raw.truncated[i]) for i in kept])
-        result["self_explanation"]["dropped_leaks"] = dropped
+        result["self_explanation"].update(dropped_leaks=counts["explain_dropped"],
+                                          dropped_truncated=counts["explain_dropped_truncated"])
         hinted = rollout.encode_targets(tokenizer, [expo.explain_prompt(examples[i].question, golds[i]) for i in kept],
                                         [targets[i] for i in kept], turn_end)
         result["hint_reliance"] = hint_reliance(nll, sequence_nll(model, hinted.to(device))[0], lengths)
@@ -176,6 +180,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--pass_k", type=int, default=0, help="also pass@k for k = 1, 2, 4, .. up to this many "
                         "answer-free samples per question (e.g. 64; costs that many samples per question)")
     parser.add_argument("--no_drop_leaks", action="store_true", help="keep explanations that mention the hint")
+    parser.add_argument("--drop_truncated", action="store_true", help="drop explanations cut off by the budget, as "
+                        "train.py --drop_truncated does (default: keep them, as train.py does)")
     parser.add_argument("--seed", type=int, default=0, help="question subset and sampling seed")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu | cuda")
@@ -189,12 +195,12 @@ def main(argv=None) -> dict:
     except (OSError, data.DataError) as e:
         raise SystemExit(f"error: {e}")
     model.eval()
-    bf16 = args.sampler_dtype == "bf16" or (args.sampler_dtype == "auto" and rollout.bf16_is_native(model.device))
-    sampler = rollout.sampler_copy(model) if bf16 else model
+    bf16 = args.sampler_dtype == "bf16" or (args.sampler_dtype == "auto" and decode.bf16_is_native(model.device))
+    sampler = decode.sampler_copy(model) if bf16 else model
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if args.device.startswith("cuda") else contextlib.nullcontext()
     with amp:
         result = measure(model, tokenizer, examples, args.k, args.max_new_tokens, args.temperature, args.seed,
-                         drop_leaks=not args.no_drop_leaks, sampler=sampler)
+                         drop_leaks=not args.no_drop_leaks, drop_truncated=args.drop_truncated, sampler=sampler)
         if args.pass_k:
             result["pass_at_k"] = pass_at_k_curve(sampler, tokenizer, examples, args.pass_k, args.max_new_tokens,
                                                   args.temperature, args.seed + 2)

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
 
+import decode
 import rollout
 import train
 
@@ -94,7 +95,7 @@ def bench(model, tokenizer, args, label: str) -> dict:
         methods["generate_static"] = lambda: model.generate(ids, attention_mask=torch.ones_like(ids),
                                                             cache_implementation="static", **sampling)
     methods["ours_eager"] = ours(False)
-    if device.type == "cuda" and rollout._GraphedDecoder.supported(model):
+    if device.type == "cuda" and decode.GraphedDecoder.supported(model):
         methods["ours_cuda_graph"] = ours(True)
     result = {"model": label, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "rows": args.prompts * args.group, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens}
@@ -150,7 +151,7 @@ def bench_natural(args) -> list[dict]:
     """Sampling at natural lengths from the fp32 policy and from its bf16 copy, at the demo's and the comparison's
     budgets, and how far the bf16 sampler's distribution is from the fp32 trainer's on the tokens it drew."""
     model, tokenizer = rollout.load_policy(None)
-    copy = rollout.sampler_copy(model)
+    copy = decode.sampler_copy(model)
     questions = train.data.load("arith", "test", levels=args.levels, limit=args.prompts, seed=0)
     texts = [train.expo.solve_prompt(e.question) for e in questions]
     texts += [train.expo.explain_prompt(e.question, e.answer) for e in questions]
@@ -195,7 +196,7 @@ def natural_step(args) -> dict:
     out = {}
     for name in ("fp32", "bf16 copy"):
         trainer.model.load_state_dict(weights)
-        trainer.sampler = trainer.model if name == "fp32" else rollout.sampler_copy(trainer.model)
+        trainer.sampler = trainer.model if name == "fp32" else decode.sampler_copy(trainer.model)
         start = time.perf_counter()
         stats = trainer.grpo_step(batch)
         out[name] = {"step_s": round(time.perf_counter() - start, 1), "sample_s": round(stats["t_sample"], 1),
@@ -299,7 +300,7 @@ def bench_sampling(args) -> list[dict]:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         model = AutoModelForCausalLM.from_config(SHAPES[args.shape](None), dtype=dtype).to(device).eval()
         results.append(bench(model, _Tok(eos=2), args, args.shape))
-    if device.type == "cuda" and rollout._GraphedDecoder.supported(model):
+    if device.type == "cuda" and decode.GraphedDecoder.supported(model):
         results.append(graph_check(device))
     return results
 

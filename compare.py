@@ -47,15 +47,29 @@ def is_complete(folder: Path) -> bool:
         return False
 
 
+def initial_evaluation(out: Path) -> tuple[Path, dict] | None:
+    """(the run folder, the record) of the initial model's evaluation in comparison folder `out`, whichever method
+    and seed's run made it; None before any run has."""
+    for log in sorted(out.glob("*/seed-*/metrics.jsonl")):
+        before = read_run(log.parent)[1].get("before")
+        if before is not None:
+            return log.parent, before
+    return None
+
+
 def run_all(methods: list[str], seeds: list[int], out: Path, train_args: list[str]) -> None:
     """Train each (method, seed) into its folder with the same flags, seed by seed, skipping complete runs and
-    resuming interrupted ones (each run's minutes are read back from its log)."""
-    jobs = [(seed, method) for seed in seeds for method in methods]
-    for i, (seed, method) in enumerate(jobs):
+    resuming interrupted ones (each run's minutes are read back from its log). The initial model is evaluated once
+    per folder, by the first run trained there, and reused by every later run and later call (a new seed or method)."""
+    found = initial_evaluation(out)
+    evaluator = found[0] if found else None  # the run that evaluates (or evaluated) the initial model
+    for i, (seed, method) in enumerate([(seed, method) for seed in seeds for method in methods]):
         folder = run_folder(out, method, seed)
+        if evaluator is None and not is_complete(folder):
+            evaluator = folder
         flags = ["--method", method, "--seed", str(seed), "--output_dir", str(folder), *train_args]
-        if i > 0:
-            flags.append("--no-eval_before")  # the first run's "before" serves every method and seed
+        if folder != evaluator:
+            flags.append("--no-eval_before")  # one "before" serves every method and seed
         if is_complete(folder):
             try:  # the same flags, or an error that names those that differ
                 checkpoint.check_config(folder, asdict(train.parse_args(flags)))
@@ -67,7 +81,7 @@ def run_all(methods: list[str], seeds: list[int], out: Path, train_args: list[st
             flags.append("--resume")
         elif folder.exists():
             flags.append("--overwrite")  # an earlier start of this run that wrote no checkpoint: nothing to keep
-        print(f"\n=== {method}, seed {seed} ({i + 1}/{len(jobs)}) ===", flush=True)
+        print(f"\n=== {method}, seed {seed} ({i + 1}/{len(methods) * len(seeds)}) ===", flush=True)
         train.main(flags)
 
 
@@ -86,12 +100,10 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
 
 def summarize(methods: list[str], seeds: list[int], out: Path, k: int) -> dict:
     """The initial model's evaluation and, per method, every complete seed's results and their mean and spread."""
-    before = next((evals["before"] for m in methods for s in seeds
-                   if (run_folder(out, m, s) / "metrics.jsonl").exists()
-                   and "before" in (evals := read_run(run_folder(out, m, s))[1])), None)
-    if before is None:
+    found = initial_evaluation(out)
+    if found is None:
         raise SystemExit(f"error: no run in {out} has evaluated the initial model (the first run of a comparison does)")
-    rows = []
+    before, rows = found[1], []
     for method in methods:
         runs = []
         for seed in seeds:

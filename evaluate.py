@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 import data
+import decode
 import expo
 import reward
 import rollout
@@ -127,7 +128,7 @@ def main() -> None:
     args = parser.parse_args()
     levels = data.parse_levels(args.dataset, args.levels)
     examples = data.load(args.dataset, args.split, levels=levels, limit=args.limit, seed=args.seed)
-    native = rollout.bf16_is_native(torch.device(args.device))
+    native = decode.bf16_is_native(torch.device(args.device))
     bf16 = args.sampler_dtype == "bf16" or (args.sampler_dtype == "auto" and native)
     model, tokenizer = rollout.load_policy(args.model, args.device, torch.bfloat16 if bf16 else torch.float32)
     result = evaluate(model, tokenizer, examples, args.k, args.temperature, args.max_new_tokens, args.batch_size,

@@ -28,11 +28,15 @@ the "GRPO SFT-GT-CoT" baseline. ExP-DPO uses `dpo_loss` with e~ as the chosen re
 wrong answers as the rejected one. Every target ends in the chat template's turn-end token (rollout.turn_end_id).
 
 All loss functions take per-token log-probs `logp` [rows, tokens] and a 0/1 `mask` [rows, tokens] that marks the
-completion tokens; padding positions may hold any finite values and never change a loss or receive a gradient.
+completion tokens; padding positions may hold any finite values and never change a loss or receive a gradient. Each
+loss is a *sum* over its rows divided by a denominator, the step's (`Denominators`: counted once over the whole
+step's batch, every micro-batch and rank), so that micro-batch losses add up to the step's loss with no re-weighting;
+`microbatch_loss` is one micro-batch's share of the whole ExP-GRPO objective, on plain tensors.
 """
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -111,16 +115,35 @@ def explanation_target(explanation: str, answer: str) -> str:
     return text[:start] + answer + tail
 
 
-def explanation_targets(explanations: list[str], answers: list[str], drop_leaks: bool = True):
-    """Targets for a batch of explanations; leaking ones become None when `drop_leaks`. Returns (targets, n_dropped)."""
-    targets, dropped = [], 0
-    for text, answer in zip(explanations, answers):
-        if drop_leaks and mentions_hint(text):
-            targets.append(None)
-            dropped += 1
-        else:
-            targets.append(explanation_target(text, answer))
-    return targets, dropped
+def self_explanation_targets(explanations: list[str], answers: list[str], truncated: list[bool],
+                             solved: list[bool] | None = None, drop_leaks: bool = True, drop_truncated: bool = False,
+                             drop_wrong: bool = False) -> tuple[list[str | None], dict[str, float]]:
+    """The likelihood targets made from sampled self-explanations, one per question, with every filter: training and
+    analyze.py both make them here.
+
+    Each explanation becomes `explanation_target(text, gold)`, or None when a filter drops it, checked in this order:
+    `solved` (given for --explain_on failed: True where the question's group had a success, so only all-wrong groups
+    are explained), `drop_leaks` (`mentions_hint`), `drop_truncated` (cut off by the budget), `drop_wrong` (its own
+    final answer, judged *before* the gold answer replaces it, is not the gold one). Returns (targets, counts):
+    `explain_correct` the share of explanations that reach the gold answer themselves, and how many each filter
+    dropped (`explain_dropped` for leaks, `explain_dropped_truncated`, `explain_dropped_wrong`, and
+    `explain_dropped_solved` when `solved` is given). Example: ["So \\boxed{7}.", "The given answer is 7, so 7."]
+    for gold ["8", "7"] -> (["So \\boxed{8}.", None], {"explain_correct": 0.5, "explain_dropped": 1, ...}).
+    """
+    correct = [reward.score(text, answer) for text, answer in zip(explanations, answers)]
+    reasons = []
+    for i, text in enumerate(explanations):
+        reasons.append("solved" if solved is not None and solved[i] else
+                       "leak" if drop_leaks and mentions_hint(text) else
+                       "truncated" if drop_truncated and truncated[i] else
+                       "wrong" if drop_wrong and not correct[i] else None)
+    targets = [None if why else explanation_target(text, answer)
+               for text, answer, why in zip(explanations, answers, reasons)]
+    counts = {"explain_correct": sum(correct) / max(1, len(correct)), "explain_dropped": reasons.count("leak"),
+              "explain_dropped_truncated": reasons.count("truncated"), "explain_dropped_wrong": reasons.count("wrong")}
+    if solved is not None:
+        counts["explain_dropped_solved"] = reasons.count("solved")
+    return targets, counts
 
 
 # ------------------------------------------------------------------------------------------------------ advantages
@@ -155,35 +178,52 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "std")
 LOSS_NORMS = ("seq", "token", "constant")
 
 
-def _reduce(per_token: torch.Tensor, mask: torch.Tensor, norm: str, max_tokens: int | None) -> torch.Tensor:
-    """Average a masked [rows, tokens] tensor; `norm` decides the denominator (see grpo_loss)."""
+class Denominators(NamedTuple):
+    """The step's denominators, counted once over the whole step's batch (every micro-batch, every rank)."""
+
+    pg: float  # of grpo_loss: `pg_denominator` of all the step's rollouts
+    target_tokens: float  # of sft_loss: the tokens of all the step's likelihood targets
+
+
+def pg_denominator(mask: torch.Tensor, norm: str, max_tokens: int | None = None) -> float:
+    """What grpo_loss divides its sum by, for the rollouts of `mask` [rows, tokens]: the number of rows ("seq", each
+    row first averaged over its own tokens), of tokens ("token"), or rows x max_tokens ("constant"; max_tokens
+    defaults to the padded width: pass the generation budget for Dr. GRPO's constant).
+
+    Example, masks [[1, 1, 1, 0], [1, 0, 0, 0]]: seq 2, token 4, constant 8, and 10 with max_tokens = 5.
+    """
+    # exercise 8: one denominator per step, and exact gradient accumulation
     if norm == "seq":
-        return (per_token.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()
+        return float(mask.shape[0])
     if norm == "token":
-        return per_token.sum() / mask.sum().clamp(min=1)
+        return float(mask.sum())
     if norm == "constant":
-        return per_token.sum() / (per_token.shape[0] * (max_tokens or per_token.shape[1]))
+        return float(mask.shape[0] * (max_tokens or mask.shape[1]))
     raise ValueError(f"norm must be one of {LOSS_NORMS}, not {norm!r}")
 
 
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None, advantages: torch.Tensor,
               mask: torch.Tensor, clip_eps: float = 0.2, kl_coef: float = 0.0, norm: str = "seq",
-              max_tokens: int | None = None,
+              max_tokens: int | None = None, denominator: float | None = None,
               token_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """The clipped GRPO surrogate (negated, to minimise) plus kl_coef * k3, averaged over completion tokens.
+    """The clipped GRPO surrogate (negated, to minimise) plus kl_coef * k3: a sum over completion tokens divided by
+    `denominator`.
 
     Per token: -min(rho * A, clip(rho, 1 - eps, 1 + eps) * A) + kl_coef * k3, with rho = exp(logp - old_logp).
-    `norm`: "seq"      mean over each row's tokens, then over rows (DeepSeekMath; long answers weigh less per token);
-            "token"    sum over all tokens / number of tokens (DAPO);
-            "constant" sum / (rows * max_tokens), max_tokens defaulting to the padded length; pass the generation
-                       budget to get Dr. GRPO's constant that does not depend on the batch.
+    `norm`: "seq"      each row's tokens averaged first (DeepSeekMath; long answers weigh less per token), then the
+                       rows summed and divided by the number of rows;
+            "token"    the tokens summed and divided by their number (DAPO);
+            "constant" the tokens summed and divided by rows * max_tokens (Dr. GRPO: a constant of the batch shape).
+    `denominator` is the step's (`pg_denominator` over the step's whole batch), so that the losses of its micro-batches
+    add up to the step's loss; None takes this batch's own (`pg_denominator(mask, norm, max_tokens)`).
     `token_weights` [rows, tokens] (detached), when given, multiplies each token's clipped surrogate (not the KL term):
     the truncated importance weight of `tis_weights`. `ref_logp` may be None when kl_coef == 0. Padding never counts:
     not in the loss value (which is logged), not in the gradient, and a log-ratio of any size there must not overflow
     (zero it *before* exp: inf * 0 is nan).
-    Returns (loss, stats), stats as plain floats over completion tokens: `clip_frac` the share where the min takes
-    the clipped branch (rho > 1 + eps with A > 0, or rho < 1 - eps with A < 0: where the gradient is cut; not merely
-    |rho - 1| > eps), `kl` the mean k3 (0 without ref_logp), `ratio` the mean rho.
+    Returns (loss, stats), stats as sums over the completion tokens, so that micro-batches and ranks add up (divide
+    by `tokens` for means): `tokens`, `clipped` the tokens where the min takes the clipped branch (rho > 1 + eps with
+    A > 0, or rho < 1 - eps with A < 0: where the gradient is cut; not merely |rho - 1| > eps), `kl` the summed k3
+    (0 without ref_logp).
 
     Worked example, one token, A = 1, eps = 0.2: logp - old_logp = log 1.5 -> rho = 1.5 -> clipped to 1.2, and
     min(1.5, 1.2) = 1.2 does not depend on logp: the gradient is 0 (the update has gone far enough). With A = -1 the
@@ -204,12 +244,17 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
         if ref_logp is None:
             raise ValueError("kl_coef > 0 needs ref_logp")
         per_token = per_token + kl_coef * kl
-    loss = _reduce(per_token * mask, mask, norm, max_tokens)
+    per_token = per_token * mask  # [rows, tokens]
+    if norm == "seq":
+        total = (per_token.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).sum()  # each row's token mean, summed
+    else:
+        total = per_token.sum()
+    if denominator is None:
+        denominator = pg_denominator(mask, norm, max_tokens)
+    loss = total / max(denominator, 1.0)
     with torch.no_grad():
-        n = mask.sum().clamp(min=1)
         clipped = ((ratio > 1 + clip_eps) & (adv > 0)) | ((ratio < 1 - clip_eps) & (adv < 0))
-        stats = {"clip_frac": float((clipped * mask).sum() / n), "kl": float((kl * mask).sum() / n),
-                 "ratio": float((ratio * mask).sum() / n)}
+        stats = {"tokens": float(mask.sum()), "clipped": float((clipped * mask).sum()), "kl": float((kl * mask).sum())}
     return loss, stats
 
 
@@ -247,16 +292,51 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, valid: torch.Tensor) -> to
     return torch.exp(delta) - delta - 1
 
 
-def sft_loss(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Token-mean negative log-likelihood of the masked tokens: ExP-GRPO's extra term is beta * sft_loss(targets).
+def sft_loss(logp: torch.Tensor, mask: torch.Tensor, denominator: float | None = None) -> torch.Tensor:
+    """Negative log-likelihood of the masked tokens, summed and divided by `denominator`: the step's target tokens
+    (`Denominators.target_tokens`), or None for this batch's own. ExP-GRPO's extra term is beta * sft_loss(targets).
 
-    Every masked token of every row weighs the same (a row of 3 tokens counts 3 times a row of 1; not a mean of
-    per-row means). Example: log-probs [[log .5, log .5, log .5], [log .1, *, *]] with masks [[1, 1, 1], [1, 0, 0]]
-    -> (3 * 0.693 + 2.303) / 4 = 1.096.
+    A token mean over all the step's targets: every masked token of every row weighs the same (a row of 3 tokens
+    counts 3 times a row of 1; not a mean of per-row means). Example: log-probs [[log .5, log .5, log .5],
+    [log .1, *, *]] with masks [[1, 1, 1], [1, 0, 0]] -> (3 * 0.693 + 2.303) / 4 = 1.096.
     """
-    # exercise 8: the self-explanation term and exact gradient accumulation
-    mask = mask.to(logp.dtype)
-    return -(torch.where(mask.bool(), logp, 0.0)).sum() / mask.sum().clamp(min=1)
+    # exercise 8: one denominator per step, and exact gradient accumulation
+    if denominator is None:
+        denominator = float(mask.sum())
+    return -(torch.where(mask.bool(), logp, 0.0)).sum() / max(denominator, 1.0)
+
+
+def microbatch_loss(logp: torch.Tensor | None, old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
+                    advantages: torch.Tensor | None, mask: torch.Tensor | None, target_logp: torch.Tensor | None,
+                    target_mask: torch.Tensor | None, *, denominators: Denominators, beta: float,
+                    clip_eps: float = 0.2, kl_coef: float = 0.0, norm: str = "seq",
+                    sampler_logp: torch.Tensor | None = None,
+                    tis_cap: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """One micro-batch's share of the step's ExP-GRPO loss: grpo_loss over its rollout rows + beta * sft_loss over
+    its target rows, each divided by the step's denominator, so that the micro-batch losses sum to the step's loss
+    and one backward per micro-batch accumulates exactly the full-batch gradient.
+
+    Rollout tensors (`logp` .. `mask`, and the sampler's log-probs `sampler_logp`) are [rows, tokens], `advantages`
+    [rows]; target tensors [targets, tokens]. Either side may be None: a micro-batch without rollout rows to score
+    (all of its groups all-equal) or without targets (GRPO; beta == 0). `tis_cap` > 0 weights each rollout token by
+    the truncated importance ratio `tis_weights(old_logp, sampler_logp)`. Returns (loss, stats), stats as sums:
+    grpo_loss's (`tokens`, `clipped`, `kl`), `loss_pg` and `loss_sft` (the unweighted NLL's share: the logged
+    losses are the sums over micro-batches), `target_tokens`, and sampler_mismatch's `log_ratio` / `k3` / `max_ratio`.
+    """
+    loss, stats = torch.zeros(()), {}
+    if logp is not None:
+        weights = None if not tis_cap or sampler_logp is None else tis_weights(old_logp, sampler_logp, mask, tis_cap)
+        pg, stats = grpo_loss(logp, old_logp=old_logp, ref_logp=ref_logp, advantages=advantages, mask=mask,
+                              clip_eps=clip_eps, kl_coef=kl_coef, norm=norm, denominator=denominators.pg,
+                              token_weights=weights)
+        loss, stats["loss_pg"] = pg, pg.item()
+        if sampler_logp is not None:
+            stats.update(sampler_mismatch(old_logp, sampler_logp, mask))
+    if target_logp is not None:
+        nll = sft_loss(target_logp, target_mask, denominators.target_tokens)
+        loss = loss + beta * nll
+        stats.update(loss_sft=nll.item(), target_tokens=float(target_mask.sum()))
+    return loss, stats
 
 
 def sequence_logp(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -265,8 +345,9 @@ def sequence_logp(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def dpo_loss(policy_chosen_logp: torch.Tensor, policy_rejected_logp: torch.Tensor, ref_chosen_logp: torch.Tensor,
-             ref_rejected_logp: torch.Tensor, beta: float) -> torch.Tensor:
-    """DPO on sequence log-probs [pairs]: mean of -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))).
+             ref_rejected_logp: torch.Tensor, beta: float, denominator: float | None = None) -> torch.Tensor:
+    """DPO on sequence log-probs [pairs]: -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), summed over pairs
+    and divided by `denominator` (the step's pairs; None: these pairs, a mean).
 
     At equal margins the loss is log 2 ~ 0.693; it falls as the policy raises the chosen response (for ExP-DPO, the
     self-explanation) relative to the rejected one (the policy's own wrong answer), measured against the reference.
@@ -274,7 +355,9 @@ def dpo_loss(policy_chosen_logp: torch.Tensor, policy_rejected_logp: torch.Tenso
     """
     # exercise 9: the DPO loss
     margin = (policy_chosen_logp - ref_chosen_logp) - (policy_rejected_logp - ref_rejected_logp)
-    return -F.logsigmoid(beta * margin).mean()
+    if denominator is None:
+        denominator = float(margin.numel())
+    return -F.logsigmoid(beta * margin).sum() / max(denominator, 1.0)
 
 
 def beta_at(step: int, total_steps: int, beta: float, schedule: str = "constant") -> float:
@@ -284,15 +367,3 @@ def beta_at(step: int, total_steps: int, beta: float, schedule: str = "constant"
     if schedule == "linear":
         return beta * max(0.0, 1.0 - step / max(1, total_steps))
     raise ValueError(f"beta schedule must be 'constant' or 'linear', not {schedule!r}")
-
-
-def accumulation_weight(norm: str, micro_mask: torch.Tensor, total_rows: int, total_tokens: int) -> float:
-    """Scale for a micro-batch loss so that the micro-batch losses *sum* to the full-batch loss exactly.
-
-    A micro-batch loss is normalised by its own rows or tokens; re-weighting by its share of the full batch's rows
-    ("seq", "constant") or tokens ("token", and sft_loss) makes gradient accumulation equal one big batch.
-    """
-    # exercise 8: the self-explanation term and exact gradient accumulation
-    if norm == "token":
-        return float(micro_mask.sum()) / max(1, total_tokens)
-    return micro_mask.shape[0] / max(1, total_rows)

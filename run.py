@@ -1,5 +1,5 @@
 """A training run's plumbing: where it runs, its folder, data, model and reference, its logs, evaluations and
-checkpoints. `train.Trainer` (the GRPO family) and `train.DPOTrainer` build on `Run` and add the method: how a step
+checkpoints. `train.Trainer` (the GRPO family) and `dpo.DPOTrainer` build on `Run` and add the method: how a step
 samples, scores and updates, and the loop. Nothing here knows the method.
 
     Run(cfg)             ranks and device; the run folder locked and claimed (checkpoint.py); the train and eval
@@ -7,6 +7,8 @@ samples, scores and updates, and the loop. Nothing here knows the method.
                          policy when a loss needs one; AdamW; the step and optimizer state of a checkpoint on --resume
     log / write_samples  metrics.jsonl (one JSON line per step or evaluation) and samples.md, by rank 0
     evaluate(label)      pass@k on the fixed evaluation set (its questions and draws depend on --eval_seed only)
+    sample(texts, ...)   completions drawn from the sampler (the bf16 copy or the policy), seeded by (seed, step, rank)
+    optimizer_step()     sum the ranks' gradients, clip, apply (unless not finite), refresh the sampler copy
     save()               the checkpoint of the completed steps (every rank calls it at the same step)
 """
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -23,10 +27,16 @@ from safetensors.torch import load_file
 
 import checkpoint
 import data
+import decode
 import distributed
 import evaluate
 import lora
 import rollout
+
+
+def step_seed(seed: int, step: int, salt: int = 0, rank: int = 0) -> int:
+    """The sampling seed of a step; each rank draws its own (rank 0's is the single-process seed)."""
+    return (seed * 1_000_003 + step * 7919 + salt + rank * 104_729) % (2**31)
 
 
 class Run:
@@ -51,7 +61,7 @@ class Run:
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
                                            lr=cfg.learning_rate, betas=(0.9, 0.99), weight_decay=0.0)
         self.step, self.skipped = 0, 0
-        self.stop = checkpoint.StopSignals(abandon=self.ranks.world == 1)  # installed while `train` runs
+        self.signals = checkpoint.StopSignals(abandon=self.ranks.world == 1)  # installed while `train` runs
         if start:
             self.restore(start, state)
         elif self.ranks.main:  # written once the run can start: a start that failed (bad data, model) leaves no run
@@ -111,17 +121,51 @@ class Run:
         policy itself. The trainer's log-probs, losses and optimizer stay fp32 either way. With LoRA the copy holds the
         adapters too, and the refresh copies them."""
         want = self.cfg.sampler_dtype
-        if want == "bf16" or (want == "auto" and rollout.bf16_is_native(self.device)):
-            return rollout.sampler_copy(self.model, torch.bfloat16)
+        if want == "bf16" or (want == "auto" and decode.bf16_is_native(self.device)):
+            return decode.sampler_copy(self.model, torch.bfloat16)
         return self.model
 
     def refresh_sampler(self) -> None:
         if self.sampler is not self.model:
-            rollout.refresh_sampler(self.sampler, self.model)
+            decode.refresh_sampler(self.sampler, self.model)
 
     def sampling(self, model):
         """The context to sample `model` in: none for a bf16 model, else the run's autocast (bf16 on a GPU)."""
         return contextlib.nullcontext() if next(model.parameters()).dtype == torch.bfloat16 else self.amp()
+
+    def optimizer_step(self) -> float:
+        """Sum the ranks' gradients, clip, and apply, unless the norm is not finite (then nothing changes). The norm
+        is taken after the sum, so every rank makes the same decision.
+
+        A step in which no rank ran a backward (every group all-equal, no targets) has no gradient, and is not an
+        update: AdamW is not stepped, so its momentum does not move the weights, in one process and under torchrun
+        alike (there `sum_gradients` would zero-fill the gradients and AdamW would step). "GRPO learns nothing from
+        an all-wrong batch" then holds exactly, and one process and N ranks stay the same run."""
+        has_grad = any(p.grad is not None for p in self.model.parameters())
+        if not distributed.all_sum([float(has_grad)], self.ranks)[0]:
+            return 0.0
+        distributed.sum_gradients(self.model, self.ranks)
+        norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm))
+        if math.isfinite(norm):
+            self.signals.hold()  # from here the step is finished before a stop signal takes effect
+            self.optimizer.step()
+            self.refresh_sampler()
+        else:
+            self.skipped += 1
+            print(f"step {self.step}: non-finite loss or gradient (norm {norm}); update skipped", file=sys.stderr)
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def sampling_seed(self, salt: int = 0) -> int:
+        """This step's sampling seed on this rank (`step_seed`)."""
+        return step_seed(self.cfg.seed, self.step, salt, self.ranks.rank)
+
+    def sample(self, user_texts: list[str], group_size: int | list[int], seed: int, model=None) -> rollout.Rollouts:
+        prompts = rollout.encode_prompts(self.tokenizer, user_texts)
+        model = model or self.sampler
+        with self.sampling(model):
+            return rollout.sample(model, self.tokenizer, prompts, group_size, self.cfg.max_new_tokens,
+                                  self.cfg.temperature, seed=seed)
 
     def load_reference(self, start: Path | None):
         """The frozen *initial* policy (also after --resume) when a loss needs one: KL here, DPO in DPOTrainer. With

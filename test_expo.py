@@ -318,7 +318,7 @@ def test_grpo_gradient_is_reinforce_at_ratio_one(norm):
     loss.backward()
     normaliser = {"seq": mask.sum(1, keepdim=True) * 3, "token": mask.sum(), "constant": 3 * 5}[norm]
     assert torch.allclose(logp.grad, -adv[:, None] * mask / normaliser)
-    assert stats == {"clip_frac": 0.0, "kl": 0.0, "ratio": 1.0}
+    assert stats == {"tokens": 9.0, "clipped": 0.0, "kl": 0.0}  # sums over the 9 completion tokens
 
 
 @pytest.mark.exercise5
@@ -333,7 +333,7 @@ def test_grpo_clipping_zeroes_gradient_exactly_where_it_should():
     expected = torch.stack([torch.tensor([0.0, -ratio[1], -ratio[2]]),  # A>0: ratio above 1+eps is clipped
                             torch.tensor([ratio[0], 0.0, ratio[2]])]) / 6  # A<0: ratio below 1-eps is clipped
     assert torch.allclose(logp.grad, expected)
-    assert stats["clip_frac"] == pytest.approx(2 / 6)
+    assert stats["clipped"] == 2 and stats["tokens"] == 6
 
 
 @pytest.mark.exercise5
@@ -386,7 +386,7 @@ def test_k3_kl_values():
     loss, stats = expo.grpo_loss(logp, logp, ref, torch.zeros(1), torch.ones(1, 2), kl_coef=1.0, norm="token")
     k3 = 2.0 - math.log(2.0) - 1  # exp(d) - d - 1 with d = log(0.4 / 0.2)
     assert loss.item() == pytest.approx(k3 / 2)
-    assert stats["kl"] == pytest.approx(k3 / 2)
+    assert stats["kl"] == pytest.approx(k3) and stats["tokens"] == 2  # summed over the two tokens
     same, stats = expo.grpo_loss(logp, logp, logp, torch.zeros(1), torch.ones(1, 2), kl_coef=1.0)
     assert same.item() == 0.0 and stats["kl"] == 0.0
 
@@ -448,16 +448,52 @@ def test_beta_schedule():
 
 
 @pytest.mark.exercise8
+def test_pg_denominator_counts_rows_tokens_or_the_budget():
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])
+    assert [expo.pg_denominator(mask, norm) for norm in expo.LOSS_NORMS] == [2.0, 4.0, 8.0]
+    assert expo.pg_denominator(mask, "constant", max_tokens=5) == 10.0
+    with pytest.raises(ValueError):
+        expo.pg_denominator(mask, "mean")
+
+
+@pytest.mark.exercise8
 @pytest.mark.parametrize("norm", expo.LOSS_NORMS)
-def test_accumulation_weights_make_micro_batches_exact(norm):
+def test_one_denominator_makes_micro_batches_add_up_exactly(norm):
+    """Each micro-batch's loss divided by the step's denominator: the parts sum to the full-batch loss, value and
+    gradient, with no re-weighting; the same holds for the likelihood term over the target tokens."""
     logp, mask, adv = _rollout_tensors()
     full, _ = expo.grpo_loss(logp, logp.detach() - 0.05, None, adv, mask, norm=norm, max_tokens=5)
-    parts = []
-    for rows in (slice(0, 2), slice(2, 3)):
-        part, _ = expo.grpo_loss(logp[rows], logp.detach()[rows] - 0.05, None, adv[rows], mask[rows], norm=norm,
-                                 max_tokens=5)
-        parts.append(part * expo.accumulation_weight(norm, mask[rows], 3, int(mask.sum())))
-    assert torch.allclose(sum(parts), full)
+    (grad_full,) = torch.autograd.grad(full, logp)
+    denominator = expo.pg_denominator(mask, norm, max_tokens=5)
+    parts = [expo.grpo_loss(logp[rows], logp.detach()[rows] - 0.05, None, adv[rows], mask[rows], norm=norm,
+                            denominator=denominator)[0] for rows in (slice(0, 2), slice(2, 3))]
+    (grad_parts,) = torch.autograd.grad(sum(parts), logp)
+    assert torch.allclose(sum(parts), full) and torch.allclose(grad_parts, grad_full)
+    nll = [expo.sft_loss(logp[rows], mask[rows], float(mask.sum())) for rows in (slice(0, 1), slice(1, 3))]
+    assert torch.allclose(sum(nll), expo.sft_loss(logp, mask))
+
+
+@pytest.mark.exercise8
+def test_microbatch_loss_is_grpo_plus_beta_nll_with_summed_stats():
+    """expo.microbatch_loss on plain tensors, against hand-computed values: at ratio 1 with "token" norm the GRPO part
+    is -sum(A_i |o_i|) / tokens, the likelihood part beta * NLL / target tokens; over two micro-batches (one with
+    rollout rows only, one with targets only) the parts add up to one big batch's loss."""
+    logp, mask, adv = _rollout_tensors()  # 9 tokens: rows of 3, 5, 1 with A = 1, -0.5, 2
+    target_logp, target_mask = torch.log(torch.tensor([[0.5, 0.5, 0.5], [0.1, 0.9, 0.9]])), torch.tensor(
+        [[1, 1, 1], [1, 0, 0]])
+    den = expo.Denominators(pg=9.0, target_tokens=4.0)
+    loss, stats = expo.microbatch_loss(logp, logp.detach(), None, adv, mask, target_logp, target_mask,
+                                       denominators=den, beta=0.04, norm="token")
+    pg = -(1 * 3 - 0.5 * 5 + 2 * 1) / 9  # -0.2778
+    nll = -(3 * math.log(0.5) + math.log(0.1)) / 4  # 1.0956
+    assert loss.item() == pytest.approx(pg + 0.04 * nll)
+    assert stats["loss_pg"] == pytest.approx(pg) and stats["loss_sft"] == pytest.approx(nll)
+    assert (stats["tokens"], stats["target_tokens"], stats["clipped"]) == (9.0, 4.0, 0.0)
+    first, _ = expo.microbatch_loss(logp, logp.detach(), None, adv, mask, None, None, denominators=den, beta=0.04,
+                                    norm="token")
+    second, st = expo.microbatch_loss(None, None, None, None, None, target_logp, target_mask, denominators=den,
+                                      beta=0.04, norm="token")
+    assert (first + second).item() == pytest.approx(loss.item()) and "loss_pg" not in st
 
 
 @pytest.mark.exercise7
@@ -476,10 +512,12 @@ def test_explanation_targets_and_leak_filter():
     assert expo.explanation_target("We add 40 and 5 to get 45.", "45") == \
         "We add 40 and 5 to get 45.\nThe answer is \\boxed{45}."
     assert expo.explanation_target("so $\\boxed{\\frac{1}{2}}$.", "\\frac{1}{3}") == "so $\\boxed{\\frac{1}{3}}$."
-    targets, dropped = expo.explanation_targets(
-        ["Since the given answer is 85, we work back.", "7 + 8 = 15", "As the hint says, 3."], ["85", "15", "3"])
-    assert targets == [None, "7 + 8 = 15\nThe answer is \\boxed{15}.", None] and dropped == 2
-    assert expo.explanation_targets(["The given answer is 85"], ["85"], drop_leaks=False)[1] == 0
+    targets, counts = expo.self_explanation_targets(
+        ["Since the given answer is 85, we work back.", "7 + 8 = 15", "As the hint says, 3."], ["85", "15", "3"],
+        [False] * 3)
+    assert targets == [None, "7 + 8 = 15\nThe answer is \\boxed{15}.", None] and counts["explain_dropped"] == 2
+    assert expo.self_explanation_targets(["The given answer is 85"], ["85"], [False], drop_leaks=False)[1][
+        "explain_dropped"] == 0
     assert not expo.mentions_hint("So the final answer is 85.")  # an ordinary closing line is not a leak
 
 
@@ -520,6 +558,7 @@ def test_leak_filter_keeps_ordinary_reasoning(text):
 
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+import decode  # noqa: E402
 import rollout  # noqa: E402
 
 
@@ -716,10 +755,10 @@ def test_sampling_uses_kv_cache_under_gradient_checkpointing(tokenizer):
 
 def test_inverse_cdf_sampling_matches_the_distribution():
     logits = torch.log(torch.tensor([[0.1, 0.2, 0.7, 0.0]])).repeat(40000, 1)
-    picks = rollout._pick(logits, 1.0, torch.Generator().manual_seed(0))
+    picks = decode.pick(logits, 1.0, torch.Generator().manual_seed(0))
     freq = torch.bincount(picks, minlength=4).float() / 40000
     assert torch.allclose(freq, torch.tensor([0.1, 0.2, 0.7, 0.0]), atol=0.01) and freq[3] == 0
-    hot = rollout._pick(torch.tensor([[1.0, 3.0, 2.0, 0.0]]).repeat(5, 1), 0, None)
+    hot = decode.pick(torch.tensor([[1.0, 3.0, 2.0, 0.0]]).repeat(5, 1), 0, None)
     assert hot.tolist() == [1] * 5
 
 
@@ -734,6 +773,8 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 import checkpoint  # noqa: E402
 import evaluate  # noqa: E402
+import dpo  # noqa: E402
+import run  # noqa: E402
 import train  # noqa: E402
 
 
@@ -777,8 +818,8 @@ def test_two_steps_of_each_method_write_log_and_checkpoint(tiny_dir, tmp_path, m
 @pytest.mark.exercise8
 @pytest.mark.parametrize("explain_on", ["all", "failed"])
 def test_expo_samples_rollouts_and_self_explanations_in_one_pass(tiny_dir, tmp_path, monkeypatch, explain_on):
-    """Explaining every question (the paper), the B explain prompts ride in the rollouts' sampling call, one row each;
-    explaining all-wrong groups only, they need the rewards first, so a second call draws them."""
+    """The B explain prompts ride in the rollouts' sampling call, one row each, also when only all-wrong groups are
+    explained (--explain_on failed then drops the others' explanations, a filter like the rest)."""
     t = train.Trainer(train.parse_args(_args(tiny_dir, tmp_path, "--method", "expo", "--explain_on", explain_on)))
     batch = [t.train_set[i] for i in range(2)]
     calls, real = [], rollout.sample
@@ -787,10 +828,7 @@ def test_expo_samples_rollouts_and_self_explanations_in_one_pass(tiny_dir, tmp_p
     monkeypatch.setattr(reward, "score", lambda text, answer: 0.0)  # every group all-wrong: both settings explain all
     stats = t.grpo_step(batch)
     explain = rollout.encode_prompts(t.tokenizer, [expo.explain_prompt(e.question, e.answer) for e in batch])
-    if explain_on == "all":
-        assert len(calls) == 1 and calls[0][1] == [2, 2, 1, 1] and calls[0][0][2:] == explain
-    else:
-        assert [c[1] for c in calls] == [[2, 2], 1] and calls[1][0] == explain
+    assert len(calls) == 1 and calls[0][1] == [2, 2, 1, 1] and calls[0][0][2:] == explain
     assert stats["targets"] == 2 and stats["explain_len"] > 0 and stats["loss_sft"] > 0
 
 
@@ -806,7 +844,7 @@ def test_self_explanation_filters(tiny_dir, tmp_path, flags, kept):
              f"Adding gives \\boxed{{{questions[2].answer}}}, and then"]
     out = rollout.encode_targets(t.tokenizer, ["q"] * 3, texts, t.turn_end)
     out.truncated = torch.tensor([False, False, True])
-    targets, stats = t.self_explanations(questions, out)
+    targets, stats = t.likelihood_targets(questions, torch.zeros(3 * t.cfg.num_generations), out)
     assert [i for i, x in enumerate(targets) if x is not None] == kept
     assert all(reward.extract_answer(targets[i]) == questions[i].answer for i in kept)
     assert stats["explain_correct"] == pytest.approx(2 / 3)
@@ -1310,8 +1348,9 @@ def test_zero_advantage_rows_can_be_skipped_exactly(norm):
     full, _ = expo.grpo_loss(logp, old, None, adv, mask, norm=norm, max_tokens=5)
     (grad_full,) = torch.autograd.grad(full, logp)
     kept = [0, 2]
-    part, _ = expo.grpo_loss(logp[kept], old[kept], None, adv[kept], mask[kept], norm=norm, max_tokens=5)
-    (grad_part,) = torch.autograd.grad(part * expo.accumulation_weight(norm, mask[kept], 3, int(mask.sum())), logp)
+    part, _ = expo.grpo_loss(logp[kept], old[kept], None, adv[kept], mask[kept], norm=norm,
+                             denominator=expo.pg_denominator(mask, norm, max_tokens=5))  # the whole batch's
+    (grad_part,) = torch.autograd.grad(part, logp)
     assert torch.allclose(grad_full, grad_part)
 
 
@@ -1419,6 +1458,9 @@ def test_compare_two_methods_two_seeds_one_evaluation_set(tiny_dir, tmp_path, ca
     log = (tmp_path / "grpo" / "seed-1" / "metrics.jsonl").read_text()
     compare.main(["--methods", "expo", "grpo", "--seeds", "0", "1", "--out", str(tmp_path), "--", *args])
     assert (tmp_path / "grpo" / "seed-1" / "metrics.jsonl").read_text() == log  # reused as it was
+    compare.main(["--methods", "grpo", "--seeds", "2", "--out", str(tmp_path), "--", *args])  # extended later
+    evals = [json.loads(line)["eval"] for line in open(tmp_path / "grpo" / "seed-2" / "metrics.jsonl") if '"eval"' in line]
+    assert evals == ["after"], "a run added to a comparison evaluated the initial model again"
     with pytest.raises(SystemExit, match="--learning_rate"):
         compare.main(["--methods", "grpo", "--seeds", "1", "--out", str(tmp_path), "--", *args, "--learning_rate", "1"])
     shutil.rmtree(tmp_path / "grpo" / "seed-1" / "checkpoint")  # a finished run kept as its logs (e.g. committed)
@@ -1497,6 +1539,11 @@ Breakages tried on the reference code (a careless student's or maintainer's one-
   - old log-probs never frozen for --ppo_epochs 2 / at T = 1        test_old_logprobs_are_frozen_at_the_sampling_temperature
   - --explain_on failed explaining every question                   test_explain_on_failed_explains_only_all_wrong_groups
   - the constant normaliser using the padded width, not the budget  test_policy_gradient_normalisers_in_the_step
+  - a micro-batch divided by its own count, not the step's          test_policy_gradient_normalisers_in_the_step
+  - the step's denominators not summed over ranks                   test_torchrun_two_ranks_equal_one_process
+  - DPO divided by a micro-batch's pairs, not the step's            test_torchrun_two_ranks_equal_one_process
+  - targets of micro-batches past the rollouts' dropped (zip)       test_expo_samples_rollouts_and_self_explanations_in_one_pass
+  - --explain_on failed keeping the solved groups' targets          test_explain_on_failed_explains_only_all_wrong_groups
   - one sampling seed for every step; eval draws from --seed        test_seeds_vary_training_and_never_evaluation
   - a paper default changed (clip 0.2, beta 0.04, T 0.7, ...)       test_the_papers_settings_are_the_defaults
 """
@@ -1514,7 +1561,7 @@ def fixed_rollouts(t, texts: list[list[str]], rewards: list[list[float]]):
             t.tokenizer, [expo.explain_prompt(e.question, e.answer) for e in batch],
             [f"So \\boxed{{{e.answer}}}." for e in batch], t.turn_end)
         scores = torch.tensor([float(r) for row in rewards[: len(batch)] for r in row])
-        return roll, scores, {"reward": float(scores.mean())}, explanations
+        return roll, scores, explanations
     t.rollouts = rollouts
 
 
@@ -1537,11 +1584,13 @@ def test_likelihood_pass_raises_the_targets_likelihood(tiny_dir, tmp_path):
                                  ["We add them: 5.", "Short.", "A longer target that has more tokens in it."], t.turn_end)
     nll = lambda: float(expo.sft_loss(rollout.token_logprobs(t.model, targets.prompt_ids, targets.prompt_mask,  # noqa
                                                              targets.completion_ids, 1.0), targets.completion_mask))
+    den = expo.Denominators(pg=1.0, target_tokens=float(targets.completion_mask.sum()))
+    likelihood_pass = lambda beta: t.backward_pass(None, None, None, None, [], targets, den, beta)["loss_sft"]  # noqa
     before = nll()
-    assert t.sft_pass(targets, beta=1.0) == pytest.approx(before, rel=1e-5), "loss_sft is not the token-mean NLL at T=1"
+    assert likelihood_pass(1.0) == pytest.approx(before, rel=1e-5), "loss_sft is not the token-mean NLL at T=1"
     full = {n: p.grad.clone() for n, p in t.model.named_parameters()}
     t.optimizer.zero_grad(set_to_none=True)
-    t.sft_pass(targets, beta=0.04)
+    likelihood_pass(0.04)
     assert all(torch.allclose(p.grad, 0.04 * full[n], rtol=1e-4, atol=1e-9) for n, p in t.model.named_parameters()), \
         "the likelihood term's gradient is not beta times the NLL's"
     t.optimizer_step()
@@ -1595,7 +1644,7 @@ def _initial(tiny_dir):
 def test_dpo_step_raises_the_margin_against_reference(tiny_dir, tmp_path, monkeypatch):
     """dpo_gt: one step makes (chosen - ref) - (rejected - ref) positive (the expert solution over the wrong rollout)."""
     built, real = [], train.target_batch
-    monkeypatch.setattr(train, "target_batch", lambda *a: built.append(real(*a)) or built[-1])
+    monkeypatch.setattr(dpo, "target_batch", lambda *a: built.append(real(*a)) or built[-1])
     t = train.trainer_for(train.parse_args(_args(tiny_dir, tmp_path, "--method", "dpo_gt", "--learning_rate", "1e-3")))
     fixed_rollouts(t, TWO_TEXTS, [[0, 0], [0, 0]])
     t.dpo_step(t.train_set[:2])
@@ -1618,7 +1667,7 @@ def test_references_are_the_frozen_initial_model(tiny_dir, tmp_path, monkeypatch
         monkeypatch.setattr(train.Trainer, "frozen_logprobs",
                             lambda self, roll, rows: seen.append((roll, rows, real_frozen(self, roll, rows))) or seen[-1][2])
         built, real_batch = [], train.target_batch
-        monkeypatch.setattr(train, "target_batch", lambda *a: built.append(real_batch(*a)) or built[-1])
+        monkeypatch.setattr(dpo, "target_batch", lambda *a: built.append(real_batch(*a)) or built[-1])
         monkeypatch.setattr(train.expo, "dpo_loss", lambda *a: seen.append(a) or real_dpo(*a))
         train.main(_args(tiny_dir, out, "--method", method, "--kl_coef", "0.1", "--steps", "2", "--resume", *extra))
         monkeypatch.undo()
@@ -1632,7 +1681,7 @@ def test_references_are_the_frozen_initial_model(tiny_dir, tmp_path, monkeypatch
             assert torch.allclose(ref[scored][mask], want[scored][mask], atol=1e-6), \
                 "the KL reference is not the initial model"
         else:
-            both, (_, _, ref_chosen, ref_rejected, _) = built[0], seen[0]
+            both, (_, _, ref_chosen, ref_rejected, *_) = built[0], seen[0]
             want = seq_logp(initial, both)
             k = len(ref_chosen)
             assert torch.allclose(torch.cat([ref_chosen, ref_rejected]), torch.cat([want[:k], want[len(want) // 2:][:k]]),
@@ -1683,13 +1732,11 @@ def test_old_logprobs_are_frozen_at_the_sampling_temperature(tiny_dir, tmp_path,
 def test_explain_on_failed_explains_only_all_wrong_groups(tiny_dir, tmp_path, monkeypatch):
     t = train.Trainer(train.parse_args(_args(tiny_dir, tmp_path, "--explain_on", "failed")))
     fixed_rollouts(t, TWO_TEXTS, [[1, 0], [0, 0]])  # question 0 mixed, question 1 all wrong
-    asked = []
-    real = t.sample
-    t.sample = lambda texts, *a, **k: asked.append(texts) or real(texts, *a, **k)
+    kept, real = [], t.encode_targets
+    t.encode_targets = lambda questions, texts: kept.append([x is not None for x in texts]) or real(questions, texts)
     stats = t.grpo_step(t.train_set[:2])
-    assert asked == [[expo.explain_prompt(t.train_set[1].question, t.train_set[1].answer)]], \
-        f"--explain_on failed explained {len(asked[0]) if asked else 0} questions, not the one all-wrong group"
-    assert stats["targets"] == 1
+    assert kept == [[False, True]] and stats["targets"] == 1 and stats["explain_dropped_solved"] == 1, \
+        f"--explain_on failed kept the targets of questions {kept}, not only the all-wrong group's (question 1)"
 
 
 @pytest.mark.exercise8
@@ -1712,7 +1759,7 @@ def test_policy_gradient_normalisers_in_the_step(tiny_dir, tmp_path, norm):
 def test_seeds_vary_training_and_never_evaluation(tiny_dir, tmp_path, monkeypatch):
     """Each step samples with its own seed; epochs are shuffled differently; the evaluation set and its draws depend
     on --eval_seed only, never on --seed."""
-    assert len({train.step_seed(0, s) for s in range(100)}) == 100
+    assert len({run.step_seed(0, s) for s in range(100)}) == 100
     assert train.batch_indices(20, 20, 0, seed=0) != train.batch_indices(20, 20, 1, seed=0), "epochs in one order"
     assert train.batch_indices(20, 20, 0, seed=0) != train.batch_indices(20, 20, 0, seed=1)
     seeds, evals = [], []
@@ -1867,7 +1914,7 @@ def test_bf16_sampler_is_seeded_and_close_to_the_policy(tokenizer):
     """A bf16 copy: bf16 parameters, fp32 buffers; a seed gives the same tokens twice; its log-probs are within bf16
     rounding of the fp32 policy's."""
     model = tiny_llama(tokenizer)
-    sampler = rollout.sampler_copy(model)
+    sampler = decode.sampler_copy(model)
     assert all(p.dtype == torch.bfloat16 for p in sampler.parameters())
     assert all(b.dtype == torch.float32 for b in sampler.buffers() if b.is_floating_point())
     runs = [rollout.sample(sampler, tokenizer, [[1, 400, 401], [1, 500]], 4, 8, temperature=1.0, seed=5) for _ in "ab"]
@@ -1882,7 +1929,7 @@ def test_bf16_sampler_is_seeded_and_close_to_the_policy(tokenizer):
 
 def test_auto_sampler_dtype_follows_the_devices_bf16_support(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": False, "amx_bf16": False})
-    assert not rollout.bf16_is_native(torch.device("cpu"))
+    assert not decode.bf16_is_native(torch.device("cpu"))
     t = train.Trainer(train.parse_args(_args(tiny_dir, tmp_path / "no", "--sampler_dtype", "auto")))
     assert t.sampler is t.model, "auto chose a bf16 sampler on a CPU without bf16 matmuls"
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": False, "amx_bf16": True})
@@ -1951,14 +1998,15 @@ def fixed_trainer(method, norm, rewards, *flags):
     batch = [t.train_set[i] for i in range(4)]
     mine = distributed.share(list(range(4)), t.ranks)
 
-    def rollouts(examples, explain=False):  # explanations are left to self_explanations below
+    def rollouts(examples, explain=False):  # explanations are left to likelihood_targets below
         texts = [f"{q} try {g} " * (1 + (q + g) % 3) for q in mine for g in range(2)]
         roll = rollout.encode_targets(t.tokenizer, [expo.solve_prompt(batch[q].question) for q in mine for g in range(2)],
                                       texts, t.turn_end)
         roll.prompt_index = torch.arange(len(mine)).repeat_interleave(2)
-        return roll, torch.tensor([float(r) for q in mine for r in rewards[t.step][q]]), {"reward": 0.0}, None
+        return roll, torch.tensor([float(r) for q in mine for r in rewards[t.step][q]]), None
     t.rollouts = rollouts
-    t.self_explanations = lambda ex, sampled: ([f"Because {e.answer} is right." for e in ex], {})
+    if method == "expo":  # its self-explanations, fixed too
+        t.likelihood_targets = lambda ex, rewards, sampled: ([f"Because {e.answer} is right." for e in ex], {})
     return t, [batch[q] for q in mine]
 
 

@@ -4,20 +4,11 @@
     python train.py --method grpo                     # the same run without the self-explanation term
     python train.py --model Qwen/Qwen2.5-1.5B-Instruct --dataset math --levels 5 ...   # see README: GPU recipe
 
-One ExP-GRPO step (`Trainer.grpo_step`), for a batch of B questions:
-  1. sample G answer-free rollouts per question from the current policy (rollout.sample, prompt expo.solve_prompt),
-     and one self-explanation per question with the answer in the prompt (expo.explain_prompt) in the same call:
-     one row per explain prompt beside the G per solve prompt, so it costs no second decode loop
-  2. score the rollouts with the verifier (reward.score), normalise rewards within each group (expo.group_advantages)
-  3. turn each self-explanation into a target ending in \\boxed{gold} (expo.explanation_target), paired with the
-     *answer-free* prompt: the hint is never in the context the target is scored under (`sft_targets`)
-  4. choose the rows the policy gradient scores and freeze their old / reference log-probs when needed
-  5. for each PPO epoch: loss = grpo_loss(rollouts) + beta(step) * sft_loss(targets), accumulated over
-     micro-batches so that their sum is exactly the full-batch loss; clip the gradient norm; one optimizer step
-`--method grpo` has no targets in 3, `grpo_sft_gt` uses the dataset's expert solutions, and `--explain_on failed`
-explains only the all-wrong groups (it needs step 2's rewards first, so a second sampling call). The DPO methods
-(`DPOTrainer`) pair a chosen response (a self-explanation, or the expert solution for `dpo_gt`) with one of the
-policy's own wrong rollouts and minimise expo.dpo_loss against the frozen initial policy.
+One ExP-GRPO step is `Trainer.grpo_step`, five numbered lines that follow the paper's algorithm box: sample G
+answer-free rollouts per question and one self-explanation with the answer in the prompt (one sampling call), reward
+and normalise within each group, make the self-explanations into targets scored under the *answer-free* prompt, then
+grpo_loss + beta * sft_loss micro-batch by micro-batch (expo.microbatch_loss) and one optimizer step. `--method grpo`
+has no targets, `grpo_sft_gt` uses the dataset's expert solutions. The DPO methods are dpo.py's.
 
 Design choices, each for a reason:
 * Weights and optimizer state stay fp32; on a GPU the forward passes run under bf16 autocast. Pure-bf16 weights
@@ -25,8 +16,9 @@ Design choices, each for a reason:
 * Each step's batch and sampling seed are functions of (seed, step), so `--resume` replays exactly the run that was
   interrupted (tested), and two methods with the same seed see the same questions in the same order. The evaluation
   set and its draws depend on --eval_seed only, so training seeds never change what a run is measured on.
-* Every micro-batch loss is weighted by one rule (expo.accumulation_weight), so micro-batches and ranks add up to the
-  full-batch loss. A step whose loss or gradient is not finite is skipped and logged; it never reaches the weights.
+* One denominator rule: each loss's denominator is counted once per step over the whole batch and all ranks
+  (`Trainer.denominators`), and every micro-batch's loss is its sum divided by it, so micro-batches and ranks add up
+  to the full-batch loss by construction. A step whose gradient is not finite is skipped and logged.
 * Outputs (in --output_dir, default runs/METHOD-DATASET): metrics.jsonl (one line per step, plus eval lines),
   samples.md (readable rollouts and self-explanations), checkpoint/ (safetensors weights + tokenizer +
   trainer_state.json, loadable with from_pretrained), curve.png when matplotlib is installed. checkpoint.py says how
@@ -36,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import math
 import os
 import random
@@ -44,7 +37,6 @@ import sys
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
@@ -61,21 +53,23 @@ from run import Run, plot_curve
 METHODS = ("expo", "grpo", "grpo_sft_gt", "expo_dpo", "dpo_gt")
 # ------------------------------------------------------------------------------------------------------------ flags
 
-SECTIONS = {"method": "the method and the paper's settings", "kl_coef": "the objective",  # first flag -> title
-            "explain_on": "self-explanation filters and ablations", "max_new_tokens": "sampling and evaluation",
-            "seed": "the run"}
+def option(default, help: str, choices=None, section: str | None = None):
+    """A Config field carrying its command-line help (and choices): each flag is declared in one place. `section`, on
+    the first flag of a group, titles the group of flags from there on in --help."""
+    return field(default=default, metadata={"help": help, "choices": choices, "section": section})
 
 
-def option(default, help: str, choices=None):
-    """A Config field carrying its command-line help (and choices): each flag is declared in one place."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Append "(default: X)" to a flag's help unless the help already says its default."""
+
+    def _get_help_string(self, action):
+        return action.help if "default" in action.help else super()._get_help_string(action)
 
 
 @dataclass
 class Config:
-    # the method and the paper's settings
     method: str = option("expo", "expo = ExP-GRPO; grpo; grpo_sft_gt = GRPO + SFT on expert solutions; expo_dpo; "
-                         "dpo_gt = DPO with expert solutions", METHODS)
+                         "dpo_gt = DPO with expert solutions", METHODS, section="the method and the paper's settings")
     model: str | None = option(None, "hub id or local folder (default: the embedded SmolLM2-135M-Instruct)")
     dataset: str = option("arith", "gsm8k | math | math500 | arith | path/to/file.jsonl")
     levels: list[str] | None = option(None, "train and evaluate on these difficulty levels; default: level 2 of arith, "
@@ -85,8 +79,8 @@ class Config:
     beta: float = option(0.04, "weight of the self-explanation (expo) or expert-solution (grpo_sft_gt) term")
     learning_rate: float = option(1e-5, "AdamW learning rate (with --lora_rank, use ~10x the full fine-tuning rate)")
     steps: int = option(7, "training steps")
-    # the objective
-    kl_coef: float = option(0.0, "weight of the k3 KL penalty to the frozen initial policy (0 = no reference model)")
+    kl_coef: float = option(0.0, "weight of the k3 KL penalty to the frozen initial policy (0 = no reference model)",
+                            section="the objective")
     clip_eps: float = option(0.2, "PPO clipping range of the token ratio")
     loss_norm: str = option("seq", "seq (DeepSeekMath), token (DAPO) or constant (Dr. GRPO)", expo.LOSS_NORMS)
     adv_scale: str = option("std", "std: (r - mean) / std; none: r - mean (Dr. GRPO)", ("std", "none"))
@@ -98,17 +92,16 @@ class Config:
                             "the truncated importance-sampling correction for a bf16 sampler (0: off)")
     lora_rank: int = option(0, "train rank-R LoRA adapters on every linear layer instead of all weights (0: off)")
     lora_alpha: float = option(32.0, "LoRA scale: the update is lora_alpha / lora_rank * B A")
-    # self-explanation filters and ablations
     explain_on: str = option("all", "self-explain every question (all, the paper) or only all-wrong groups",
-                             ("all", "failed"))
+                             ("all", "failed"), section="self-explanation filters and ablations")
     drop_leaks: bool = option(True, "drop self-explanations that mention being given the answer")
     drop_truncated: bool = option(False, "drop self-explanations cut off by --max_new_tokens (else their target is a "
                                   "cut-off explanation with the answer pasted after it)")
     drop_wrong: bool = option(False, "drop self-explanations whose own final answer is not the gold one (else the gold "
                               "answer replaces it in their last box: the paper's target)")
     dpo_refresh: int = option(0, "expo_dpo: 0 = offline (explanations of the initial model), N = renew every N steps")
-    # sampling and evaluation
-    max_new_tokens: int = option(128, "generation budget of rollouts and self-explanations")
+    max_new_tokens: int = option(128, "generation budget of rollouts and self-explanations",
+                                 section="sampling and evaluation")
     temperature: float = option(0.7, "sampling temperature; the policy-gradient log-probs are scored at the same "
                                      "temperature, the likelihood terms (self-explanation, expert SFT, DPO) at T = 1")
     sampler_dtype: str = option("auto", "what rollouts, self-explanations and evaluations are sampled from: bf16 = a "
@@ -123,8 +116,8 @@ class Config:
     eval_max_new_tokens: int | None = option(None, "generation budget of evaluation (default: --max_new_tokens)")
     eval_seed: int = option(0, "seed of the evaluation subset and its sampling: fixed, so every training seed and "
                             "method is evaluated on the same questions with the same draws")
-    # the run
-    seed: int = option(0, "seed of the training run: question order and sampling (never the evaluation)")
+    seed: int = option(0, "seed of the training run: question order and sampling (never the evaluation)",
+                       section="the run")
     grad_accum: int = option(4, "micro-batches per optimizer step (same gradient, less memory)")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
     save_every: int = option(0, "write a checkpoint every N steps (0: only by time, at the end, and when stopped)")
@@ -144,11 +137,11 @@ def _optional_int(text: str) -> int | None:
 
 def parse_args(argv=None) -> Config:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     group = parser
     for f in fields(Config):  # in sections, as Config lists them
         flag, help_, choices = f"--{f.name}", f.metadata["help"], f.metadata["choices"]
-        group = parser.add_argument_group(SECTIONS[f.name]) if f.name in SECTIONS else group
+        group = parser.add_argument_group(f.metadata["section"]) if f.metadata["section"] else group
         if f.type == "bool":
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
         elif f.name == "levels":
@@ -193,11 +186,6 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
     return out
 
 
-def step_seed(seed: int, step: int, salt: int = 0, rank: int = 0) -> int:
-    """The sampling seed of a step; each rank draws its own (rank 0's is the single-process seed)."""
-    return (seed * 1_000_003 + step * 7919 + salt + rank * 104_729) % (2**31)
-
-
 def micro_batches(n_rows: int, grad_accum: int) -> list[list[int]]:
     size = math.ceil(n_rows / grad_accum)
     return [list(range(i, min(i + size, n_rows))) for i in range(0, n_rows, size)]
@@ -214,9 +202,44 @@ def logprobs(model, batch: rollout.Rollouts, rows, temperature: float, **kw):
                                   temperature, **kw)
 
 
+@contextlib.contextmanager
+def timed(times: dict[str, float], key: str):
+    """Record the wall time of the block in times[key], in seconds."""
+    t0 = time.perf_counter()
+    yield
+    times[key] = time.perf_counter() - t0
+
+
+def sampling_stats(roll: rollout.Rollouts, rewards: torch.Tensor, explanations: rollout.Rollouts | None,
+                   group_size: int, t_sample: float) -> dict:
+    """What every method logs about its samples: rewards, all-wrong / all-right groups, lengths, tokens per second."""
+    groups = rewards.view(-1, group_size)  # [B, G]
+    drawn = float(roll.completion_mask.sum())  # tokens sampled in the call: rollouts and self-explanations
+    drawn += 0.0 if explanations is None else float(explanations.completion_mask.sum())
+    stats = {"reward": float(rewards.mean()), "all_wrong": float((groups.sum(1) == 0).float().mean()),
+             "all_right": float((groups.sum(1) == group_size).float().mean()),
+             "completion_len": float(roll.completion_mask.sum(1).float().mean()),
+             "truncated": float(roll.truncated.float().mean()), "gen_tok_s": drawn / max(t_sample, 1e-9)}
+    if explanations is not None:
+        stats.update(explain_len=float(explanations.completion_mask.sum(1).float().mean()),
+                     explain_truncated=float(explanations.truncated.float().mean()))
+    return stats
+
+
+def first_target(texts: list[str | None], explanations: rollout.Rollouts | None) -> str | None:
+    """samples.md's target of the step's first question: the target, or the explanation a filter dropped."""
+    if texts[0] is not None or explanations is None:
+        return texts[0]
+    return f"(dropped: see --drop_leaks/_truncated/_wrong/--explain_on) {explanations.texts[0]}"
+
+
 def trainer_for(cfg: Config) -> "Trainer":
-    """The trainer of `cfg.method`: Trainer for the GRPO family, DPOTrainer for the DPO family."""
-    return {"expo_dpo": DPOTrainer, "dpo_gt": DPOTrainer}.get(cfg.method, Trainer)(cfg)
+    """The trainer of `cfg.method`: Trainer for the GRPO family, dpo.DPOTrainer for the DPO family."""
+    if cfg.method in ("expo_dpo", "dpo_gt"):
+        import dpo  # dpo.py builds on Trainer, so it imports this file: not at the top
+
+        return dpo.DPOTrainer(cfg)
+    return Trainer(cfg)
 
 
 # ------------------------------------------------------------------------------------------------------ the trainer
@@ -228,57 +251,26 @@ class Trainer(Run):
 
     # ---------------------------------------------------------------------------------------------------- sampling
 
-    def seed(self, salt: int = 0) -> int:
-        return step_seed(self.cfg.seed, self.step, salt, self.ranks.rank)
-
-    def sample(self, user_texts: list[str], group_size: int | list[int], seed: int, model=None) -> rollout.Rollouts:
-        prompts = rollout.encode_prompts(self.tokenizer, user_texts)
-        model = model or self.sampler
-        with self.sampling(model):
-            return rollout.sample(model, self.tokenizer, prompts, group_size, self.cfg.max_new_tokens,
-                                  self.cfg.temperature, seed=seed)
-
     def rollouts(self, batch: list[data.Example], explain: bool = False):
-        """G answer-free rollouts per question, their 0/1 rewards [B*G], the stats every method logs, and with
-        `explain` one self-explanation per question (else None), drawn in the same sampling call as the rollouts:
-        decoding is latency-bound, so B more rows cost little, while a second call would cost a second decode loop."""
+        """(G answer-free rollouts per question, their 0/1 rewards [B*G], and with `explain` one self-explanation per
+        question, else None), drawn in one sampling call: decoding is latency-bound, so B more rows cost little,
+        while a second call would cost a second decode loop."""
         B, G = len(batch), self.cfg.num_generations
         prompts = [expo.solve_prompt(e.question) for e in batch]
         if explain:
             prompts += [expo.explain_prompt(e.question, e.answer) for e in batch]
-        t0 = time.perf_counter()
-        out = self.sample(prompts, [G] * B + [1] * (len(prompts) - B), self.seed())
-        t_sample = time.perf_counter() - t0
+        out = self.sample(prompts, [G] * B + [1] * (len(prompts) - B), self.sampling_seed())
         roll, explanations = out, None  # without explain prompts, the call's rows are exactly the rollouts
         if explain:
             roll, explanations = out.select(range(B * G)), out.select(range(B * G, len(out.texts)))
         rewards = torch.tensor([reward.score(text, batch[i].answer)
                                 for text, i in zip(roll.texts, roll.prompt_index.tolist())])  # [B*G]
-        groups = rewards.view(-1, G)  # [B, G]
-        stats = {"reward": float(rewards.mean()), "all_wrong": float((groups.sum(1) == 0).float().mean()),
-                 "all_right": float((groups.sum(1) == G).float().mean()),
-                 "completion_len": float(roll.completion_mask.sum(1).float().mean()),
-                 "truncated": float(roll.truncated.float().mean()),
-                 "gen_tok_s": float(out.completion_mask.sum()) / max(t_sample, 1e-9), "t_sample": t_sample}
-        return roll, rewards, stats, explanations
+        return roll, rewards, explanations
 
-    def self_explanations(self, questions: list[data.Example], sampled: rollout.Rollouts) -> tuple[list, dict]:
-        """Training targets from sampled self-explanations (one row per question): each with its final answer set to
-        \\boxed{gold} (expo.explanation_target), or None where a filter drops it, and the stats that count why."""
-        cfg, targets, reasons = self.cfg, [], []
-        correct = [reward.score(t, e.answer) for t, e in zip(sampled.texts, questions)]  # before the answer is swapped
-        for text, e, cut, right in zip(sampled.texts, questions, sampled.truncated.tolist(), correct):
-            reason = ("leak" if cfg.drop_leaks and expo.mentions_hint(text) else
-                      "truncated" if cfg.drop_truncated and cut else
-                      "wrong" if cfg.drop_wrong and not right else None)
-            reasons.append(reason)
-            targets.append(None if reason else expo.explanation_target(text, e.answer))
-        stats = {"explain_len": float(sampled.completion_mask.sum(1).float().mean()),
-                 "explain_dropped": reasons.count("leak"), "explain_dropped_truncated": reasons.count("truncated"),
-                 "explain_dropped_wrong": reasons.count("wrong"),
-                 "explain_truncated": float(sampled.truncated.float().mean()),
-                 "explain_correct": sum(correct) / len(correct)}
-        return targets, stats
+    def encode_targets(self, questions: list[str], texts: list[str | None]) -> rollout.Rollouts | None:
+        """The targets that are not None, as completions of their answer-free prompts (`target_batch`); None if none."""
+        pairs = [(q, t) for q, t in zip(questions, texts) if t is not None]
+        return target_batch(self.tokenizer, *zip(*pairs), self.turn_end).to(self.device) if pairs else None
 
     # ------------------------------------------------------------------------------------------------ GRPO family
 
@@ -288,158 +280,130 @@ class Trainer(Run):
 
     def grpo_step(self, batch: list[data.Example]) -> dict:
         """One step of ExP-GRPO (GRPO, GRPO + expert SFT) on this rank's questions, as in the paper's algorithm box."""
-        cfg, G = self.cfg, self.cfg.num_generations
-        # 1. G answer-free rollouts per question, and (the paper's setting) each question's self-explanation
-        explain_now = cfg.method == "expo" and cfg.explain_on == "all"
-        roll, rewards, stats, explanations = self.rollouts(batch, explain=explain_now)
+        cfg, G, times = self.cfg, self.cfg.num_generations, {}
+        # 1. G answer-free rollouts per question, rewarded by the verifier; for expo each question's self-explanation,
+        #    sampled with the answer in the prompt in the same call
+        with timed(times, "t_sample"):
+            roll, rewards, explanations = self.rollouts(batch, explain=cfg.method == "expo")
         # 2. group-normalised advantages: zero for every row of an all-equal group
         adv = expo.group_advantages(rewards, G, cfg.adv_scale).to(self.device)  # [B*G]
-        # 3. the likelihood term's targets, as completions of the answer-free prompt
-        targets, target_stats, first_target = self.sft_targets(batch, rewards, explanations)
-        # 4. the rows the policy gradient scores, and their frozen old / reference log-probs
-        rows = self.scored_rows(adv)
-        old, ref = self.frozen_logprobs(roll, rows)
-        # 5. grpo_loss + beta * sft_loss, accumulated over micro-batches; one optimizer step per PPO epoch
+        # 3. the likelihood term's targets, scored as completions of the answer-free prompt
+        with timed(times, "t_explain"):
+            texts, target_stats = self.likelihood_targets(batch, rewards, explanations)
+            targets = self.encode_targets([e.question for e in batch], texts)
+        # 4. the rollout rows the policy gradient scores, the step's denominators, frozen old / reference log-probs
+        scored = self.scored_micro_batches(adv)
+        denominators = self.denominators(roll, targets)
+        old, ref = self.frozen_logprobs(roll, scored)
+        # 5. per PPO epoch: grpo_loss + beta * sft_loss, one backward per micro-batch; then one optimizer step
         beta = expo.beta_at(self.step, cfg.steps, cfg.beta, cfg.beta_schedule)
-        t_update = time.perf_counter()
-        for _ in range(cfg.ppo_epochs):
-            self.optimizer.zero_grad(set_to_none=True)
-            pg_stats = self.policy_gradient_pass(roll, adv, rows, old, ref)
-            loss_sft = self.sft_pass(targets, beta)
-            grad_norm = self.optimizer_step()
-        self.write_samples(batch[0], roll.texts[:G], rewards[:G].tolist(), first_target)
-        return {**stats, **target_stats, **pg_stats, "loss_sft": loss_sft, "grad_norm": grad_norm, "beta": beta,
-                "targets": 0 if targets is None else len(targets.texts), "pg_rows": sum(len(r) for r in rows),
-                "t_update": time.perf_counter() - t_update}
+        with timed(times, "t_update"):
+            for _ in range(cfg.ppo_epochs):
+                self.optimizer.zero_grad(set_to_none=True)
+                sums = self.backward_pass(roll, adv, old, ref, scored, targets, denominators, beta)
+                grad_norm = self.optimizer_step()
+        self.write_samples(batch[0], roll.texts[:G], rewards[:G].tolist(), first_target(texts, explanations))
+        return {**sampling_stats(roll, rewards, explanations, G, times["t_sample"]), **target_stats,
+                **self.update_stats(sums, roll, scored), **times, "grad_norm": grad_norm, "beta": beta,
+                "targets": 0 if targets is None else len(targets.texts), "pg_rows": sum(map(len, scored))}
 
-    def sft_targets(self, batch: list[data.Example], rewards: torch.Tensor, explanations: rollout.Rollouts | None):
-        """Step 3: (the likelihood term's targets as completions of the answer-free prompt, or None; their stats; the
-        first question's target, for samples.md). expo: self-explanations -- of every question, `explanations`
-        drawn with the rollouts, or (--explain_on failed) of the all-wrong groups, drawn here; grpo_sft_gt: the
-        expert solutions; grpo: none."""
-        cfg, t0 = self.cfg, time.perf_counter()
-        pairs, stats, first = [], {}, None  # (question, target text)
-        if cfg.method == "expo":
-            chosen = list(range(len(batch)))
-            if cfg.explain_on == "failed":  # only the all-wrong groups
-                chosen = [i for i, g in enumerate(rewards.view(-1, cfg.num_generations)) if g.sum() == 0]
-            if chosen and explanations is None:  # not drawn with the rollouts: draw them now that rewards are known
-                explanations = self.sample([expo.explain_prompt(batch[i].question, batch[i].answer) for i in chosen],
-                                           1, self.seed(1))
-            if chosen:
-                texts, stats = self.self_explanations([batch[i] for i in chosen], explanations)
-                pairs = [(batch[i].question, t) for i, t in zip(chosen, texts) if t is not None]
-                if chosen[0] == 0:
-                    first = texts[0] or f"(dropped: see --drop_leaks/_truncated/_wrong) {explanations.texts[0]}"
-        elif cfg.method == "grpo_sft_gt":
-            pairs, first = [(e.question, e.solution) for e in batch], batch[0].solution
-        stats["t_explain"] = time.perf_counter() - t0
-        targets = target_batch(self.tokenizer, *zip(*pairs), self.turn_end).to(self.device) if pairs else None
-        return targets, stats, first
+    def likelihood_targets(self, batch: list[data.Example], rewards: torch.Tensor,
+                           explanations: rollout.Rollouts | None) -> tuple[list[str | None], dict]:
+        """Step 3: each question's likelihood target (None: none) and the filters' counts. expo: its self-explanation
+        made into a target by expo.self_explanation_targets, with every filter (--explain_on failed: only the
+        all-wrong groups'); grpo_sft_gt: its expert solution; grpo: none."""
+        cfg = self.cfg
+        if cfg.method == "grpo_sft_gt":
+            return [e.solution for e in batch], {}
+        if cfg.method != "expo":
+            return [None] * len(batch), {}
+        solved = (rewards.view(-1, cfg.num_generations).sum(1) > 0).tolist() if cfg.explain_on == "failed" else None
+        return expo.self_explanation_targets(explanations.texts, [e.answer for e in batch],
+                                             explanations.truncated.tolist(), solved, cfg.drop_leaks,
+                                             cfg.drop_truncated, cfg.drop_wrong)
 
-    def scored_rows(self, adv: torch.Tensor) -> list[list[int]]:
-        """The micro-batches of rollout rows the policy gradient scores. A zero advantage (every row of an all-equal
-        group) makes a row's clipped surrogate exactly 0, so without a KL term such rows are skipped; the normalisers
-        still count the whole batch, so the gradient is the same. On hard questions this is most of the update."""
+    def scored_micro_batches(self, adv: torch.Tensor) -> list[list[int]]:
+        """The micro-batches (lists of rollout row indices) the policy gradient scores. A zero advantage (every row of
+        an all-equal group) makes a row's clipped surrogate exactly 0, so without a KL term such rows are skipped; the
+        denominators still count the whole batch, so the gradient is the same. On hard questions this is most rows."""
         active = [i for i in range(len(adv)) if adv[i] != 0] if self.cfg.kl_coef == 0 else list(range(len(adv)))
         return [[active[j] for j in mb] for mb in micro_batches(len(active), self.cfg.grad_accum)] if active else []
 
+    def denominators(self, roll: rollout.Rollouts, targets: rollout.Rollouts | None) -> expo.Denominators:
+        """The step's denominators, over all its rollouts and targets and summed over ranks: counted once, they make
+        every micro-batch's loss its exact share of the step's loss (expo.microbatch_loss)."""
+        pg = expo.pg_denominator(roll.completion_mask, self.cfg.loss_norm, self.cfg.max_new_tokens)
+        target_tokens = 0.0 if targets is None else float(targets.completion_mask.sum())
+        return expo.Denominators(*distributed.all_sum([pg, target_tokens], self.ranks))
+
     @torch.no_grad()
-    def frozen_logprobs(self, roll: rollout.Rollouts, rows: list[list[int]]):
+    def frozen_logprobs(self, roll: rollout.Rollouts, scored: list[list[int]]):
         """(old, ref) [N, T] log-probs of the scored rows, each None when not needed: old only for --ppo_epochs > 1
         (with one pass the old policy *is* the current one: logp.detach()), ref only for --kl_coef > 0."""
         cfg, old, ref = self.cfg, None, None
         with self.amp():
             if cfg.ppo_epochs > 1:
                 old = torch.zeros(roll.completion_ids.shape, device=self.device)  # [N, T]
-                for r in rows:
-                    old[r] = logprobs(self.model, roll, r, cfg.temperature)
+                for rows in scored:
+                    old[rows] = logprobs(self.model, roll, rows, cfg.temperature)
             if cfg.kl_coef > 0:
                 ref = torch.zeros(roll.completion_ids.shape, device=self.device)  # [N, T]
                 with self.reference() as reference:
-                    for r in rows:
-                        ref[r] = logprobs(reference, roll, r, cfg.temperature)
+                    for rows in scored:
+                        ref[rows] = logprobs(reference, roll, rows, cfg.temperature)
         return old, ref
 
-    def global_counts(self, **counts: float) -> SimpleNamespace:
-        """Counts summed over ranks (rows, tokens, pairs): the normalisers of a loss over the whole step's batch."""
-        return SimpleNamespace(**dict(zip(counts, distributed.all_sum(list(counts.values()), self.ranks))))
-
-    def policy_gradient_pass(self, roll: rollout.Rollouts, adv: torch.Tensor, rows: list[list[int]], old, ref) -> dict:
-        """Backward of this rank's share of grpo_loss over all rollouts, micro-batch by micro-batch; its stats."""
-        cfg, mask = self.cfg, roll.completion_mask  # [N, T]
-        scored = [i for r in rows for i in r]
-        total = self.global_counts(rows=len(roll.texts), tokens=float(mask.sum()), scored_tokens=float(mask[scored].sum()))
-        stats = {"loss_pg": 0.0, "clip_frac": 0.0, "kl": 0.0, "entropy": 0.0}
-        mismatch = {"log_ratio": 0.0, "k3": 0.0, "max_ratio": 1.0}  # sampler vs trainer, on the scored tokens
-        for r in rows:
+    def backward_pass(self, roll: rollout.Rollouts, adv: torch.Tensor, old, ref, scored: list[list[int]],
+                      targets: rollout.Rollouts | None, denominators: expo.Denominators, beta: float) -> dict:
+        """Backward of this rank's share of the step's loss, one micro-batch at a time: the i-th micro-batch of scored
+        rollout rows with the i-th of the targets, through expo.microbatch_loss; its statistics summed."""
+        cfg, sums = self.cfg, {}
+        target_micro = micro_batches(len(targets.texts), cfg.grad_accum) if targets is not None and beta else []
+        tis_cap = cfg.tis_cap if self.sampler is not self.model else 0.0  # an fp32 sampler *is* the trainer
+        for rows, target_rows in itertools.zip_longest(scored, target_micro, fillvalue=[]):
+            pg, entropy = self.rollout_inputs(roll, adv, old, ref, rows)
             with self.amp():
-                logp, entropy = logprobs(self.model, roll, r, cfg.temperature, with_entropy=True)  # [n, T] each
-            old_r = logp.detach() if old is None else old[r]  # [n, T]
-            sampler_r = None if roll.sampler_logp is None else roll.sampler_logp[r]  # [n, T]; None: text, not sampled
-            tis = None  # when the sampler *is* the fp32 trainer there is nothing to correct
-            if cfg.tis_cap and self.sampler is not self.model and sampler_r is not None:
-                tis = expo.tis_weights(old_r, sampler_r, mask[r], cfg.tis_cap)  # [n, T]
-            loss, st = expo.grpo_loss(logp, old_logp=old_r, ref_logp=None if ref is None else ref[r],
-                                      advantages=adv[r], mask=mask[r], clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef,
-                                      norm=cfg.loss_norm, max_tokens=cfg.max_new_tokens, token_weights=tis)
-            if sampler_r is not None:
-                m = expo.sampler_mismatch(old_r, sampler_r, mask[r])
-                mismatch = {k: max(v, m[k]) if k == "max_ratio" else v + m[k] for k, v in mismatch.items()}
-            weight = expo.accumulation_weight(cfg.loss_norm, mask[r], int(total.rows), int(total.tokens))
-            (loss * weight).backward()
-            stats["loss_pg"] += loss.item() * weight
-            token_share = expo.accumulation_weight("token", mask[r], int(total.rows), total.tokens)
-            stats["clip_frac"] += st["clip_frac"] * token_share
-            stats["kl"] += st["kl"] * token_share
-            stats["entropy"] += float((entropy * mask[r]).sum()) / max(1, total.scored_tokens)
-        if not total.scored_tokens:
-            del stats["entropy"]  # measured on the rollouts that were scored; none were this step
-        else:
-            stats.update(mismatch_log_ratio=mismatch["log_ratio"] / total.scored_tokens,
-                         mismatch_k3=mismatch["k3"] / total.scored_tokens, mismatch_max_ratio=mismatch["max_ratio"])
+                target_logp = logprobs(self.model, targets, target_rows, 1.0) if target_rows else None  # [m, T], T = 1
+            target_mask = targets.completion_mask[target_rows] if target_rows else None  # [m, T]
+            loss, stats = expo.microbatch_loss(**pg, target_logp=target_logp, target_mask=target_mask,
+                                               denominators=denominators, beta=beta, clip_eps=cfg.clip_eps,
+                                               kl_coef=cfg.kl_coef, norm=cfg.loss_norm, tis_cap=tis_cap)
+            loss.backward()
+            stats["entropy"] = entropy
+            for key, value in stats.items():
+                sums[key] = max(sums.get(key, value), value) if key == "max_ratio" else sums.get(key, 0.0) + value
+        return sums
+
+    def rollout_inputs(self, roll: rollout.Rollouts, adv: torch.Tensor, old, ref, rows: list[int]):
+        """(microbatch_loss's rollout arguments for these rows -- all None without rows --, their summed entropy)."""
+        keys = ("logp", "old_logp", "ref_logp", "advantages", "mask", "sampler_logp")
+        if not rows:
+            return dict.fromkeys(keys), 0.0
+        with self.amp():
+            logp, entropy = logprobs(self.model, roll, rows, self.cfg.temperature, with_entropy=True)  # [n, T] each
+        mask = roll.completion_mask[rows]  # [n, T]
+        pick = lambda x: None if x is None else x[rows]  # noqa: E731
+        values = (logp, logp.detach() if old is None else old[rows], pick(ref), adv[rows], mask,
+                  pick(roll.sampler_logp))  # sampler_logp is None for rollouts that were not sampled (tests)
+        return dict(zip(keys, values)), float((entropy * mask).sum())
+
+    def update_stats(self, sums: dict, roll: rollout.Rollouts, scored: list[list[int]]) -> dict:
+        """The update's statistics from its summed micro-batch values: the losses as summed, the rest as means over
+        every rank's rollout tokens (clip_frac, kl) or scored tokens (entropy, the sampler's mismatch)."""
+        mask = roll.completion_mask
+        tokens, scored_tokens = distributed.all_sum(
+            [float(mask.sum()), float(mask[[i for rows in scored for i in rows]].sum())], self.ranks)
+        stats = {"loss_pg": sums.get("loss_pg", 0.0), "clip_frac": sums.get("clipped", 0.0) / max(1.0, tokens),
+                 "kl": sums.get("kl", 0.0) / max(1.0, tokens), "loss_sft": sums.get("loss_sft", 0.0)}
+        if scored_tokens:  # over every rank's scored tokens (this rank may have none)
+            stats["entropy"] = sums.get("entropy", 0.0) / scored_tokens
+            if roll.sampler_logp is not None:  # sampled rollouts (not fixed texts): the sampler against the trainer
+                stats.update(mismatch_log_ratio=sums.get("log_ratio", 0.0) / scored_tokens,
+                             mismatch_k3=sums.get("k3", 0.0) / scored_tokens,
+                             mismatch_max_ratio=sums.get("max_ratio", 1.0))
         return stats
 
-    def sft_pass(self, targets: rollout.Rollouts | None, beta: float) -> float:
-        """Backward of beta * sft_loss over the targets (a token mean over every rank's targets); sft_loss's value."""
-        mask = None if targets is None else targets.completion_mask  # [n, T]
-        total = self.global_counts(rows=0 if mask is None else mask.shape[0],
-                                   tokens=0.0 if mask is None else float(mask.sum()))
-        value = 0.0
-        if targets is None or beta == 0:
-            return value
-        for r in micro_batches(mask.shape[0], self.cfg.grad_accum):
-            with self.amp():
-                logp = logprobs(self.model, targets, r, 1.0)  # [n, T] the policy's own likelihood (temperature 1)
-            loss = expo.sft_loss(logp, mask[r]) * expo.accumulation_weight("token", mask[r], total.rows, total.tokens)
-            (beta * loss).backward()
-            value += loss.item()
-        return value
-
-    # -------------------------------------------------------------------------------------------------- plumbing
-
-    def optimizer_step(self) -> float:
-        """Sum the ranks' gradients, clip, and apply, unless the norm is not finite (then nothing changes). The norm
-        is taken after the sum, so every rank makes the same decision.
-
-        A step in which no rank ran a backward (every group all-equal, no targets) has no gradient, and is not an
-        update: AdamW is not stepped, so its momentum does not move the weights, in one process and under torchrun
-        alike (there `sum_gradients` would zero-fill the gradients and AdamW would step). "GRPO learns nothing from
-        an all-wrong batch" then holds exactly, and one process and N ranks stay the same run."""
-        has_grad = any(p.grad is not None for p in self.model.parameters())
-        if not distributed.all_sum([float(has_grad)], self.ranks)[0]:
-            return 0.0
-        distributed.sum_gradients(self.model, self.ranks)
-        norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm))
-        if math.isfinite(norm):
-            self.stop.hold()  # from here the step is finished before a stop signal takes effect
-            self.optimizer.step()
-            self.refresh_sampler()
-        else:
-            self.skipped += 1
-            print(f"step {self.step}: non-finite loss or gradient (norm {norm}); update skipped", file=sys.stderr)
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm
+    # ------------------------------------------------------------------------------------------------------ the loop
 
     def train(self) -> tuple[dict | None, dict | None]:
         cfg, main = self.cfg, self.ranks.main
@@ -451,7 +415,7 @@ class Trainer(Run):
                   f"output {self.out}", flush=True)
         before = self.evaluate("before") if self.step == 0 and cfg.eval_before else None
         try:
-            with self.stop:
+            with self.signals:
                 self.loop()
         except (checkpoint.Stopped, KeyboardInterrupt) as e:  # KeyboardInterrupt: a Ctrl-C before our handler was in
             signum = e.signum if isinstance(e, checkpoint.Stopped) else signal.SIGINT
@@ -484,9 +448,9 @@ class Trainer(Run):
                 self.evaluate(f"step {self.step}")
             due = (cfg.save_every and self.step % cfg.save_every == 0) or \
                 (cfg.save_every_minutes and time.monotonic() - last_save >= 60 * cfg.save_every_minutes)
-            stopping, due = distributed.all_sum([float(self.stop.signal is not None), float(due)], self.ranks)
+            stopping, due = distributed.all_sum([float(self.signals.signal is not None), float(due)], self.ranks)
             if stopping:
-                raise checkpoint.Stopped(self.stop.signal or signal.SIGTERM)
+                raise checkpoint.Stopped(self.signals.signal or signal.SIGTERM)
             if due:
                 self.save()
                 last_save = time.monotonic()
@@ -507,84 +471,8 @@ class Trainer(Run):
         stats.update(step=self.step, skipped_updates=self.skipped)
         self.log(stats)
         self.step += 1
-        self.stop.release()  # the step is applied, logged and counted: a stop signal may now take effect
+        self.signals.release()  # the step is applied, logged and counted: a stop signal may now take effect
         return stats
-
-# --------------------------------------------------------------------------------------------------- the DPO family
-
-
-class DPOTrainer(Trainer):
-    """ExP-DPO (expo_dpo) and DPO on expert solutions (dpo_gt): each question's chosen response -- its
-    self-explanation, or its expert solution -- against the first of the policy's own wrong rollouts, with
-    expo.dpo_loss against the frozen initial policy. Owns its cached self-explanations and checkpoints them."""
-
-    def __init__(self, cfg: Config):
-        self.chosen: dict[str, tuple[int, str]] = {}  # question id -> (step made, target), expo_dpo only
-        super().__init__(cfg)
-
-    def needs_reference(self) -> bool:
-        return True
-
-    def restore(self, start: Path, state: dict) -> None:
-        super().restore(start, state)
-        self.chosen = {k: tuple(v) for k, v in state.get("dpo_chosen", {}).items()}
-
-    def checkpoint_state(self) -> dict:
-        """Rank 0 saves every rank's cached explanations: each rank explains its own share of the questions."""
-        merged = {k: v for part in distributed.gather(self.chosen, self.ranks) for k, v in part.items()}
-        return {**super().checkpoint_state(), "dpo_chosen": merged}
-
-    def update(self, batch: list[data.Example]) -> dict:
-        return self.dpo_step(batch)
-
-    def dpo_step(self, batch: list[data.Example]) -> dict:
-        cfg, G = self.cfg, self.cfg.num_generations
-        roll, rewards, stats, _ = self.rollouts(batch)
-        scores = rewards.tolist()
-        chosen, chosen_stats = self.chosen_responses(batch)
-        pairs = []  # (question, chosen text, rejected text): the first wrong rollout of the question
-        for i, e in enumerate(batch):
-            wrong = [roll.texts[i * G + j] for j in range(G) if scores[i * G + j] == 0]
-            if chosen[i] is not None and wrong:
-                pairs.append((e.question, chosen[i], wrong[0]))
-        total = self.global_counts(pairs=len(pairs))  # the loss is a mean over every rank's pairs
-        t_update, loss_dpo = time.perf_counter(), 0.0
-        self.optimizer.zero_grad(set_to_none=True)
-        if pairs:
-            questions, good, bad = zip(*pairs)
-            both = target_batch(self.tokenizer, questions + questions, good + bad, self.turn_end).to(self.device)
-            for r in micro_batches(len(pairs), cfg.grad_accum):
-                rows = r + [i + len(pairs) for i in r]  # chosen rows, then their rejected partners
-                with torch.no_grad(), self.amp(), self.reference() as reference:
-                    ref_seq = expo.sequence_logp(logprobs(reference, both, rows, 1.0), both.completion_mask[rows])
-                with self.amp():
-                    seq = expo.sequence_logp(logprobs(self.model, both, rows, 1.0), both.completion_mask[rows])  # [2k]
-                k = len(r)
-                weight = expo.accumulation_weight("seq", both.completion_mask[r], int(total.pairs), 0)
-                loss = expo.dpo_loss(seq[:k], seq[k:], ref_seq[:k], ref_seq[k:], cfg.dpo_beta) * weight
-                loss.backward()
-                loss_dpo += loss.item()
-            self.write_samples(batch[0], roll.texts[:G], scores[:G], chosen[0])
-        grad_norm = self.optimizer_step()
-        return {**stats, **chosen_stats, "pairs": len(pairs), "loss_dpo": loss_dpo, "grad_norm": grad_norm,
-                "t_update": time.perf_counter() - t_update}
-
-    def chosen_responses(self, batch: list[data.Example]) -> tuple[list[str | None], dict]:
-        """dpo_gt: expert solutions. expo_dpo: self-explanations, cached per question -- made once by the initial
-        (reference) policy when offline, or by the current policy and renewed every --dpo_refresh steps."""
-        if self.cfg.method == "dpo_gt":
-            return [e.solution for e in batch], {}
-        refresh, stats = self.cfg.dpo_refresh, {}
-        stale = [e for e in batch if e.id not in self.chosen
-                 or (refresh and self.step - self.chosen[e.id][0] >= refresh)]
-        if stale:
-            with contextlib.nullcontext(self.model) if refresh else self.reference() as model:
-                sampled = self.sample([expo.explain_prompt(e.question, e.answer) for e in stale], 1, self.seed(1),
-                                      model)
-            targets, stats = self.self_explanations(stale, sampled)
-            self.chosen.update({e.id: (self.step, t) for e, t in zip(stale, targets)})
-        return [self.chosen[e.id][1] for e in batch], stats
-
 
 # --------------------------------------------------------------------------------------------------------- the CLI
 

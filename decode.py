@@ -1,0 +1,207 @@
+"""Fast decoding: how `rollout.sample` draws its tokens quickly, without changing which tokens it draws.
+
+rollout.py states what sampling is (plain temperature sampling from the policy that `token_logprobs` scores, masks by
+position); this file is how it is made fast, and a first reading may skip it. The decode loop is ours, not
+`model.generate`, so it can
+  1. prefill each prompt once and share its KV cache across its G rows (`EagerDecoder`), not G times;
+  2. on a GPU, run each decode step as one replayed CUDA graph over a static KV cache (`GraphedDecoder`): a small
+     model's step is otherwise dominated by launching hundreds of tiny kernels from Python (this path prefills every
+     row into its fixed-size cache: prefill is a small share of the time there);
+  3. on a CPU, drop finished rows from the batch as they finish (`decode`, `COMPACT_AT`): a CPU decode step costs in
+     proportion to its rows, and most rows stop long before the longest (a GPU step costs about the same for 8 or 72
+     rows, so the graphed decoder keeps its static shapes);
+  4. stop as soon as every row has emitted a stop token (checked every few steps on a GPU to avoid syncs);
+  5. sample from a bf16 copy of the fp32 policy where bf16 matmuls are native (`bf16_is_native`, `sampler_copy`,
+     `refresh_sampler`), as RL stacks sample from a low-precision inference engine: this one does change the
+     distribution slightly, and train.py measures by how much (expo.sampler_mismatch).
+1-4 do not change what is sampled: the same seed gives the same tokens with or without them (tested; a batch of
+another shape may round a logit differently, which moves a token only when its uniform number falls within rounding
+of a boundary of the cumulative distribution). Tokens are drawn by inverse-CDF sampling (`pick`).
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+
+import torch
+from transformers import DynamicCache, StaticCache
+
+# -------------------------------------------------------------------------------------------- the bf16 sampler copy
+
+
+def bf16_is_native(device: torch.device) -> bool:
+    """Does `device` multiply bf16 matrices in hardware: CUDA with bf16, or a CPU with AMX-BF16 or AVX512-BF16?"""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    return bool(caps.get("amx_bf16") or caps.get("avx512_bf16"))
+
+
+def sampler_copy(model, dtype: torch.dtype = torch.bfloat16):
+    """A copy of the policy to sample from, its parameters in `dtype` (buffers such as RoPE frequencies stay fp32),
+    as RL stacks sample from a low-precision inference engine. `refresh_sampler` keeps it equal to the policy."""
+    sampler = copy.deepcopy(model).eval().requires_grad_(False)
+    for p in sampler.parameters():
+        p.data = p.data.to(dtype)
+    return sampler
+
+
+@torch.no_grad()
+def refresh_sampler(sampler, model) -> None:
+    """Copy the policy's (fp32) weights into the sampler, cast to its dtype: after every optimizer step."""
+    for s, p in zip(sampler.parameters(), model.parameters(), strict=True):
+        s.copy_(p)
+
+
+def _cache_kwarg(model) -> str:
+    """transformers renamed `past_key_values` to `cache` during 5.x; use whichever this model's forward takes."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+# ------------------------------------------------------------------------------------------------- the decode loop
+
+
+def pick(logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None,
+          u: torch.Tensor | None = None) -> torch.Tensor:
+    """Next tokens [N] from last-position logits [N, V]: plain temperature sampling, argmax at temperature 0.
+
+    Inverse-CDF sampling: one uniform number per row (`u` [N, 1] float64 if given, else drawn from `generator`),
+    located in the cumulative distribution (float64, so rounding cannot favour any token). Same distribution as
+    torch.multinomial, and ~20x faster on a CPU, where multinomial draws a random number per vocabulary entry.
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    cdf = torch.softmax(logits.float() / temperature, dim=-1).double().cumsum(dim=-1)  # [N, V]
+    if u is None:
+        u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype)
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)
+
+
+COMPACT_AT = 0.25  # the eager decoder drops its finished rows once they are this share of its batch (bench.py)
+
+
+def decode(step, stop: list[int], pad_id: int, max_new_tokens: int, temperature: float,
+            generator: torch.Generator, min_new_tokens: int = 0, compact: bool = True) -> torch.Tensor:
+    """The decode loop: ([N, T] sampled tokens, pad after each row's first stop token, T <= max_new_tokens; [N, T]
+    the sampler's log-prob of each sampled token at `temperature`: 0 at greedy decoding, meaningless after the stop).
+
+    Finished rows leave the batch (`compact`, for a decoder with a `keep` method: EagerDecoder). On a CPU a decode
+    step costs in proportion to its rows, and at a realistic budget most rows finish long before the longest one.
+    `live` [M] maps the decoder's batch back to the original rows. Every step still draws one uniform number per
+    *original* row, so a row samples the same tokens whenever the others leave.
+    """
+    logits = step.prefill_logits  # [M, V] next-token logits of the rows still decoding (M = N at first)
+    device, n = logits.device, logits.shape[0]
+    stop_t = torch.tensor(stop, device=device)
+    tokens = torch.full((n, max_new_tokens), pad_id, dtype=torch.long, device=device)  # [N, T]
+    logps = torch.zeros(n, max_new_tokens, device=device)  # [N, T]
+    done = torch.zeros(n, dtype=torch.bool, device=device)  # [N]
+    live = torch.arange(n, device=device)  # [M] the original row of each row of the decoder's batch
+    compact = compact and hasattr(step, "keep")
+    check_every = 8 if device.type == "cuda" else 1  # a GPU checks "all done?" every few steps: each check syncs
+    for t in range(max_new_tokens):
+        if t < min_new_tokens:
+            logits[:, stop_t] = -float("inf")
+        u = None if temperature == 0 else torch.rand(n, 1, generator=generator, device=device, dtype=torch.float64)
+        finished = done[live]  # [M] rows of the batch that stopped earlier (they emit padding)
+        nxt = torch.where(finished, pad_id, pick(logits, temperature, u=None if u is None else u[live]))  # [M]
+        tokens[live, t] = nxt
+        if temperature:
+            logps[live, t] = torch.log_softmax(logits.float() / temperature, -1).gather(1, nxt[:, None]).squeeze(1)
+        finished = finished | torch.isin(nxt, stop_t)
+        done[live] = finished
+        if t + 1 == max_new_tokens or ((t + 1) % check_every == 0 and bool(done.all())):
+            return tokens[:, : t + 1], logps[:, : t + 1]
+        if compact and int(finished.sum()) >= COMPACT_AT * len(live):
+            keep = (~finished).nonzero().squeeze(1)  # [M'] batch positions of the rows still decoding
+            step.keep(keep)
+            live, nxt = live[keep], nxt[keep]
+        logits = step(nxt)
+    return tokens, logps  # max_new_tokens == 0
+
+
+# ------------------------------------------------------------------------------------------------------ the decoders
+# How `decode` gets the next-token logits of every row still decoding: one forward step per token over a KV cache.
+# Neither class changes what is sampled (tested); they only make it fast, on a CPU and on a GPU respectively.
+
+
+class EagerDecoder:
+    """Decode steps with a growing DynamicCache; each prompt is prefilled once, then shared by all its rows."""
+
+    def __init__(self, model, p_ids: torch.Tensor, p_mask: torch.Tensor, index: torch.Tensor):
+        self.model, self.kw = model, _cache_kwarg(model)
+        self.cache = DynamicCache()
+        out = model(input_ids=p_ids, attention_mask=p_mask, position_ids=(p_mask.cumsum(1) - 1).clamp(min=0),
+                    use_cache=True, logits_to_keep=1, **{self.kw: self.cache})
+        self.cache.batch_select_indices(index)  # [B, ...] -> [N, ...]: row n continues prompt index[n]'s cache
+        self.mask = p_mask[index]  # [N, P], grows by one column per step
+        self.pos = self.mask.sum(1, keepdim=True) - 1  # [N, 1] position of each row's last token
+        self.prefill_logits = out.logits[:, -1].float()[index]  # [N, V]
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        self.pos = self.pos + 1
+        out = self.model(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=self.pos, use_cache=True,
+                         **{self.kw: self.cache})
+        return out.logits[:, -1].float()
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only these rows of the batch (the others have finished): their KV cache, mask and positions."""
+        self.cache.batch_select_indices(rows)
+        self.mask, self.pos = self.mask[rows], self.pos[rows]
+
+
+class GraphedDecoder:
+    """Decode steps as one CUDA graph: a StaticCache, static input buffers, and a boolean 4D attention mask.
+
+    The graph is captured once per call to `sample` and replayed per token; each replay reads the buffers
+    `ids`/`pos`/`mask`, which the loop updates in place, and the cache advances its own on-device length counter.
+    """
+
+    def __init__(self, model, p_ids: torch.Tensor, p_mask: torch.Tensor, max_new_tokens: int):
+        n, p = p_ids.shape
+        self.model, self.kw = model, _cache_kwarg(model)
+        self.cache = StaticCache(config=model.config, max_cache_len=p + max_new_tokens)
+        out = model(input_ids=p_ids, attention_mask=p_mask, position_ids=(p_mask.cumsum(1) - 1).clamp(min=0),
+                    use_cache=True, logits_to_keep=1, **{self.kw: self.cache})
+        self.prefill_logits = out.logits[:, -1].float()
+        self.col = p  # the cache column the next token is written to
+        self.mask = torch.zeros(n, 1, 1, p + max_new_tokens, dtype=torch.bool, device=p_ids.device)
+        self.mask[:, 0, 0, :p] = p_mask.bool()
+        self.ids = torch.zeros(n, 1, dtype=torch.long, device=p_ids.device)
+        self.pos = p_mask.sum(1, keepdim=True) - 1
+        self.graph = self._capture() if p_ids.is_cuda else None  # on a CPU the same steps run eagerly (tests)
+
+    @staticmethod
+    def supported(model) -> bool:
+        """Needs the 5.2x cache API (StaticCache with an on-device length) and a decoder whose forward takes `cache`."""
+        return _cache_kwarg(model) == "cache" and hasattr(StaticCache(model.config, 8).layers[0], "cumulative_length")
+
+    def _forward(self) -> torch.Tensor:
+        return self.model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.pos, use_cache=True,
+                          **{self.kw: self.cache}).logits[:, -1]
+
+    def _capture(self) -> torch.cuda.CUDAGraph:
+        lengths = [layer.cumulative_length.clone() for layer in self.cache.layers]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up runs (allocator, cuBLAS handles) must precede capture
+            for _ in range(2):
+                self._forward()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.logits = self._forward()
+        for layer, length in zip(self.cache.layers, lengths):  # undo the warm-up's advance of the cache
+            layer.cumulative_length.copy_(length)
+        return graph
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.ids.copy_(tokens[:, None])
+        self.pos += 1
+        self.mask[:, 0, 0, self.col] = True
+        self.col += 1
+        if self.graph is None:
+            return self._forward().float()
+        self.graph.replay()
+        return self.logits.float()  # a copy (bf16 -> fp32): the next replay overwrites self.logits

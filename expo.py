@@ -192,7 +192,6 @@ def pg_denominator(mask: torch.Tensor, norm: str, max_tokens: int | None = None)
 
     Example, masks [[1, 1, 1, 0], [1, 0, 0, 0]]: seq 2, token 4, constant 8, and 10 with max_tokens = 5.
     """
-    # exercise 8: one denominator per step, and exact gradient accumulation
     if norm == "seq":
         return float(mask.shape[0])
     if norm == "token":
@@ -323,6 +322,7 @@ def microbatch_loss(logp: torch.Tensor | None, old_logp: torch.Tensor | None, re
     grpo_loss's (`tokens`, `clipped`, `kl`), `loss_pg` and `loss_sft` (the unweighted NLL's share: the logged
     losses are the sums over micro-batches), `target_tokens`, and sampler_mismatch's `log_ratio` / `k3` / `max_ratio`.
     """
+    # exercise 8: one denominator per step, and exact gradient accumulation
     loss, stats = torch.zeros(()), {}
     if logp is not None:
         weights = None if not tis_cap or sampler_logp is None else tis_weights(old_logp, sampler_logp, mask, tis_cap)

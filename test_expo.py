@@ -447,7 +447,6 @@ def test_beta_schedule():
     assert expo.beta_at(10, 10, 0.04, "linear") == 0.0
 
 
-@pytest.mark.exercise8
 def test_pg_denominator_counts_rows_tokens_or_the_budget():
     mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])
     assert [expo.pg_denominator(mask, norm) for norm in expo.LOSS_NORMS] == [2.0, 4.0, 8.0]

@@ -11,7 +11,7 @@ A good positive sample (a text to raise the likelihood of) must be
 For N questions we measure three candidates:
   own               k answer-free rollouts per question, what GRPO learns from:       (1) by construction, rarely (2)
   self_explanation  one sample with the gold answer in the prompt, made into the training target exactly as
-                    training makes it (`expo.self_explanation_targets`), ExPO's positive:   the paper's claim: (1) and (2)
+                    training makes it (`expo.self_explanation_targets`); ExPO's:      the paper's claim: (1) and (2)
   expert            the dataset's worked solution, GRPO SFT-GT-CoT's positive:        (2), but not (1)
 
 Every NLL is scored under the *answer-free* solve prompt at temperature 1 -- the context and the distribution that

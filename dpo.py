@@ -18,7 +18,8 @@ import torch
 import data
 import distributed
 import expo
-from train import Config, Trainer, logprobs, micro_batches, sampling_stats, target_batch, timed
+from train import (Config, Trainer, explanation_stats, logprobs, micro_batches, sampling_stats, target_batch,
+                   timed)
 
 
 class DPOTrainer(Trainer):
@@ -94,7 +95,6 @@ class DPOTrainer(Trainer):
             targets, stats = expo.self_explanation_targets(sampled.texts, [e.answer for e in stale],
                                                            sampled.truncated.tolist(), None, cfg.drop_leaks,
                                                            cfg.drop_truncated, cfg.drop_wrong)
-            stats.update(explain_len=float(sampled.completion_mask.sum(1).float().mean()),
-                         explain_truncated=float(sampled.truncated.float().mean()))
+            stats.update(explanation_stats(sampled))
             self.chosen.update({e.id: (self.step, t) for e, t in zip(stale, targets)})
         return [self.chosen[e.id][1] for e in batch], stats

@@ -214,16 +214,18 @@ def sampling_stats(roll: rollout.Rollouts, rewards: torch.Tensor, explanations: 
                    group_size: int, t_sample: float) -> dict:
     """What every method logs about its samples: rewards, all-wrong / all-right groups, lengths, tokens per second."""
     groups = rewards.view(-1, group_size)  # [B, G]
-    drawn = float(roll.completion_mask.sum())  # tokens sampled in the call: rollouts and self-explanations
-    drawn += 0.0 if explanations is None else float(explanations.completion_mask.sum())
+    drawn = sum(float(x.completion_mask.sum()) for x in (roll, explanations) if x is not None)  # tokens sampled
     stats = {"reward": float(rewards.mean()), "all_wrong": float((groups.sum(1) == 0).float().mean()),
              "all_right": float((groups.sum(1) == group_size).float().mean()),
              "completion_len": float(roll.completion_mask.sum(1).float().mean()),
              "truncated": float(roll.truncated.float().mean()), "gen_tok_s": drawn / max(t_sample, 1e-9)}
-    if explanations is not None:
-        stats.update(explain_len=float(explanations.completion_mask.sum(1).float().mean()),
-                     explain_truncated=float(explanations.truncated.float().mean()))
-    return stats
+    return stats if explanations is None else {**stats, **explanation_stats(explanations)}
+
+
+def explanation_stats(explanations: rollout.Rollouts) -> dict:
+    """The sampled self-explanations' mean length and the share cut off by the budget."""
+    return {"explain_len": float(explanations.completion_mask.sum(1).float().mean()),
+            "explain_truncated": float(explanations.truncated.float().mean())}
 
 
 def first_target(texts: list[str | None], explanations: rollout.Rollouts | None) -> str | None:
@@ -237,7 +239,6 @@ def trainer_for(cfg: Config) -> "Trainer":
     """The trainer of `cfg.method`: Trainer for the GRPO family, dpo.DPOTrainer for the DPO family."""
     if cfg.method in ("expo_dpo", "dpo_gt"):
         import dpo  # dpo.py builds on Trainer, so it imports this file: not at the top
-
         return dpo.DPOTrainer(cfg)
     return Trainer(cfg)
 
@@ -248,8 +249,6 @@ def trainer_for(cfg: Config) -> "Trainer":
 class Trainer(Run):
     """The GRPO family (expo, grpo, grpo_sft_gt): `grpo_step` is one step of the paper's algorithm box; `train` the
     loop. Its folder, model, logs, evaluation and checkpoints are `Run`'s (run.py); DPOTrainer overrides `update`."""
-
-    # ---------------------------------------------------------------------------------------------------- sampling
 
     def rollouts(self, batch: list[data.Example], explain: bool = False):
         """(G answer-free rollouts per question, their 0/1 rewards [B*G], and with `explain` one self-explanation per

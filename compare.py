@@ -5,7 +5,11 @@
     python compare.py --seeds 0 1 2 --out runs/cmp --report_only -- --levels 4 5 ...   # tabulate what is there
 
 Every flag after `--` (or any flag compare.py does not know) goes to each `train.py` run unchanged, so the runs
-differ only in `--method` and `--seed`. The training seed changes the question order and the sampling, never the
+differ only in `--method` and `--seed`, and in the flags a variant names: a --methods entry is a method or a method
+with flags of its own, METHOD:flag=value[,flag=value...], e.g. `expo:explain_loss=fkl` (folder expo-explain_loss=fkl):
+
+    python compare.py --methods expo expo:explain_loss=fkl expo:explain_loss=rkl grpo --seeds 0 1 2 --out runs/cmp -- ...
+ The training seed changes the question order and the sampling, never the
 evaluation: every run is evaluated on the same questions with the same draws (`--eval_seed`, fixed), and the initial
 model once, by the first run. Each run has its own folder, OUT/METHOD/seed-S. A run already complete there (its log
 has its "after" evaluation) is reused, and one interrupted after a checkpoint is resumed, so a long comparison can
@@ -35,8 +39,23 @@ import train
 DEFAULT_METHODS = ("expo", "grpo", "grpo_sft_gt")
 
 
-def run_folder(out: Path, method: str, seed: int) -> Path:
-    return out / method / f"seed-{seed}"
+def variant_flags(spec: str) -> list[str]:
+    """train.py's flags for a --methods entry: METHOD, or METHOD:flag=value[,flag=value...] (a variant)."""
+    method, _, rest = spec.partition(":")
+    if method not in train.METHODS:
+        raise SystemExit(f"error: --methods {spec}: {method!r} is not one of {', '.join(train.METHODS)}")
+    flags = ["--method", method]
+    for item in filter(None, rest.split(",")):
+        name, equals, value = item.partition("=")
+        if not (equals and name and value):
+            raise SystemExit(f"error: --methods {spec}: write a variant's flags as flag=value, not {item!r}")
+        flags += [f"--{name}", value]
+    return flags
+
+
+def run_folder(out: Path, spec: str, seed: int) -> Path:
+    """OUT/METHOD/seed-S; a variant's folder is its entry with ':' and ',' as '-' (expo-explain_loss=fkl)."""
+    return out / spec.replace(":", "-").replace(",", "-") / f"seed-{seed}"
 
 
 def is_complete(folder: Path) -> bool:
@@ -67,7 +86,7 @@ def run_all(methods: list[str], seeds: list[int], out: Path, train_args: list[st
         folder = run_folder(out, method, seed)
         if evaluator is None and not is_complete(folder):
             evaluator = folder
-        flags = ["--method", method, "--seed", str(seed), "--output_dir", str(folder), *train_args]
+        flags = [*variant_flags(method), "--seed", str(seed), "--output_dir", str(folder), *train_args]
         if folder != evaluator:
             flags.append("--no-eval_before")  # one "before" serves every method and seed
         if is_complete(folder):
@@ -212,13 +231,16 @@ def plot(summary: dict, path: Path) -> bool:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Other flags go to train.py.")
-    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=train.METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
+                        help=f"each METHOD ({', '.join(train.METHODS)}) or a variant METHOD:flag=value[,flag=value]")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="training seeds: one run per method each")
     parser.add_argument("--out", type=Path, default=Path("runs/compare"), help="OUT/METHOD/seed-S per run")
     parser.add_argument("--report_only", action="store_true", help="do not train: tabulate the complete runs in --out")
     args, train_args = parser.parse_known_args(argv)
     train_args = [a for a in train_args if a != "--"]
     k = train.parse_args(train_args).eval_k
+    for spec in args.methods:  # a bad variant fails now, not after hours of the runs before it
+        train.parse_args(variant_flags(spec) + train_args)
     if not args.report_only:
         run_all(args.methods, args.seeds, args.out, train_args)
     summary = summarize(args.methods, args.seeds, args.out, k)

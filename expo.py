@@ -27,6 +27,13 @@ its meaning when the batch or the budget changes. The same term on the dataset's
 the "GRPO SFT-GT-CoT" baseline. ExP-DPO uses `dpo_loss` with e~ as the chosen response and one of the policy's own
 wrong answers as the rejected one. Every target ends in the chat template's turn-end token (rollout.turn_end_id).
 
+ExPO's relatives (`--explain_loss`): the same term as a KL to a *teacher*, the policy shown the answer (the
+hint-conditioned policy pi_T(. | q, a*, prefix), detached; current or initial weights):
+    fkl = 1/|E| sum_t KL(pi_T(. | q, a*, e~<t) || pi_theta(. | q, e~<t))    along the self-explanation   vocab_kl(T, S)
+    rkl = 1/|O| sum_t KL(pi_theta(. | q, o<t) || pi_T(. | q, a*, o<t))      along the G rollouts        vocab_kl(S, T)
+At T = 1, fkl's gradient is the NLL's expected gradient when e~ is drawn from pi_T (tested), with less variance; rkl
+is on-policy self-distillation (OPSD / SDFT) beside GRPO, and samples no self-explanation.
+
 All loss functions take per-token log-probs `logp` [rows, tokens] and a 0/1 `mask` [rows, tokens] that marks the
 completion tokens; padding positions may hold any finite values and never change a loss or receive a gradient. Each
 loss is a *sum* over its rows divided by a denominator, the step's (`Denominators`: counted once over the whole
@@ -40,6 +47,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 import reward
 
@@ -305,12 +313,53 @@ def sft_loss(logp: torch.Tensor, mask: torch.Tensor, denominator: float | None =
     return -(torch.where(mask.bool(), logp, 0.0)).sum() / max(denominator, 1.0)
 
 
+EXPLAIN_LOSSES = ("nll", "fkl", "rkl")
+
+
+def vocab_kl(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) at each position over the whole vocabulary, from logits [rows, T, V] of any dtype -> fp32 [rows, T].
+
+    sum_v p(v) (log p(v) - log q(v)), with p = softmax(logits_p) and q = softmax(logits_q); 0 where p == q, never
+    negative. Gradients flow into both arguments: the caller detaches the teacher. ExPO's relatives use it both ways
+    (`--explain_loss`): fkl = vocab_kl(teacher, student) along the self-explanation, rkl = vocab_kl(student, teacher)
+    along the student's own rollouts. Example, one position with logits_p [0, 0] (p = [.5, .5]) and logits_q
+    [log 3, 0] (q = [.75, .25]): .5 log(.5/.75) + .5 log(.5/.25) = 0.1438; the other way round, 0.1308.
+    """
+    # exercise 11: the KL to a teacher, on plain tensors
+    logp, logq = F.log_softmax(logits_p.float(), dim=-1), F.log_softmax(logits_q.float(), dim=-1)  # [rows, T, V]
+    return (logp.exp() * (logp - logq)).sum(dim=-1)
+
+
+def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, reverse: bool = False,
+             rows_per_chunk: int = 4) -> torch.Tensor:
+    """Per-token full-vocabulary KL [N, T] between a teacher's and the student's next-token distributions, from their
+    logits [N, T, V] over the same completion tokens: KL(teacher || student) (forward), or with `reverse`
+    KL(student || teacher). The teacher's logits must carry no gradient (compute them under no_grad).
+
+    Memory as in rollout.token_logprobs: the fp32 [rows, T, V] log-softmaxes exist for `rows_per_chunk` rows at a time and are
+    recomputed in the backward pass (activation checkpointing) instead of stored."""
+    kl = []
+    for rows in torch.arange(len(student_logits)).split(rows_per_chunk):
+        pair = (student_logits[rows], teacher_logits[rows]) if reverse else (teacher_logits[rows], student_logits[rows])
+        kl.append(checkpoint(vocab_kl, *pair, use_reentrant=False) if student_logits.requires_grad
+                  else vocab_kl(*pair))
+    return torch.cat(kl)
+
+
+def kl_loss(kl: torch.Tensor, mask: torch.Tensor, denominator: float | None = None) -> torch.Tensor:
+    """Per-token KLs [rows, T] of the masked tokens, summed and divided by `denominator` (the step's target tokens,
+    as for sft_loss; None: these tokens, a token mean). The fkl / rkl form of ExPO's term: beta * kl_loss."""
+    if denominator is None:
+        denominator = float(mask.sum())
+    return torch.where(mask.bool(), kl, 0.0).sum() / max(denominator, 1.0)
+
+
 def microbatch_loss(logp: torch.Tensor | None, old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
                     advantages: torch.Tensor | None, mask: torch.Tensor | None, target_logp: torch.Tensor | None,
                     target_mask: torch.Tensor | None, *, denominators: Denominators, beta: float,
                     clip_eps: float = 0.2, kl_coef: float = 0.0, norm: str = "seq",
-                    sampler_logp: torch.Tensor | None = None,
-                    tis_cap: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+                    sampler_logp: torch.Tensor | None = None, tis_cap: float = 0.0,
+                    target_kl: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """One micro-batch's share of the step's ExP-GRPO loss: grpo_loss over its rollout rows + beta * sft_loss over
     its target rows, each divided by the step's denominator, so that the micro-batch losses sum to the step's loss
     and one backward per micro-batch accumulates exactly the full-batch gradient.
@@ -318,9 +367,11 @@ def microbatch_loss(logp: torch.Tensor | None, old_logp: torch.Tensor | None, re
     Rollout tensors (`logp` .. `mask`, and the sampler's log-probs `sampler_logp`) are [rows, tokens], `advantages`
     [rows]; target tensors [targets, tokens]. Either side may be None: a micro-batch without rollout rows to score
     (all of its groups all-equal) or without targets (GRPO; beta == 0). `tis_cap` > 0 weights each rollout token by
-    the truncated importance ratio `tis_weights(old_logp, sampler_logp)`. Returns (loss, stats), stats as sums:
-    grpo_loss's (`tokens`, `clipped`, `kl`), `loss_pg` and `loss_sft` (the unweighted NLL's share: the logged
-    losses are the sums over micro-batches), `target_tokens`, and sampler_mismatch's `log_ratio` / `k3` / `max_ratio`.
+    the truncated importance ratio `tis_weights(old_logp, sampler_logp)`. With `target_kl` [targets, tokens] (the
+    per-token KL of `--explain_loss fkl` or `rkl`) instead of `target_logp`, the term is beta * kl_loss(target_kl).
+    Returns (loss, stats), stats as sums: grpo_loss's (`tokens`, `clipped`, `kl`), `loss_pg` and `loss_sft` (or
+    `loss_distill`: the unweighted term's share; the logged losses are the sums over micro-batches), `target_tokens`,
+    and sampler_mismatch's `log_ratio` / `k3` / `max_ratio`.
     """
     # exercise 8: one denominator per step, and exact gradient accumulation
     loss, stats = torch.zeros(()), {}
@@ -336,6 +387,10 @@ def microbatch_loss(logp: torch.Tensor | None, old_logp: torch.Tensor | None, re
         nll = sft_loss(target_logp, target_mask, denominators.target_tokens)
         loss = loss + beta * nll
         stats.update(loss_sft=nll.item(), target_tokens=float(target_mask.sum()))
+    if target_kl is not None:
+        distill = kl_loss(target_kl, target_mask, denominators.target_tokens)
+        loss = loss + beta * distill
+        stats.update(loss_distill=distill.item(), target_tokens=float(target_mask.sum()))
     return loss, stats
 
 

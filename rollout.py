@@ -23,6 +23,7 @@ import importlib.metadata
 import os
 import shutil
 import tempfile
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,6 +151,13 @@ def encode_targets(tokenizer, user_texts: list[str], targets: list[str], turn_en
                     torch.arange(len(targets)))
 
 
+def with_prompts(tokenizer, batch: "Rollouts", user_texts: list[str]) -> "Rollouts":
+    """The same completions after other user messages, one per row: what a teacher with privileged information (the
+    answer in its prompt) scores, token for token, beside the student's prompt."""
+    ids, mask = left_pad(encode_prompts(tokenizer, user_texts), tokenizer.pad_token_id, batch.prompt_ids.device)
+    return dataclasses.replace(batch, prompt_ids=ids, prompt_mask=mask)
+
+
 def completion_mask(completion_ids: torch.Tensor, stop: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(mask [N, T], truncated [N]) by position: 1 up to and including the first stop token, 0 after it.
 
@@ -250,9 +258,7 @@ def token_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, c
                    temperature: float = 1.0, with_entropy: bool = False, rows_per_chunk: int = 4):
     """fp32 log pi(token | prefix) for each completion token, under the sampling temperature. [N, T].
 
-    Prompt [N, P] is left-padded, completion [N, T] right-padded; the logits for completion token t come from
-    position P - 1 + t, so `logits_to_keep = T + 1` keeps exactly the positions we need (the last one is dropped).
-    Works with or without gradients; entries past each row's first EOS are meaningless and must be masked.
+    Prompt [N, P] is left-padded, completion [N, T] right-padded (`completion_logits`). Works with or without gradients; entries past each row's first EOS are meaningless and must be masked.
     With `with_entropy`, also returns the per-token entropy [N, T] of the sampling distribution (no gradient).
 
     Memory: the fp32 [rows, T, vocab] tensors (logits / temperature, and what log-softmax keeps for backward) exist
@@ -261,14 +267,9 @@ def token_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, c
     """
     if temperature <= 0:
         raise ValueError("scoring needs temperature > 0")
-    n, t = completion_ids.shape
-    ids = torch.cat([prompt_ids, completion_ids], dim=1)  # [N, P + T]
-    attention = torch.cat([prompt_mask, torch.ones_like(completion_ids)], dim=1)
-    positions = (attention.cumsum(dim=1) - 1).clamp(min=0)  # left padding: the first real token is at position 0
-    logits = model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False,
-                   logits_to_keep=t + 1).logits[:, :-1]  # [N, T, V] in the model's dtype
+    logits = completion_logits(model, prompt_ids, prompt_mask, completion_ids)  # [N, T, V] in the model's dtype
     logp, entropy = [], []
-    for rows in torch.arange(n).split(rows_per_chunk):
+    for rows in torch.arange(len(logits)).split(rows_per_chunk):
         chunk, chunk_ids = logits[rows], completion_ids[rows]
         if logits.requires_grad:  # keep no fp32 chunk for backward: recompute it there
             logp.append(checkpoint(chunk_logprobs, chunk, chunk_ids, temperature, use_reentrant=False))
@@ -279,6 +280,20 @@ def token_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, c
                 scaled = chunk.float() / temperature  # [rows, T, V]
                 entropy.append(torch.logsumexp(scaled, -1) - (F.softmax(scaled, -1) * scaled).sum(-1))
     return (torch.cat(logp), torch.cat(entropy)) if with_entropy else torch.cat(logp)
+
+
+def completion_logits(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                      completion_ids: torch.Tensor) -> torch.Tensor:
+    """The logits [N, T, V] (model dtype) that predict each completion token: those at positions P - 1 .. P + T - 2.
+
+    Prompt [N, P] is left-padded, completion [N, T] right-padded; `logits_to_keep = T + 1` keeps exactly the positions
+    we need (the last one, after the completion, is dropped)."""
+    t = completion_ids.shape[1]
+    ids = torch.cat([prompt_ids, completion_ids], dim=1)  # [N, P + T]
+    attention = torch.cat([prompt_mask, torch.ones_like(completion_ids)], dim=1)
+    positions = (attention.cumsum(dim=1) - 1).clamp(min=0)  # left padding: the first real token is at position 0
+    return model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False,
+                 logits_to_keep=t + 1).logits[:, :-1]
 
 
 def chunk_logprobs(logits: torch.Tensor, completion_ids: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -176,7 +176,7 @@ class Run:
         return ref.eval().requires_grad_(False)
 
     def needs_reference(self) -> bool:
-        return self.cfg.kl_coef > 0
+        return self.cfg.kl_coef > 0 or (self.cfg.explain_loss != "nll" and self.cfg.teacher == "initial")
 
     def restore(self, start: Path, state: dict) -> None:
         """Continue from a checkpoint: its step and optimizer state; the logs are cut back to it."""

@@ -495,6 +495,57 @@ def test_microbatch_loss_is_grpo_plus_beta_nll_with_summed_stats():
     assert (first + second).item() == pytest.approx(loss.item()) and "loss_pg" not in st
 
 
+@pytest.mark.exercise11
+def test_vocab_kl_hand_values_both_ways_zero_at_equal_and_never_negative():
+    """KL(p || q) over the vocabulary: p = [.5, .5], q = [.75, .25] gives 0.1438, the other way 0.1308 (so the
+    direction matters); identical distributions give exactly 0, whatever their shift; random pairs are >= 0."""
+    p, q = torch.tensor([[[0.0, 0.0]]]), torch.tensor([[[math.log(3), 0.0]]])  # [1, 1, 2] logits
+    assert expo.vocab_kl(p, q).item() == pytest.approx(0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(2), abs=1e-6)
+    assert expo.vocab_kl(q, p).item() == pytest.approx(0.75 * math.log(1.5) + 0.25 * math.log(0.5), abs=1e-6)
+    logits = torch.randn(3, 5, 11)
+    assert expo.vocab_kl(logits, logits + 7.0).abs().max() < 1e-5, "a shift of the logits is the same distribution"
+    assert (expo.vocab_kl(logits, torch.randn(3, 5, 11)) >= -1e-6).all()
+    half = expo.vocab_kl(logits.bfloat16(), logits.bfloat16())
+    assert half.dtype == torch.float32 and half.abs().max() < 1e-6, "the KL is not computed in fp32"
+
+
+@pytest.mark.exercise11
+def test_vocab_kl_gradient_is_student_minus_teacher_probabilities():
+    """d KL(p_T || softmax(z)) / dz = softmax(z) - p_T: the forward KL's gradient, the identity that ties it to the NLL
+    (d -log softmax(z)_v / dz = softmax(z) - onehot(v), whose mean over v ~ p_T is the same)."""
+    teacher, z = torch.randn(2, 3, 7), torch.randn(2, 3, 7, requires_grad=True)
+    expo.vocab_kl(teacher, z).sum().backward()
+    assert torch.allclose(z.grad, z.detach().softmax(-1) - teacher.softmax(-1), atol=1e-6)
+
+
+@pytest.mark.exercise11
+@pytest.mark.parametrize("reverse", [False, True])
+def test_token_kl_chunks_and_kl_loss_a_token_mean_that_ignores_padding(reverse):
+    """expo.token_kl is vocab_kl over row chunks in the right direction, with the same gradient, and no gradient into
+    the teacher; kl_loss is a token mean over the masked tokens (padding may hold anything) and the micro-batch term
+    is beta * kl_loss over the step's target tokens."""
+    student, teacher = torch.randn(5, 4, 9, requires_grad=True), torch.randn(5, 4, 9)
+    kl = expo.token_kl(student, teacher, reverse=reverse, rows_per_chunk=2)  # [5, 4]
+    direct = expo.vocab_kl(student, teacher) if reverse else expo.vocab_kl(teacher, student)
+    assert torch.allclose(kl, direct, atol=1e-6)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 0]])
+    loss = expo.kl_loss(kl, mask)
+    assert loss.item() == pytest.approx(float((direct.detach() * mask).sum() / mask.sum()), rel=1e-6)
+    loss.backward()
+    grad, student.grad = student.grad.clone(), None
+    (direct * mask).sum().div(mask.sum()).backward()
+    assert torch.allclose(grad, student.grad, atol=1e-7) and grad[3].abs().max() == 0, "padding rows got a gradient"
+    garbage = torch.where(mask.bool(), kl.detach(), torch.tensor(1e30))
+    assert expo.kl_loss(garbage, mask).item() == pytest.approx(loss.item(), rel=1e-6)
+    den = expo.Denominators(pg=1.0, target_tokens=20.0)
+    term, stats = expo.microbatch_loss(None, None, None, None, None, None, mask, target_kl=kl.detach(),
+                                       denominators=den, beta=0.04)
+    total = float((direct.detach() * mask).sum())
+    assert term.item() == pytest.approx(0.04 * total / 20, rel=1e-5)
+    assert stats["loss_distill"] == pytest.approx(total / 20, rel=1e-5) and \
+        "loss_sft" not in stats and stats["target_tokens"] == 10.0
+
+
 @pytest.mark.exercise7
 def test_prompts_differ_only_by_the_hint():
     q, a = "What is 47 + 38?", "85"
@@ -581,6 +632,44 @@ def tiny_gpt2(tokenizer, seed=0):
     config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=512,
                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     return GPT2LMHeadModel(config).eval()
+
+
+@pytest.mark.exercise11
+def test_nll_gradient_on_teacher_samples_approaches_the_forward_kl_gradient():
+    """The identity behind ExPO's place among the self-distillation methods: for explanations e~ sampled from the
+    hint-conditioned policy (the teacher, detached) at T = 1, the mean gradient of the NLL -log pi_theta(e~ | q) equals,
+    in expectation, the gradient of the forward KL(teacher || student) summed along the same sampled prefixes. On a
+    tiny model with a 12-token vocabulary (weights drawn wide enough that the hint moves its distribution: KL ~1.6
+    nats per token) and 4-token explanations, the two mean gradients have cosine 0.9997 over 4,096 samples and 0.94 over
+    64 (the KL is the lower-variance estimate of the same direction); the reverse KL, another objective, 0.81."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=12, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, max_position_embeddings=32, initializer_range=0.5)
+    student = LlamaForCausalLM(config).eval()
+    question, hint = torch.tensor([[3, 5, 7]]), torch.tensor([[3, 5, 7, 1, 9]])  # the teacher's prompt has the answer
+    n, length = 4096, 4
+    with torch.no_grad():  # e~ ~ teacher, token by token
+        sampled = torch.zeros(n, 0, dtype=torch.long)
+        for _ in range(length):
+            logits = student(torch.cat([hint.expand(n, -1), sampled], 1)).logits[:, -1]
+            sampled = torch.cat([sampled, torch.multinomial(logits.softmax(-1), 1)], 1)
+        teacher = rollout.completion_logits(student, hint.expand(n, -1), torch.ones(n, 5, dtype=torch.long), sampled)
+
+    def mean_grad(objective, rows):
+        student.zero_grad()
+        z = rollout.completion_logits(student, question.expand(len(rows), -1), torch.ones(len(rows), 3,
+                                      dtype=torch.long), sampled[rows])  # [rows, 4, 12]
+        objective(z, teacher[rows]).sum().div(len(rows)).backward()
+        return torch.cat([p.grad.flatten() for p in student.parameters()])
+
+    nll = lambda z, t, ids: -z.log_softmax(-1).gather(-1, ids[..., None])  # noqa: E731
+    cos = lambda a, b: float(torch.nn.functional.cosine_similarity(a, b, dim=0))  # noqa: E731
+    everything = torch.arange(n)
+    fkl = mean_grad(lambda z, t: expo.vocab_kl(t, z), everything)
+    many = cos(mean_grad(lambda z, t: nll(z, t, sampled), everything), fkl)
+    assert many > 0.995, f"the NLL of teacher samples does not follow the forward-KL gradient (cosine {many:.3f})"
+    assert cos(mean_grad(lambda z, t: nll(z, t, sampled[:64]), everything[:64]), fkl) < many - 0.02, "no noise?"
+    assert cos(mean_grad(lambda z, t: expo.vocab_kl(z, t), everything), fkl) < 0.9, "forward and reverse KL agree"
 
 
 @pytest.mark.exercise1
@@ -843,7 +932,7 @@ def test_self_explanation_filters(tiny_dir, tmp_path, flags, kept):
              f"Adding gives \\boxed{{{questions[2].answer}}}, and then"]
     out = rollout.encode_targets(t.tokenizer, ["q"] * 3, texts, t.turn_end)
     out.truncated = torch.tensor([False, False, True])
-    targets, stats = t.likelihood_targets(questions, torch.zeros(3 * t.cfg.num_generations), out)
+    _, targets, stats = t.likelihood_targets(questions, None, torch.zeros(3 * t.cfg.num_generations), out)
     assert [i for i, x in enumerate(targets) if x is not None] == kept
     assert all(reward.extract_answer(targets[i]) == questions[i].answer for i in kept)
     assert stats["explain_correct"] == pytest.approx(2 / 3)
@@ -1467,6 +1556,26 @@ def test_compare_two_methods_two_seeds_one_evaluation_set(tiny_dir, tmp_path, ca
         compare.main(["--methods", "grpo", "--seeds", "1", "--out", str(tmp_path), "--", *args, "--learning_rate", "1"])
 
 
+@pytest.mark.exercise11
+def test_compare_runs_a_variant_beside_a_method_under_its_own_name(tiny_dir, tmp_path):
+    """A --methods entry METHOD:flag=value runs train.py with those flags too, in a folder of its own, and the table
+    names it; a malformed variant or a bad value fails before any run trains."""
+    args = _args(tiny_dir, tmp_path, "--steps", "1", "--eval_limit", "2")
+    del args[args.index("--output_dir") : args.index("--output_dir") + 2]
+    with pytest.raises(SystemExit, match="flag=value"):
+        compare.main(["--methods", "grpo", "expo:explain_loss", "--out", str(tmp_path), "--", *args])
+    with pytest.raises(SystemExit):
+        compare.main(["--methods", "grpo", "expo:explain_loss=kl", "--out", str(tmp_path), "--", *args])
+    assert not (tmp_path / "grpo").exists(), "a run trained before a bad variant was refused"
+    assert compare.variant_flags("expo:explain_loss=rkl,teacher=initial") == [
+        "--method", "expo", "--explain_loss", "rkl", "--teacher", "initial"]
+    compare.main(["--methods", "grpo", "expo:explain_loss=rkl", "--out", str(tmp_path), "--", *args])
+    folder = tmp_path / "expo-explain_loss=rkl" / "seed-0"
+    config = json.loads((folder / "config.json").read_text())
+    assert (config["method"], config["explain_loss"]) == ("expo", "rkl") and "loss_distill" in _steps(folder)[0]
+    assert "| `expo:explain_loss=rkl` | 0 |" in (tmp_path / "compare.md").read_text()
+
+
 # ===================================================================================================== teaching kit
 
 import os  # noqa: E402
@@ -1584,7 +1693,8 @@ def test_likelihood_pass_raises_the_targets_likelihood(tiny_dir, tmp_path):
     nll = lambda: float(expo.sft_loss(rollout.token_logprobs(t.model, targets.prompt_ids, targets.prompt_mask,  # noqa
                                                              targets.completion_ids, 1.0), targets.completion_mask))
     den = expo.Denominators(pg=1.0, target_tokens=float(targets.completion_mask.sum()))
-    likelihood_pass = lambda beta: t.backward_pass(None, None, None, None, [], targets, den, beta)["loss_sft"]  # noqa
+    def likelihood_pass(beta):
+        return t.backward_pass(None, None, None, None, [], targets, None, den, beta)["loss_sft"]
     before = nll()
     assert likelihood_pass(1.0) == pytest.approx(before, rel=1e-5), "loss_sft is not the token-mean NLL at T=1"
     full = {n: p.grad.clone() for n, p in t.model.named_parameters()}
@@ -1736,6 +1846,74 @@ def test_explain_on_failed_explains_only_all_wrong_groups(tiny_dir, tmp_path, mo
     stats = t.grpo_step(t.train_set[:2])
     assert kept == [[False, True]] and stats["targets"] == 1 and stats["explain_dropped_solved"] == 1, \
         f"--explain_on failed kept the targets of questions {kept}, not only the all-wrong group's (question 1)"
+
+
+def _unpadded(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
+    return [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+
+
+@pytest.mark.exercise11
+@pytest.mark.parametrize("loss", ["fkl", "rkl"])
+def test_distillation_step_scores_the_teacher_after_the_hint(tiny_dir, tmp_path, loss):
+    """--explain_loss fkl trains on the self-explanations, rkl on the rollouts themselves (and samples no
+    self-explanation); either way each target is scored by the student after solve_prompt(q) and by the teacher after
+    explain_prompt(q, a*), and the step's gradient is exactly beta * the gradient of the token-mean full-vocabulary KL in
+    the flag's direction at T = 1, the teacher's logits held constant. (All groups all-wrong: no policy gradient.)"""
+    t = train.Trainer(train.parse_args(_args(tiny_dir, tmp_path, "--explain_loss", loss, "--temperature", "0.5")))
+    fixed_rollouts(t, TWO_TEXTS, [[0, 0], [0, 0]])
+    batch, asked, seen, grads = t.train_set[:2], [], {}, {}
+    sample, view = t.rollouts, t.teacher_view
+    t.rollouts = lambda b, explain=False: asked.append(explain) or sample(b, explain)
+    t.teacher_view = lambda b, targets: seen.setdefault("teacher", view(b, targets))
+    t.optimizer_step = lambda: grads.update({n: p.grad.clone() for n, p in t.model.named_parameters()}) or 0.0
+    stats = t.grpo_step(batch)
+    teacher, targets = seen["teacher"], t.likelihood_targets(batch, sample(batch)[0], torch.zeros(4),
+                                                             sample(batch, True)[2])[0]
+    assert asked == [loss == "fkl"], "rkl sampled self-explanations it does not use (or fkl none)"
+    assert targets.texts == (TWO_TEXTS[0] + TWO_TEXTS[1] if loss == "rkl" else
+                             [f"So \\boxed{{{e.answer}}}." for e in batch])
+    questions = targets.prompt_index.tolist()
+    assert _unpadded(targets.prompt_ids, targets.prompt_mask) == rollout.encode_prompts(
+        t.tokenizer, [expo.solve_prompt(batch[i].question) for i in questions])
+    assert _unpadded(teacher.prompt_ids, teacher.prompt_mask) == rollout.encode_prompts(
+        t.tokenizer, [expo.explain_prompt(batch[i].question, batch[i].answer) for i in questions]), \
+        "the teacher does not see the answer"
+    assert torch.equal(teacher.completion_ids, targets.completion_ids)
+    t.model.zero_grad()
+    with torch.no_grad():
+        teacher_logits = rollout.completion_logits(t.model, teacher.prompt_ids, teacher.prompt_mask,
+                                                   teacher.completion_ids)
+    student_logits = rollout.completion_logits(t.model, targets.prompt_ids, targets.prompt_mask, targets.completion_ids)
+    kl = expo.vocab_kl(student_logits, teacher_logits) if loss == "rkl" else expo.vocab_kl(teacher_logits, student_logits)
+    distill = expo.kl_loss(kl, targets.completion_mask)
+    (0.04 * distill).backward()
+    assert stats["loss_distill"] == pytest.approx(distill.item(), rel=1e-5) and stats["pg_rows"] == 0
+    assert all(torch.allclose(grads[n], p.grad, rtol=1e-4, atol=1e-8) for n, p in t.model.named_parameters()), \
+        f"the {loss} step's gradient is not beta * the gradient of its KL with the teacher detached"
+
+
+@pytest.mark.exercise11
+def test_rkl_with_explain_on_failed_distills_only_the_all_wrong_groups_rollouts(tiny_dir, tmp_path):
+    t = train.Trainer(train.parse_args(_args(tiny_dir, tmp_path, "--explain_loss", "rkl", "--explain_on", "failed")))
+    fixed_rollouts(t, TWO_TEXTS, [[1, 0], [0, 0]])  # question 0 mixed, question 1 all wrong
+    roll, rewards, _ = t.rollouts(t.train_set[:2])
+    targets = t.likelihood_targets(t.train_set[:2], roll, rewards, None)[0]
+    assert targets.texts == TWO_TEXTS[1] and targets.prompt_index.tolist() == [1, 1]
+
+
+@pytest.mark.exercise11
+def test_the_teacher_is_the_current_policy_or_the_frozen_initial_one(tiny_dir, tmp_path):
+    current = train.Trainer(train.parse_args(_args(tiny_dir, tmp_path / "c", "--explain_loss", "fkl")))
+    with current.teacher_model() as model:
+        assert model is current.model
+    t = train.Trainer(train.parse_args(_args(tiny_dir, tmp_path / "i", "--explain_loss", "rkl", "--teacher", "initial")))
+    with torch.no_grad():
+        for p in t.model.parameters():
+            p.add_(0.01)  # as if trained
+    initial = _initial(tiny_dir)
+    with t.teacher_model() as model:
+        assert model is not t.model and all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                                              initial.state_dict().values()))
 
 
 @pytest.mark.exercise8
@@ -2005,7 +2183,10 @@ def fixed_trainer(method, norm, rewards, *flags):
         return roll, torch.tensor([float(r) for q in mine for r in rewards[t.step][q]]), None
     t.rollouts = rollouts
     if method == "expo":  # its self-explanations, fixed too
-        t.likelihood_targets = lambda ex, rewards, sampled: ([f"Because {e.answer} is right." for e in ex], {})
+        def fixed_targets(ex, roll, rewards, sampled):
+            texts = [f"Because {e.answer} is right." for e in ex]
+            return t.encode_targets([e.question for e in ex], texts), texts, {}
+        t.likelihood_targets = fixed_targets
     return t, [batch[q] for q in mine]
 
 

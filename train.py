@@ -100,6 +100,12 @@ class Config:
     drop_wrong: bool = option(False, "drop self-explanations whose own final answer is not the gold one (else the gold "
                               "answer replaces it in their last box: the paper's target)")
     dpo_refresh: int = option(0, "expo_dpo: 0 = offline (explanations of the initial model), N = renew every N steps")
+    explain_loss: str = option("nll", "expo's self-explanation term: nll = -log pi(e~ | q), the paper's; fkl = the "
+                               "full-vocabulary KL from the teacher to the policy along e~; rkl = the KL from the policy "
+                               "to the teacher along the policy's own rollouts (no self-explanation is sampled)",
+                               expo.EXPLAIN_LOSSES, section="ExPO's relatives: the term as self-distillation")
+    teacher: str = option("current", "fkl / rkl: the teacher is the policy with the answer in its prompt, current "
+                          "(detached) or initial (frozen)", ("current", "initial"))
     max_new_tokens: int = option(128, "generation budget of rollouts and self-explanations",
                                  section="sampling and evaluation")
     temperature: float = option(0.7, "sampling temperature; the policy-gradient log-probs are scored at the same "
@@ -166,6 +172,7 @@ def parse_args(argv=None) -> Config:
         (cfg.max_new_tokens < 1, "--max_new_tokens must be >= 1"),
         (cfg.save_every_minutes < 0, "--save_every_minutes must be >= 0"),
         (cfg.resume and cfg.overwrite, "--resume continues a run and --overwrite replaces it: choose one"),
+        (cfg.explain_loss != "nll" and cfg.method != "expo", "--explain_loss fkl / rkl is a form of --method expo"),
     ] if bad]
     if problems:
         parser.error(problems[0])
@@ -267,9 +274,22 @@ class Trainer(Run):
         return roll, rewards, explanations
 
     def encode_targets(self, questions: list[str], texts: list[str | None]) -> rollout.Rollouts | None:
-        """The targets that are not None, as completions of their answer-free prompts (`target_batch`); None if none."""
-        pairs = [(q, t) for q, t in zip(questions, texts) if t is not None]
-        return target_batch(self.tokenizer, *zip(*pairs), self.turn_end).to(self.device) if pairs else None
+        """The targets that are not None, as completions of their answer-free prompts (`target_batch`), each row's
+        `prompt_index` its question's index in the batch; None if none."""
+        kept = [i for i, t in enumerate(texts) if t is not None]
+        if not kept:
+            return None
+        targets = target_batch(self.tokenizer, [questions[i] for i in kept], [texts[i] for i in kept], self.turn_end)
+        targets.prompt_index = torch.tensor(kept)
+        return targets.to(self.device)
+
+    def teacher_view(self, batch: list[data.Example], targets: rollout.Rollouts | None) -> rollout.Rollouts | None:
+        """For --explain_loss fkl / rkl, the targets' tokens after the teacher's prompt: the same question *with* its
+        answer (expo.explain_prompt), the privileged context the student's prompt lacks. None for nll."""
+        if self.cfg.explain_loss == "nll" or targets is None:
+            return None
+        hinted = [expo.explain_prompt(batch[i].question, batch[i].answer) for i in targets.prompt_index.tolist()]
+        return rollout.with_prompts(self.tokenizer, targets, hinted)
 
     # ------------------------------------------------------------------------------------------------ GRPO family
 
@@ -283,13 +303,14 @@ class Trainer(Run):
         # 1. G answer-free rollouts per question, rewarded by the verifier; for expo each question's self-explanation,
         #    sampled with the answer in the prompt in the same call
         with timed(times, "t_sample"):
-            roll, rewards, explanations = self.rollouts(batch, explain=cfg.method == "expo")
+            roll, rewards, explanations = self.rollouts(batch, explain=cfg.method == "expo" and cfg.explain_loss != "rkl")
         # 2. group-normalised advantages: zero for every row of an all-equal group
         adv = expo.group_advantages(rewards, G, cfg.adv_scale).to(self.device)  # [B*G]
-        # 3. the likelihood term's targets, scored as completions of the answer-free prompt
+        # 3. the likelihood term's targets, scored as completions of the answer-free prompt (and for fkl / rkl the same
+        #    tokens after the teacher's prompt, with the answer)
         with timed(times, "t_explain"):
-            texts, target_stats = self.likelihood_targets(batch, rewards, explanations)
-            targets = self.encode_targets([e.question for e in batch], texts)
+            targets, texts, target_stats = self.likelihood_targets(batch, roll, rewards, explanations)
+            teacher = self.teacher_view(batch, targets)
         # 4. the rollout rows the policy gradient scores, the step's denominators, frozen old / reference log-probs
         scored = self.scored_micro_batches(adv)
         denominators = self.denominators(roll, targets)
@@ -299,27 +320,34 @@ class Trainer(Run):
         with timed(times, "t_update"):
             for _ in range(cfg.ppo_epochs):
                 self.optimizer.zero_grad(set_to_none=True)
-                sums = self.backward_pass(roll, adv, old, ref, scored, targets, denominators, beta)
+                sums = self.backward_pass(roll, adv, old, ref, scored, targets, teacher, denominators, beta)
                 grad_norm = self.optimizer_step()
         self.write_samples(batch[0], roll.texts[:G], rewards[:G].tolist(), first_target(texts, explanations))
         return {**sampling_stats(roll, rewards, explanations, G, times["t_sample"]), **target_stats,
                 **self.update_stats(sums, roll, scored), **times, "grad_norm": grad_norm, "beta": beta,
                 "targets": 0 if targets is None else len(targets.texts), "pg_rows": sum(map(len, scored))}
 
-    def likelihood_targets(self, batch: list[data.Example], rewards: torch.Tensor,
-                           explanations: rollout.Rollouts | None) -> tuple[list[str | None], dict]:
-        """Step 3: each question's likelihood target (None: none) and the filters' counts. expo: its self-explanation
-        made into a target by expo.self_explanation_targets, with every filter (--explain_on failed: only the
-        all-wrong groups'); grpo_sft_gt: its expert solution; grpo: none."""
-        cfg = self.cfg
+    def likelihood_targets(self, batch: list[data.Example], roll: rollout.Rollouts, rewards: torch.Tensor,
+                           explanations: rollout.Rollouts | None):
+        """Step 3: (the likelihood term's targets as completions of the answer-free prompt, or None; each question's
+        target text, None where it has none; the filters' counts). expo: each self-explanation made into a target by
+        expo.self_explanation_targets, with every filter (--explain_on failed: only the all-wrong groups');
+        grpo_sft_gt: the expert solutions; grpo: none. expo --explain_loss rkl: the rollouts themselves (with
+        --explain_on failed, those of all-wrong groups), on which the policy is pulled toward its hinted self."""
+        cfg, questions = self.cfg, [e.question for e in batch]
+        solved = (rewards.view(-1, cfg.num_generations).sum(1) > 0).tolist()  # [B]
+        texts, counts = [None] * len(batch), {}
         if cfg.method == "grpo_sft_gt":
-            return [e.solution for e in batch], {}
-        if cfg.method != "expo":
-            return [None] * len(batch), {}
-        solved = (rewards.view(-1, cfg.num_generations).sum(1) > 0).tolist() if cfg.explain_on == "failed" else None
-        return expo.self_explanation_targets(explanations.texts, [e.answer for e in batch],
-                                             explanations.truncated.tolist(), solved, cfg.drop_leaks,
-                                             cfg.drop_truncated, cfg.drop_wrong)
+            texts = [e.solution for e in batch]
+        elif cfg.method == "expo" and cfg.explain_loss == "rkl":
+            rows = [i for i, q in enumerate(roll.prompt_index.tolist()) if cfg.explain_on == "all" or not solved[q]]
+            return (roll.select(rows) if rows else None), texts, counts
+        elif cfg.method == "expo":
+            texts, counts = expo.self_explanation_targets(explanations.texts, [e.answer for e in batch],
+                                                          explanations.truncated.tolist(),
+                                                          solved if cfg.explain_on == "failed" else None,
+                                                          cfg.drop_leaks, cfg.drop_truncated, cfg.drop_wrong)
+        return self.encode_targets(questions, texts), texts, counts
 
     def scored_micro_batches(self, adv: torch.Tensor) -> list[list[int]]:
         """The micro-batches (lists of rollout row indices) the policy gradient scores. A zero advantage (every row of
@@ -353,25 +381,48 @@ class Trainer(Run):
         return old, ref
 
     def backward_pass(self, roll: rollout.Rollouts, adv: torch.Tensor, old, ref, scored: list[list[int]],
-                      targets: rollout.Rollouts | None, denominators: expo.Denominators, beta: float) -> dict:
+                      targets: rollout.Rollouts | None, teacher: rollout.Rollouts | None,
+                      denominators: expo.Denominators, beta: float) -> dict:
         """Backward of this rank's share of the step's loss, one micro-batch at a time: the i-th micro-batch of scored
-        rollout rows with the i-th of the targets, through expo.microbatch_loss; its statistics summed."""
+        rollout rows with the i-th of the targets (and of their `teacher_view`), through expo.microbatch_loss; its
+        statistics summed."""
         cfg, sums = self.cfg, {}
         target_micro = micro_batches(len(targets.texts), cfg.grad_accum) if targets is not None and beta else []
         tis_cap = cfg.tis_cap if self.sampler is not self.model else 0.0  # an fp32 sampler *is* the trainer
         for rows, target_rows in itertools.zip_longest(scored, target_micro, fillvalue=[]):
             pg, entropy = self.rollout_inputs(roll, adv, old, ref, rows)
-            with self.amp():
-                target_logp = logprobs(self.model, targets, target_rows, 1.0) if target_rows else None  # [m, T], T = 1
-            target_mask = targets.completion_mask[target_rows] if target_rows else None  # [m, T]
-            loss, stats = expo.microbatch_loss(**pg, target_logp=target_logp, target_mask=target_mask,
-                                               denominators=denominators, beta=beta, clip_eps=cfg.clip_eps,
-                                               kl_coef=cfg.kl_coef, norm=cfg.loss_norm, tis_cap=tis_cap)
+            target = self.target_inputs(targets, teacher, target_rows)
+            loss, stats = expo.microbatch_loss(**pg, **target, denominators=denominators, beta=beta,
+                                               clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef, norm=cfg.loss_norm,
+                                               tis_cap=tis_cap)
             loss.backward()
             stats["entropy"] = entropy
             for key, value in stats.items():
                 sums[key] = max(sums.get(key, value), value) if key == "max_ratio" else sums.get(key, 0.0) + value
         return sums
+
+    def target_inputs(self, targets: rollout.Rollouts | None, teacher: rollout.Rollouts | None, rows: list[int]):
+        """microbatch_loss's target arguments for these target rows, all None without rows: their log-probs (nll) or
+        per-token KL to the teacher (fkl, rkl) [m, T], at temperature 1, and their mask [m, T]. The teacher (the
+        current policy or the initial one after its hinted prompt) runs under no_grad: its logits are constants."""
+        if not rows:
+            return dict(target_logp=None, target_mask=None, target_kl=None)
+        mask, logp, kl = targets.completion_mask[rows], None, None  # [m, T]
+        with self.amp():
+            if teacher is None:
+                logp = logprobs(self.model, targets, rows, 1.0)  # [m, T]
+            else:
+                with torch.no_grad(), self.teacher_model() as model:
+                    teacher_logits = rollout.completion_logits(model, teacher.prompt_ids[rows],
+                                                               teacher.prompt_mask[rows], teacher.completion_ids[rows])
+                student_logits = rollout.completion_logits(self.model, targets.prompt_ids[rows],
+                                                           targets.prompt_mask[rows], targets.completion_ids[rows])
+                kl = expo.token_kl(student_logits, teacher_logits, reverse=self.cfg.explain_loss == "rkl")  # [m, T]
+        return dict(target_logp=logp, target_mask=mask, target_kl=kl)
+
+    def teacher_model(self):
+        """(A context giving) the fkl / rkl teacher's weights: the current policy, or the frozen initial one."""
+        return self.reference() if self.cfg.teacher == "initial" else contextlib.nullcontext(self.model)
 
     def rollout_inputs(self, roll: rollout.Rollouts, adv: torch.Tensor, old, ref, rows: list[int]):
         """(microbatch_loss's rollout arguments for these rows -- all None without rows --, their summed entropy)."""
@@ -394,6 +445,8 @@ class Trainer(Run):
             [float(mask.sum()), float(mask[[i for rows in scored for i in rows]].sum())], self.ranks)
         stats = {"loss_pg": sums.get("loss_pg", 0.0), "clip_frac": sums.get("clipped", 0.0) / max(1.0, tokens),
                  "kl": sums.get("kl", 0.0) / max(1.0, tokens), "loss_sft": sums.get("loss_sft", 0.0)}
+        if self.cfg.explain_loss != "nll":
+            stats["loss_distill"] = sums.get("loss_distill", 0.0)
         if scored_tokens:  # over every rank's scored tokens (this rank may have none)
             stats["entropy"] = sums.get("entropy", 0.0) / scored_tokens
             if roll.sampler_logp is not None:  # sampled rollouts (not fixed texts): the sampler against the trainer

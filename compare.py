@@ -8,12 +8,13 @@ Every flag after `--` (or any flag compare.py does not know) goes to each `train
 differ only in `--method` and `--seed`, and in the flags a variant names: a --methods entry is a method or a method
 with flags of its own, METHOD:flag=value[,flag=value...], e.g. `expo:explain_loss=fkl` (folder expo-explain_loss=fkl):
 
-    python compare.py --methods expo expo:explain_loss=fkl expo:explain_loss=rkl grpo --seeds 0 1 2 --out runs/cmp -- ...
- The training seed changes the question order and the sampling, never the
-evaluation: every run is evaluated on the same questions with the same draws (`--eval_seed`, fixed), and the initial
-model once, by the first run. Each run has its own folder, OUT/METHOD/seed-S. A run already complete there (its log
-has its "after" evaluation) is reused, and one interrupted after a checkpoint is resumed, so a long comparison can
-be built over several sittings; a reused run must have been trained with the same flags (else an error says which).
+    python compare.py --methods expo expo:explain_loss=fkl expo:explain_loss=rkl --seeds 0 1 2 --out runs/cmp -- ...
+
+The training seed changes the question order and the sampling, never the evaluation: every run is evaluated on the
+same questions with the same draws (`--eval_seed`, fixed), and the initial model once, by the first run. Each run
+has its own folder, OUT/METHOD/seed-S. A run already complete there (its log has its "after" evaluation) is reused,
+and one interrupted after a checkpoint is resumed, so a long comparison can be built over several sittings; a reused
+run must have been trained with the same flags (else an error says which).
 
 Then one table (printed, and written as OUT/compare.md to paste into a README), the numbers (OUT/compare.json) and one
 figure (OUT/compare.png, when matplotlib is installed) show, per method:

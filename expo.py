@@ -336,11 +336,12 @@ def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, reverse
     logits [N, T, V] over the same completion tokens: KL(teacher || student) (forward), or with `reverse`
     KL(student || teacher). The teacher's logits must carry no gradient (compute them under no_grad).
 
-    Memory as in rollout.token_logprobs: the fp32 [rows, T, V] log-softmaxes exist for `rows_per_chunk` rows at a time and are
-    recomputed in the backward pass (activation checkpointing) instead of stored."""
+    Memory as in rollout.token_logprobs: the fp32 [rows, T, V] log-softmaxes exist for `rows_per_chunk` rows at a time
+    and are recomputed in the backward pass (activation checkpointing) instead of stored."""
     kl = []
     for rows in torch.arange(len(student_logits)).split(rows_per_chunk):
-        pair = (student_logits[rows], teacher_logits[rows]) if reverse else (teacher_logits[rows], student_logits[rows])
+        student, teacher = student_logits[rows], teacher_logits[rows]  # [rows, T, V] each
+        pair = (student, teacher) if reverse else (teacher, student)
         kl.append(checkpoint(vocab_kl, *pair, use_reentrant=False) if student_logits.requires_grad
                   else vocab_kl(*pair))
     return torch.cat(kl)

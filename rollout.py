@@ -258,7 +258,8 @@ def token_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, c
                    temperature: float = 1.0, with_entropy: bool = False, rows_per_chunk: int = 4):
     """fp32 log pi(token | prefix) for each completion token, under the sampling temperature. [N, T].
 
-    Prompt [N, P] is left-padded, completion [N, T] right-padded (`completion_logits`). Works with or without gradients; entries past each row's first EOS are meaningless and must be masked.
+    Prompt [N, P] is left-padded, completion [N, T] right-padded (`completion_logits`). Works with or without
+    gradients; entries past each row's first EOS are meaningless and must be masked.
     With `with_entropy`, also returns the per-token entropy [N, T] of the sampling distribution (no gradient).
 
     Memory: the fp32 [rows, T, vocab] tensors (logits / temperature, and what log-softmax keeps for backward) exist

@@ -643,8 +643,8 @@ def test_nll_gradient_on_teacher_samples_approaches_the_forward_kl_gradient():
     nats per token) and 4-token explanations, the two mean gradients have cosine 0.9997 over 4,096 samples and 0.94 over
     64 (the KL is the lower-variance estimate of the same direction); the reverse KL, another objective, 0.81."""
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=12, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=1, max_position_embeddings=32, initializer_range=0.5)
+    config = LlamaConfig(vocab_size=12, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32, initializer_range=0.5)
     student = LlamaForCausalLM(config).eval()
     question, hint = torch.tensor([[3, 5, 7]]), torch.tensor([[3, 5, 7, 1, 9]])  # the teacher's prompt has the answer
     n, length = 4096, 4
@@ -1857,8 +1857,8 @@ def _unpadded(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
 def test_distillation_step_scores_the_teacher_after_the_hint(tiny_dir, tmp_path, loss):
     """--explain_loss fkl trains on the self-explanations, rkl on the rollouts themselves (and samples no
     self-explanation); either way each target is scored by the student after solve_prompt(q) and by the teacher after
-    explain_prompt(q, a*), and the step's gradient is exactly beta * the gradient of the token-mean full-vocabulary KL in
-    the flag's direction at T = 1, the teacher's logits held constant. (All groups all-wrong: no policy gradient.)"""
+    explain_prompt(q, a*), and the step's gradient is exactly beta * the gradient of the token-mean full-vocabulary KL
+    in the flag's direction at T = 1, the teacher's logits held constant. (All groups all-wrong: no policy gradient.)"""
     t = train.Trainer(train.parse_args(_args(tiny_dir, tmp_path, "--explain_loss", loss, "--temperature", "0.5")))
     fixed_rollouts(t, TWO_TEXTS, [[0, 0], [0, 0]])
     batch, asked, seen, grads = t.train_set[:2], [], {}, {}
@@ -1884,7 +1884,8 @@ def test_distillation_step_scores_the_teacher_after_the_hint(tiny_dir, tmp_path,
         teacher_logits = rollout.completion_logits(t.model, teacher.prompt_ids, teacher.prompt_mask,
                                                    teacher.completion_ids)
     student_logits = rollout.completion_logits(t.model, targets.prompt_ids, targets.prompt_mask, targets.completion_ids)
-    kl = expo.vocab_kl(student_logits, teacher_logits) if loss == "rkl" else expo.vocab_kl(teacher_logits, student_logits)
+    pair = (student_logits, teacher_logits) if loss == "rkl" else (teacher_logits, student_logits)
+    kl = expo.vocab_kl(*pair)
     distill = expo.kl_loss(kl, targets.completion_mask)
     (0.04 * distill).backward()
     assert stats["loss_distill"] == pytest.approx(distill.item(), rel=1e-5) and stats["pg_rows"] == 0
@@ -1906,7 +1907,8 @@ def test_the_teacher_is_the_current_policy_or_the_frozen_initial_one(tiny_dir, t
     current = train.Trainer(train.parse_args(_args(tiny_dir, tmp_path / "c", "--explain_loss", "fkl")))
     with current.teacher_model() as model:
         assert model is current.model
-    t = train.Trainer(train.parse_args(_args(tiny_dir, tmp_path / "i", "--explain_loss", "rkl", "--teacher", "initial")))
+    t = train.Trainer(train.parse_args(_args(tiny_dir, tmp_path / "i", "--explain_loss", "rkl",
+                                             "--teacher", "initial")))
     with torch.no_grad():
         for p in t.model.parameters():
             p.add_(0.01)  # as if trained

@@ -101,8 +101,8 @@ class Config:
                               "answer replaces it in their last box: the paper's target)")
     dpo_refresh: int = option(0, "expo_dpo: 0 = offline (explanations of the initial model), N = renew every N steps")
     explain_loss: str = option("nll", "expo's self-explanation term: nll = -log pi(e~ | q), the paper's; fkl = the "
-                               "full-vocabulary KL from the teacher to the policy along e~; rkl = the KL from the policy "
-                               "to the teacher along the policy's own rollouts (no self-explanation is sampled)",
+                               "full-vocabulary KL from the teacher to the policy along e~; rkl = the KL from the "
+                               "policy to the teacher along the policy's own rollouts (no self-explanation is sampled)",
                                expo.EXPLAIN_LOSSES, section="ExPO's relatives: the term as self-distillation")
     teacher: str = option("current", "fkl / rkl: the teacher is the policy with the answer in its prompt, current "
                           "(detached) or initial (frozen)", ("current", "initial"))
@@ -111,8 +111,8 @@ class Config:
     temperature: float = option(0.7, "sampling temperature; the policy-gradient log-probs are scored at the same "
                                      "temperature, the likelihood terms (self-explanation, expert SFT, DPO) at T = 1")
     sampler_dtype: str = option("auto", "what rollouts, self-explanations and evaluations are sampled from: bf16 = a "
-                                "bf16 copy of the policy refreshed after every update, fp32 = the policy itself, auto = "
-                                "bf16 where bf16 matmuls are native (CUDA, a CPU with AMX / AVX512-BF16)",
+                                "bf16 copy of the policy refreshed after every update, fp32 = the policy itself, "
+                                "auto = bf16 where bf16 matmuls are native (CUDA, a CPU with AMX / AVX512-BF16)",
                                 ("auto", "fp32", "bf16"))
     eval_every: int = option(0, "evaluate every N steps (0 = only before and after training)")
     eval_before: bool = option(True, "evaluate before training (compare.py does it once for all runs)")
@@ -303,7 +303,8 @@ class Trainer(Run):
         # 1. G answer-free rollouts per question, rewarded by the verifier; for expo each question's self-explanation,
         #    sampled with the answer in the prompt in the same call
         with timed(times, "t_sample"):
-            roll, rewards, explanations = self.rollouts(batch, explain=cfg.method == "expo" and cfg.explain_loss != "rkl")
+            explain = cfg.method == "expo" and cfg.explain_loss != "rkl"  # rkl distills along the rollouts alone
+            roll, rewards, explanations = self.rollouts(batch, explain)
         # 2. group-normalised advantages: zero for every row of an all-equal group
         adv = expo.group_advantages(rewards, G, cfg.adv_scale).to(self.device)  # [B*G]
         # 3. the likelihood term's targets, scored as completions of the answer-free prompt (and for fkl / rkl the same

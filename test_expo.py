@@ -1893,7 +1893,6 @@ def test_distillation_step_scores_the_teacher_after_the_hint(tiny_dir, tmp_path,
         f"the {loss} step's gradient is not beta * the gradient of its KL with the teacher detached"
 
 
-@pytest.mark.exercise11
 def test_rkl_with_explain_on_failed_distills_only_the_all_wrong_groups_rollouts(tiny_dir, tmp_path):
     t = train.Trainer(train.parse_args(_args(tiny_dir, tmp_path, "--explain_loss", "rkl", "--explain_on", "failed")))
     fixed_rollouts(t, TWO_TEXTS, [[1, 0], [0, 0]])  # question 0 mixed, question 1 all wrong
@@ -1902,7 +1901,6 @@ def test_rkl_with_explain_on_failed_distills_only_the_all_wrong_groups_rollouts(
     assert targets.texts == TWO_TEXTS[1] and targets.prompt_index.tolist() == [1, 1]
 
 
-@pytest.mark.exercise11
 def test_the_teacher_is_the_current_policy_or_the_frozen_initial_one(tiny_dir, tmp_path):
     current = train.Trainer(train.parse_args(_args(tiny_dir, tmp_path / "c", "--explain_loss", "fkl")))
     with current.teacher_model() as model:

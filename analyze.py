@@ -25,6 +25,8 @@ experts' NLL is about twice the self-explanations'.
 Two more of the paper's diagnostics:
   hint_reliance     each self-explanation's mean per-token log-probability with the answer in the prompt minus
                     without it: how much of it is written *from* the hint (`hint_reliance`)
+  stop_at_target_end  p(turn end) where each self-explanation target ends, answer-free and hinted
+                    (`end_probability`): where the NLL and the forward KL of --explain_loss fkl part ways
   pass_at_k         (--pass_k 64) pass@k for k = 1, 2, 4, ..., 64 from 64 answer-free samples per question: GRPO
                     sharpens within what the base model already covers at large k; ExPO's claim is that it can extend
                     that coverage (`pass_at_k_curve`). Run it on the base model and on a trained checkpoint.
@@ -58,6 +60,20 @@ def sequence_nll(model, batch: rollout.Rollouts, rows_per_pass: int = 16) -> tup
         nll += (-expo.sequence_logp(logp, mask)).tolist()
         lengths += mask.sum(1).tolist()
     return nll, lengths
+
+
+@torch.no_grad()
+def end_probability(model, batch: rollout.Rollouts, rows_per_pass: int = 16) -> list[float]:
+    """p(last token | all before it) of each row at temperature 1. For targets, the last token is the turn end: how
+    ready the policy is to stop where the target stops."""
+    out = []
+    for start in range(0, batch.completion_ids.shape[0], rows_per_pass):
+        rows = slice(start, start + rows_per_pass)
+        logp = rollout.token_logprobs(model, batch.prompt_ids[rows], batch.prompt_mask[rows],
+                                      batch.completion_ids[rows], 1.0)  # [rows, T]
+        last = batch.completion_mask[rows].sum(1) - 1  # [rows]
+        out += logp[torch.arange(len(last)), last].exp().tolist()
+    return out
 
 
 def describe(nll: list[float], lengths: list[int], correct: list[float], truncated: list[bool]) -> dict:
@@ -97,6 +113,8 @@ def measure(model, tokenizer, examples: list[data.Example], k: int = 4, max_new_
         hinted = rollout.encode_targets(tokenizer, [expo.explain_prompt(examples[i].question, golds[i]) for i in kept],
                                         [targets[i] for i in kept], turn_end)
         result["hint_reliance"] = hint_reliance(nll, sequence_nll(model, hinted.to(device))[0], lengths)
+        result["stop_at_target_end"] = {name: sum(p) / len(p) for name, p in (
+            ("answer_free", end_probability(model, batch)), ("hinted", end_probability(model, hinted.to(device))))}
 
     experts = [i for i, e in enumerate(examples) if e.solution]
     if experts:
@@ -161,6 +179,11 @@ def table(result: dict) -> str:
     if "hint_reliance" in result:
         lines.append(f"hint reliance: a self-explanation's tokens are {result['hint_reliance']['mean']:.3f} nats more "
                      "likely each with the answer in the prompt than without")
+    if "stop_at_target_end" in result:
+        stop = result["stop_at_target_end"]
+        lines.append(f"where a target ends, the policy stops with p = {stop['answer_free']:.2f} answer-free and "
+                     f"{stop['hinted']:.2f} with the answer in the prompt (the teacher of --explain_loss fkl, which "
+                     "pulls the first toward the second; the NLL pulls it toward 1)")
     if "pass_at_k" in result:
         lines.append("answer-free coverage: " + ", ".join(f"{k} {v:.3f}" for k, v in result["pass_at_k"].items()))
     return "\n".join(lines)

@@ -1479,6 +1479,20 @@ def test_analyze_writes_the_three_kinds_of_sample(tiny_dir, tmp_path):
         assert saved[key] == result[key]
     assert saved["expert"]["correct"] == 1.0  # arith's worked solutions end on the gold answer
     assert saved["own"]["truncated"] > 0.5  # a random model rarely stops within 5 tokens
+    assert 0 < saved["stop_at_target_end"]["answer_free"] < 1 and 0 < saved["stop_at_target_end"]["hinted"] < 1
+
+
+@pytest.mark.exercise2
+def test_end_probability_is_the_last_targets_token_probability(tokenizer):
+    """analyze.end_probability: p(turn end | the target before it), the last masked token of each row."""
+    model, turn_end = tiny_llama(tokenizer), rollout.turn_end_id(tokenizer)
+    batch = rollout.encode_targets(tokenizer, ["q one", "a longer question two"], ["Short.", "A longer target."],
+                                   turn_end)
+    logp = rollout.token_logprobs(model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, 1.0)
+    last = batch.completion_mask.sum(1) - 1
+    assert (batch.completion_ids[torch.arange(2), last] == turn_end).all()
+    assert analyze.end_probability(model, batch, rows_per_pass=1) == pytest.approx(
+        logp[torch.arange(2), last].exp().tolist(), rel=1e-5)
 
 
 @pytest.mark.exercise10

@@ -209,6 +209,10 @@ def logprobs(model, batch: rollout.Rollouts, rows, temperature: float, **kw):
                                   temperature, **kw)
 
 
+def logits(model, batch: rollout.Rollouts, rows):
+    return rollout.completion_logits(model, batch.prompt_ids[rows], batch.prompt_mask[rows], batch.completion_ids[rows])
+
+
 @contextlib.contextmanager
 def timed(times: dict[str, float], key: str):
     """Record the wall time of the block in times[key], in seconds."""
@@ -414,11 +418,9 @@ class Trainer(Run):
                 logp = logprobs(self.model, targets, rows, 1.0)  # [m, T]
             else:
                 with torch.no_grad(), self.teacher_model() as model:
-                    teacher_logits = rollout.completion_logits(model, teacher.prompt_ids[rows],
-                                                               teacher.prompt_mask[rows], teacher.completion_ids[rows])
-                student_logits = rollout.completion_logits(self.model, targets.prompt_ids[rows],
-                                                           targets.prompt_mask[rows], targets.completion_ids[rows])
-                kl = expo.token_kl(student_logits, teacher_logits, reverse=self.cfg.explain_loss == "rkl")  # [m, T]
+                    teacher_logits = logits(model, teacher, rows)  # [m, T, V], a constant
+                kl = expo.token_kl(logits(self.model, targets, rows), teacher_logits,
+                                   reverse=self.cfg.explain_loss == "rkl")  # [m, T]
         return dict(target_logp=logp, target_mask=mask, target_kl=kl)
 
     def teacher_model(self):

@@ -232,7 +232,7 @@ def sample(model, tokenizer, prompts: list[list[int]], group_size: int | list[in
         if cuda_graph:
             step = decode.GraphedDecoder(model, p_ids[index], p_mask[index], max_new_tokens)
         else:
-            step = decode.EagerDecoder(model, p_ids, p_mask, index)
+            step = decode.EagerDecoder(model, p_ids, p_mask, index, room=max_new_tokens)
         tokens, logp = decode.decode(step, stop_tokens, pad_id, max_new_tokens, temperature, generator, min_new_tokens,
                                      compact)
     finally:

@@ -776,6 +776,23 @@ def test_static_cache_decoder_matches_dynamic_one(tokenizer):
     assert torch.equal(dynamic.completion_ids, static.completion_ids)
 
 
+def test_growing_cache_layer_holds_what_dynamic_layer_holds():
+    """decode.GrowingLayer (writes in place into spare room) against transformers' DynamicLayer (torch.cat), on plain
+    tensors: a 3-position prefill, steps past its room of 2 (a reallocation), and rows leaving the batch."""
+    from transformers.cache_utils import DynamicLayer
+    growing, dynamic = decode.GrowingLayer(room=2), DynamicLayer()
+    torch.manual_seed(0)
+    for step, (rows, positions) in enumerate([(3, 3), (3, 1), (3, 1), (3, 1), (2, 1), (2, 1)]):
+        if step == 4:  # row 1 finishes
+            for layer in (growing, dynamic):
+                layer.batch_select_indices(torch.tensor([0, 2]))
+        k, v = torch.randn(rows, 2, positions, 4), torch.randn(rows, 2, positions, 4)  # [N, heads, new, head_dim]
+        got, want = growing.update(k, v), dynamic.update(k, v)
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+        assert growing.get_seq_length() == dynamic.get_seq_length() == 3 + step
+    assert growing.buffers[0].shape[2] == 8  # room for 3 + 2 at the prefill, then for 6 + 2 when it ran out
+
+
 def early_stopping_llama(tokenizer, seed=0):
     """A tiny random Llama whose EOS logit is large in some contexts: its rows stop anywhere from the first token
     to never, so a batch's rows finish at very different times."""

@@ -2136,6 +2136,28 @@ def test_bf16_sampler_is_seeded_and_close_to_the_policy(tokenizer):
     assert 0 < gap.max() < 0.1, f"bf16 sampler vs fp32 policy: largest log-prob gap {gap.max():.4f}"
 
 
+@pytest.mark.skipif(not (decode.bf16_is_native(torch.device("cpu")) and decode.PackedLinear.available()),
+                    reason="pre-packed bf16 linears are used only on a CPU with native bf16 matmuls")
+def test_packed_linears_compute_what_the_bf16_weights_do_after_every_refresh():
+    """On this CPU the bf16 sampler's linear layers are PackedLinears: bit for bit F.linear of their bf16 weights
+    (with and without bias, 3-D input), again after refresh_sampler changes the weights, and in a deep copy."""
+    import copy
+    policy = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.Linear(48, 16, bias=False))
+    sampler = decode.sampler_copy(policy)
+    assert all(type(m) is decode.PackedLinear for m in sampler)
+    x = torch.randn(3, 5, 32).bfloat16()
+
+    def plain(model):
+        linear = torch.nn.functional.linear
+        return linear(linear(x, model[0].weight, model[0].bias), model[1].weight)
+    before = plain(sampler)
+    assert torch.equal(sampler(x), before) and torch.equal(copy.deepcopy(sampler)(x), before)
+    with torch.no_grad():
+        policy[0].weight.mul_(-2)
+    decode.refresh_sampler(sampler, policy)
+    assert not torch.equal(plain(sampler), before) and torch.equal(sampler(x), plain(sampler))
+
+
 def test_auto_sampler_dtype_follows_the_devices_bf16_support(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": False, "amx_bf16": False})
     assert not decode.bf16_is_native(torch.device("cpu"))
@@ -2157,6 +2179,8 @@ def test_bf16_sampler_is_the_policy_cast_after_every_update(tiny_dir, tmp_path, 
         cast = [p.detach().to(torch.bfloat16) for p in t.model.parameters()]
         checks.append(when)
         assert all(torch.equal(s, c) for s, c in zip(t.sampler.parameters(), cast, strict=True)), f"stale at {when}"
+        ids = torch.tensor([[1, 400, 401, 402]])  # and it computes what a fresh copy does (no stale packed weight)
+        assert torch.equal(t.sampler(ids).logits, decode.sampler_copy(t.model)(ids).logits), f"stale at {when}"
     real_step, real_loop = train.Trainer.optimizer_step, train.Trainer.loop
     monkeypatch.setattr(train.Trainer, "optimizer_step", lambda t: (real_step(t), check(t, f"step {t.step}"))[0])
     monkeypatch.setattr(train.Trainer, "loop", lambda t: (check(t, "start"), real_loop(t))[1])

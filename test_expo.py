@@ -164,7 +164,7 @@ def test_random_strings_never_raise(pred, gold):
     start = time.perf_counter()
     assert reward.score(pred, gold) in (0.0, 1.0)
     assert isinstance(reward.is_equiv(pred, gold), bool)
-    assert time.perf_counter() - start < 0.1
+    assert time.perf_counter() - start < 1.0  # bounded: a blow-up takes seconds; 0.1 failed once on a stalled CI core
 
 
 # ============================================================================================================== data

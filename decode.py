@@ -165,12 +165,12 @@ def decode(step, stop: list[int], pad_id: int, max_new_tokens: int, temperature:
 # Neither class changes what is sampled (tested); they only make it fast, on a CPU and on a GPU respectively.
 
 
-def last_position(p_ids: torch.Tensor) -> torch.Tensor:
-    """`logits_to_keep` for a prefill: the last prompt position, as a tensor, not the int 1. With an int the model
-    multiplies a strided slice of its hidden states by the lm_head, which torch's matmul does as a batched product
-    with the weight expanded and copied per prompt (where the weight needs no gradient, as the sampler's): a 16-prompt
-    prefill of SmolLM2-135M took 5.9 s this way, 1.2 s with a tensor index, which gathers a contiguous copy."""
-    return torch.tensor([p_ids.shape[1] - 1], device=p_ids.device)
+def kept_positions(start: int, stop: int, device) -> torch.Tensor:
+    """`logits_to_keep` for positions start .. stop - 1, as a tensor of indices, not an int. With an int the model
+    keeps a strided slice of its hidden states, which torch's matmul multiplies by an lm_head that needs no gradient
+    (the sampler copy, LoRA's head, a frozen reference) as a batched product over a per-row copy of the weight; an
+    index gathers a contiguous copy instead (a 16-prompt prefill of SmolLM2-135M's sampler: 5.9 s -> 1.2 s)."""
+    return torch.arange(start, stop, device=device)
 
 
 class GrowingLayer(DynamicLayer):
@@ -189,13 +189,18 @@ class GrowingLayer(DynamicLayer):
             self.buffers = [x.new_empty(*x.shape[:2], 0, x.shape[3]) for x in (key_states, value_states)]
         end = self.length + key_states.shape[-2]
         if end > self.buffers[0].shape[-2]:  # the prefill, or more tokens than the room: make room for `room` more
-            self.buffers = [torch.cat([b[:, :, : self.length], b.new_empty(*b.shape[:2], end - self.length + self.room,
-                                                                           b.shape[3])], dim=2) for b in self.buffers]
+            self.buffers = [self._grown(b, end + self.room) for b in self.buffers]
         for buffer, new in zip(self.buffers, (key_states, value_states)):
             buffer[:, :, self.length: end] = new  # [N, heads, new positions, head_dim]
         self.length = end
         self.keys, self.values = (b[:, :, :end] for b in self.buffers)  # [N, heads, length, head_dim] views
         return self.keys, self.values
+
+    def _grown(self, buffer: torch.Tensor, size: int) -> torch.Tensor:
+        """`buffer`'s first `length` positions in a new buffer of `size` positions."""
+        grown = buffer.new_empty(*buffer.shape[:2], size, buffer.shape[3])  # [N, heads, size, head_dim]
+        grown[:, :, : self.length] = buffer[:, :, : self.length]
+        return grown
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.length:
@@ -217,9 +222,9 @@ class EagerDecoder:
 
     def __init__(self, model, p_ids: torch.Tensor, p_mask: torch.Tensor, index: torch.Tensor, room: int):
         self.model, self.kw = model, _cache_kwarg(model)
-        self.cache = growing_cache(model.config, room)
+        self.cache, p = growing_cache(model.config, room), p_ids.shape[1]
         out = model(input_ids=p_ids, attention_mask=p_mask, position_ids=(p_mask.cumsum(1) - 1).clamp(min=0),
-                    use_cache=True, logits_to_keep=last_position(p_ids), **{self.kw: self.cache})
+                    use_cache=True, logits_to_keep=kept_positions(p - 1, p, p_ids.device), **{self.kw: self.cache})
         self.cache.batch_select_indices(index)  # [B, ...] -> [N, ...]: row n continues prompt index[n]'s cache
         self.mask = p_mask[index]  # [N, P], grows by one column per step
         self.pos = self.mask.sum(1, keepdim=True) - 1  # [N, 1] position of each row's last token
@@ -250,7 +255,7 @@ class GraphedDecoder:
         self.model, self.kw = model, _cache_kwarg(model)
         self.cache = StaticCache(config=model.config, max_cache_len=p + max_new_tokens)
         out = model(input_ids=p_ids, attention_mask=p_mask, position_ids=(p_mask.cumsum(1) - 1).clamp(min=0),
-                    use_cache=True, logits_to_keep=last_position(p_ids), **{self.kw: self.cache})
+                    use_cache=True, logits_to_keep=kept_positions(p - 1, p, p_ids.device), **{self.kw: self.cache})
         self.prefill_logits = out.logits[:, -1].float()
         self.col = p  # the cache column the next token is written to
         self.mask = torch.zeros(n, 1, 1, p + max_new_tokens, dtype=torch.bool, device=p_ids.device)

@@ -287,14 +287,13 @@ def completion_logits(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
                       completion_ids: torch.Tensor) -> torch.Tensor:
     """The logits [N, T, V] (model dtype) that predict each completion token: those at positions P - 1 .. P + T - 2.
 
-    Prompt [N, P] is left-padded, completion [N, T] right-padded; `logits_to_keep` keeps exactly those positions, as a
-    tensor of indices: an int would keep a strided slice of the hidden states, which torch's matmul multiplies by an
-    lm_head that needs no gradient (LoRA's, a frozen reference's) as a batched product over a per-row copy of it."""
+    Prompt [N, P] is left-padded, completion [N, T] right-padded; `logits_to_keep` keeps exactly those positions
+    (`decode.kept_positions`: an index tensor, not an int, for speed)."""
     p, t = prompt_ids.shape[1], completion_ids.shape[1]
     ids = torch.cat([prompt_ids, completion_ids], dim=1)  # [N, P + T]
     attention = torch.cat([prompt_mask, torch.ones_like(completion_ids)], dim=1)
     positions = (attention.cumsum(dim=1) - 1).clamp(min=0)  # left padding: the first real token is at position 0
-    keep = torch.arange(p - 1, p + t - 1, device=ids.device)  # [T] the positions that predict the completion
+    keep = decode.kept_positions(p - 1, p + t - 1, ids.device)  # [T] the positions that predict the completion
     return model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False,
                  logits_to_keep=keep).logits
 

@@ -13,6 +13,9 @@ file is strict in both directions:
   (`2\\frac{\\pi}{3}`, `2\\sqrt{3}`). Tuples and intervals compare element-wise keeping their brackets; `\\{...\\}` sets and
   bare comma lists ("enter all the solutions, separated by commas") compare as multisets, in any order. Anything
   else is compared as text.
+* A plain number (`4536`, `-0.5`, `\\frac{3}{4}`, `3\\frac{1}{2}`) equals only a plain number: an answer that still
+  has arithmetic to do (`81 \\times 56`, `2^{10}`, `\\sqrt{4}`) is not an answer to "What is 81 x 56?" but the
+  question restated, and a policy rewarded for it learns to restate (a levels 4-5 run did, in 15 steps).
 
 Model output is untrusted text, so nothing here can raise or run long: answers longer than `MAX_ANSWER_CHARS` are
 compared as plain strings, the parser caps tokens and nesting depth, exact powers are size-checked before they are
@@ -409,6 +412,19 @@ def _closing_index(s: str) -> int:
     return -1
 
 
+# a number written as one: an integer or decimal, a fraction of two integers, or a mixed number (as `_MIXED` writes it)
+_PLAIN_NUMBER = re.compile(r"(?:\d+\.?\d*|\.\d+)(?:/\(?\d+\)?)?|\\frac\{-?\d+\}\{-?\d+\}|\d+\+\\frac\{\d+\}\{\d+\}")
+
+
+def _is_plain_number(s: str) -> bool:
+    """Is normalised `s` a number written as a number, with any sign and enclosing parentheses? `-(3+\\frac{1}{2})`,
+    `(5)`, `12/(5525)` are; `81\\times56`, `2^{10}`, `\\sqrt{4}`, `\\pi` are not."""
+    s = s.lstrip("+-")
+    while s.startswith("(") and _closing_index(s) == len(s) - 1:
+        s = s[1:-1].lstrip("+-")
+    return _PLAIN_NUMBER.fullmatch(s) is not None
+
+
 def _equiv_norm(a: str, b: str) -> bool:
     if not a or not b:
         return False
@@ -430,6 +446,8 @@ def _equiv_norm(a: str, b: str) -> bool:
     letter_a, letter_b = re.fullmatch(r"\(?([A-Za-z])\)?", a), re.fullmatch(r"\(?([A-Za-z])\)?", b)
     if letter_a or letter_b:  # multiple choice: C == (C)
         return bool(letter_a and letter_b) and letter_a.group(1).upper() == letter_b.group(1).upper()
+    if _is_plain_number(a) != _is_plain_number(b):  # `81\times56` is not an answer to "What is 81 x 56?"
+        return False
     tree_a, tree_b = _parse(a), _parse(b)
     if tree_a is not None and tree_b is not None:
         return _equal_values(tree_a, tree_b)

@@ -13,7 +13,7 @@ EQUIV_CASES = [
     # plain numbers are exact rationals
     ("0.5", "\\frac{1}{2}", True), ("\\frac{1}{2}", "0.5", True), ("1/2", "0.5", True), ("2/4", "\\frac12", True),
     (".5", "0.5", True), ("7", "7.00", True), ("007", "7", True), ("+7", "7", True), ("-0.4", "\\frac{-2}{5}", True),
-    ("-\\frac25", "-0.4", True), ("10^{-2}", "0.01", True), ("\\dfrac{3}{4}", "0.75", True),
+    ("-\\frac25", "-0.4", True), ("10^{-2}", "0.01", False), ("\\dfrac{3}{4}", "0.75", True),
     ("\\tfrac34", "\\frac{3}{4}", True), ("\\frac{1}2", "0.5", True), ("0.67", "\\frac{2}{3}", False),
     ("0.6666667", "\\frac23", False), ("2", "2.0001", False), ("3", "4", False), ("-7", "7", False),
     ("1e3", "1000", False),
@@ -25,11 +25,11 @@ EQUIV_CASES = [
     ("k=-3", "-3", True), ("\\text{5}", "5", True), ("\\mathrm{5}", "5", True), ("5.", "5", True),
     ("\\frac{1}{2} cup", "\\frac{1}{2}", True),
     # expressions: evaluated, compared to 1e-9
-    ("\\sqrt{8}", "2\\sqrt{2}", True), ("\\frac{\\sqrt{3}}{3}", "\\frac{1}{\\sqrt{3}}", True), ("2^{10}", "1024", True),
+    ("\\sqrt{8}", "2\\sqrt{2}", True), ("\\frac{\\sqrt{3}}{3}", "\\frac{1}{\\sqrt{3}}", True), ("2^{10}", "4^5", True),
     ("\\sqrt{18}", "4.24", False), ("\\frac{22}{7}", "\\pi", False), ("\\frac{3\\pi}{4}", "\\frac34\\pi", True),
-    ("2\\sqrt{3}", "\\sqrt{12}", True), ("\\sqrt2", "\\sqrt{2}", True), ("\\sqrt{4}", "2", True),
-    ("\\sqrt[3]{27}", "3", True), ("3\\sqrt{2}", "2\\sqrt{3}", False), ("2 \\cdot 3", "6", True),
-    ("2\\times 3", "6", True), ("\\pi", "3.14", False), ("\\frac{\\pi}{2}", "\\frac{1}{2}\\pi", True),
+    ("2\\sqrt{3}", "\\sqrt{12}", True), ("\\sqrt2", "\\sqrt{2}", True), ("\\sqrt{4}", "\\sqrt[3]{8}", True),
+    ("\\sqrt[3]{27}", "\\sqrt{9}", True), ("3\\sqrt{2}", "2\\sqrt{3}", False), ("2 \\cdot \\pi", "2\\pi", True),
+    ("2\\times (x+1)", "2x+2", True), ("\\pi", "3.14", False), ("\\frac{\\pi}{2}", "\\frac{1}{2}\\pi", True),
     ("1/0", "1/0", False), ("\\frac{1}{0}", "5", False), ("5", "\\frac{5}{0}", False),
     # expressions in variables: equal at several points
     ("(x+2)^2", "x^2+4x+4", True), ("2x+6", "2(x+3)", True), ("x^2+4x+4", "(x-2)^2", False),
@@ -49,7 +49,7 @@ EQUIV_CASES = [
     ("137 \\frac{1}{2}", "\\frac{275}{2}", True), ("\\frac{137}{2}", "137 \\frac{1}{2}", False),
     ("3\\frac{1}{2}", "\\frac{7}{2}", True), ("3\\frac12", "3.5", True), ("-2\\frac{1}{4}", "-\\frac{9}{4}", True),
     ("-2\\frac{1}{4}", "-\\frac{7}{4}", False), ("2\\frac{\\pi}{3}", "\\frac{2\\pi}{3}", True),
-    ("x\\frac12", "\\frac{x}{2}", True), ("2\\sqrt{3}", "\\sqrt{12}", True), ("10^2\\frac{1}{2}", "50", True),
+    ("x\\frac12", "\\frac{x}{2}", True), ("2\\sqrt{3}", "\\sqrt{12}", True), ("10^2\\frac{1}{2}", "5\\cdot10", True),
     ("1\\frac{1}{2}, 2", "2, \\frac32", True),
     # a thousands separator inside a denominator
     ("12/(5,\\!525)", "\\frac{12}{5525}", True), ("\\frac{1}{5{,}525}", "1/5525", True),
@@ -60,6 +60,11 @@ EQUIV_CASES = [
     ("\\infty", "\\infty", True), ("-\\infty", "\\infty", False), ("C", "(C)", True), ("C", "\\text{(C)}", True),
     ("(C)", "D", False), ("Tuesday", "\\text{Tuesday}", True), ("Tuesday", "Tuseday", False),
     ("\\text{Evelyn}", "Evelyn", True), ("", "", False), ("", "5", False), ("5", "", False),
+    # a plain number equals only a plain number: arithmetic left undone is the question restated, not answered
+    ("81 \\times 56", "4536", False), ("4536", "81\\times56", False), ("2^{10}", "1024", False),
+    ("\\sqrt{4}", "2", False), ("3+4", "7", False), ("1200/4", "300", True), ("(2)(3)", "6", False),
+    ("\\frac{\\pi}{2}", "1.5707963267948966", False), ("-\\frac{3}{4}", "-0.75", True), ("(5)", "5", True),
+    ("-(2+\\frac{1}{4})", "-\\frac{9}{4}", True),
 ]
 
 
@@ -102,8 +107,9 @@ def test_extract_answer(text, expected):
 
 
 @pytest.mark.exercise3
-@pytest.mark.parametrize("pred, gold", [("3×10^5", "300000"), ("12÷4", "3"), ("\u22125", "-5"), ("2·3", "6"),
-                                        ("7\u00a0000", "7000"), ("7\u2009000", "7000"), ("7\u202f000", "7000")])
+@pytest.mark.parametrize("pred, gold", [("\\sqrt{2}×3", "3\\sqrt{2}"), ("\\pi÷4", "\\frac{\\pi}{4}"), ("\u22125", "-5"),
+                                        ("\\sqrt{3}·2", "2\\sqrt{3}"), ("7\u00a0000", "7000"), ("7\u2009000", "7000"),
+                                        ("7\u202f000", "7000")])
 def test_checker_reads_unicode_operators_and_spaces(pred, gold):
     """`arith` prints × in its questions and models echo it; − (U+2212), ÷, · and non-breaking / thin spaces too."""
     assert reward.score(f"so \\boxed{{{pred}}}", gold) == 1.0, (pred, gold)
@@ -116,6 +122,9 @@ def test_score_uses_extraction_and_equivalence():
     assert reward.score("The answer is 1,2.", "12") == 0.0
     assert reward.score("1/2 of 4 is 2", "2") == 0.0  # no committed answer, no fallback to the last number
     assert reward.score("So, the answer is 71.", "71") == 1.0
+    # the reward hack a levels 4-5 run learnt in 15 steps: restating the question as its answer
+    assert reward.score("1. 81 × 56 = 4366\n\nSo the answer is 81 × 56.", "4536") == 0.0
+    assert reward.score("So, the answer is \\boxed{81 \\times 56}.", "4536") == 0.0
 
 
 ADVERSARIAL = [

@@ -15,10 +15,11 @@ position); this file is how it is made fast, and a first reading may skip it. Th
   5. sample from a bf16 copy of the fp32 policy where bf16 matmuls are native (`bf16_is_native`, `sampler_copy`,
      `refresh_sampler`), as RL stacks sample from a low-precision inference engine: this one does change the
      distribution slightly, and train.py measures by how much (expo.sampler_mismatch). On a CPU its linear layers
-     keep their weights pre-packed for oneDNN (`PackedLinear`), which gives the same products faster.
-1-4 and the packing do not change what is sampled: the same seed gives the same tokens with or without them (tested;
-a batch of another shape may round a logit differently, which moves a token only when its uniform number falls within
-rounding of a boundary of the cumulative distribution). Tokens are drawn by inverse-CDF sampling (`pick`).
+     keep their weights pre-packed for oneDNN (`PackedLinear`), which gives the same products faster at a decode
+     step's shapes (a prefill's many rows at two or more threads may round otherwise: other tokens, same distribution).
+1-4 do not change what is sampled: the same seed gives the same tokens with or without them (tested; a batch of
+another shape may round a logit differently, which moves a token only when its uniform number falls within rounding
+of a boundary of the cumulative distribution). Tokens are drawn by inverse-CDF sampling (`pick`).
 """
 from __future__ import annotations
 
@@ -68,9 +69,12 @@ def refresh_sampler(sampler, model) -> None:
 
 class PackedLinear(torch.nn.Linear):
     """A linear layer of the CPU bf16 sampler that also holds its weight pre-packed in oneDNN's layout (`pack`, after
-    every change of the weight): the same products bit for bit (tested), about 2x faster at a decode step's few rows,
-    where F.linear reorders the weight at every call (SmolLM2-135M's [32, 576] x [576, 1536] at one thread: 306 ->
-    166 us). The packed weight is opaque to torch, so copies and pickles leave it out and pack again."""
+    every change of the weight), about 2x faster at a decode step's few rows, where F.linear reorders the weight at
+    every call (SmolLM2-135M's [32, 576] x [576, 1536] at one thread: 306 -> 166 us). The products are F.linear's bit
+    for bit at one thread and at a decode step's rows (tested); a prefill's thousands of rows at two threads can be
+    split otherwise and round differently ([32 x 60, 576] x [576, 1536]: last-bit differences), so the tokens sampled
+    there depend on the thread count. The packed weight is opaque to torch: copies and pickles leave it out and pack
+    again."""
 
     @staticmethod
     def available() -> bool:

@@ -66,10 +66,11 @@ class DPOTrainer(Trainer):
                 both = target_batch(self.tokenizer, questions + questions, good + bad, self.turn_end).to(self.device)
                 for rows in micro_batches(len(pairs), cfg.grad_accum):
                     rows = rows + [i + len(pairs) for i in rows]  # chosen rows, then their rejected partners
+                    part = both.select(rows)
                     with torch.no_grad(), self.amp(), self.reference() as reference:
-                        ref_seq = expo.sequence_logp(logprobs(reference, both, rows, 1.0), both.completion_mask[rows])
+                        ref_seq = expo.sequence_logp(logprobs(reference, part, 1.0), part.completion_mask)
                     with self.amp():
-                        seq = expo.sequence_logp(logprobs(self.model, both, rows, 1.0), both.completion_mask[rows])
+                        seq = expo.sequence_logp(logprobs(self.model, part, 1.0), part.completion_mask)
                     k = len(rows) // 2  # [2k]: chosen then rejected
                     loss = expo.dpo_loss(seq[:k], seq[k:], ref_seq[:k], ref_seq[k:], cfg.dpo_beta, n_pairs)
                     loss.backward()

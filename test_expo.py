@@ -1691,6 +1691,7 @@ Breakages tried on the reference code (a careless student's or maintainer's one-
   - the step's denominators not summed over ranks                   test_torchrun_two_ranks_equal_one_process
   - DPO divided by a micro-batch's pairs, not the step's            test_torchrun_two_ranks_equal_one_process
   - targets of micro-batches past the rollouts' dropped (zip)       test_expo_samples_rollouts_and_self_explanations_in_one_pass
+  - a micro-batch's rows, mask or old log-probs at another width     test_micro_batches_at_their_own_width_give_the_one_batch_gradient
   - --explain_on failed keeping the solved groups' targets          test_explain_on_failed_explains_only_all_wrong_groups
   - one sampling seed for every step; eval draws from --seed        test_seeds_vary_training_and_never_evaluation
   - a paper default changed (clip 0.2, beta 0.04, T 0.7, ...)       test_the_papers_settings_are_the_defaults
@@ -1723,6 +1724,32 @@ def seq_logp(model, batch: rollout.Rollouts, temperature: float = 1.0) -> torch.
 TWO_TEXTS = [["Adding gives 5.", "I think it is 9 or so."], ["The sum is 7.", "No idea at all here."]]
 
 
+def test_micro_batches_take_rows_longest_first():
+    assert train.micro_batches(4, 2, [3, 9, 5, 7]) == [[1, 3], [2, 0]]  # the docstring's example
+    assert train.micro_batches(5, 2) == [[0, 1, 2], [3, 4]] and train.micro_batches(0, 4, []) == []
+    assert sorted(sum(train.micro_batches(7, 3, [2, 2, 9, 1, 9, 4, 2]), [])) == list(range(7))  # each row once
+
+
+@pytest.mark.parametrize("explain_loss", ["nll", "rkl"])
+def test_micro_batches_at_their_own_width_give_the_one_batch_gradient(tiny_dir, tmp_path, explain_loss):
+    """Rows of unlike length, every row scored (a KL term): one micro-batch at the batch's width, or one row per
+    micro-batch at its own width (longest first), give the same loss and gradient, to fp32 summation order."""
+    texts = [["Five.", "It is five, because two and three make five together."],
+             ["Seven, I think, or eight.", "7"]]
+    grads, losses = {}, {}
+    for accum in ("1", "4"):
+        t = train.Trainer(train.parse_args(_args(tiny_dir, tmp_path / accum, "--explain_loss", explain_loss,
+                                                 "--kl_coef", "0.05", "--grad_accum", accum)))
+        fixed_rollouts(t, texts, [[1, 0], [0, 1]])
+        t.optimizer_step = lambda: 0.0  # keep the gradient, move nothing
+        stats = t.grpo_step(t.train_set[:2])
+        losses[accum] = (stats["loss_pg"], stats.get("loss_sft", 0.0) + stats.get("loss_distill", 0.0))
+        grads[accum] = {n: p.grad.clone() for n, p in t.model.named_parameters()}
+    assert losses["4"] == pytest.approx(losses["1"], rel=1e-4, abs=1e-6) and losses["1"][1] > 0  # KLs of ~1e-4 nats
+    for name, g in grads["1"].items():
+        assert torch.allclose(grads["4"][name], g, rtol=1e-4, atol=1e-5 * float(g.abs().max())), name
+
+
 @pytest.mark.exercise8
 def test_likelihood_pass_raises_the_targets_likelihood(tiny_dir, tmp_path):
     """One likelihood pass logs the targets' token-mean NLL at T = 1, its gradient is beta times the unweighted one,
@@ -1740,8 +1767,10 @@ def test_likelihood_pass_raises_the_targets_likelihood(tiny_dir, tmp_path):
     full = {n: p.grad.clone() for n, p in t.model.named_parameters()}
     t.optimizer.zero_grad(set_to_none=True)
     likelihood_pass(0.04)
-    assert all(torch.allclose(p.grad, 0.04 * full[n], rtol=1e-4, atol=1e-9) for n, p in t.model.named_parameters()), \
-        "the likelihood term's gradient is not beta times the NLL's"
+    # fp32 sums over micro-batches round each way: an entry where the rows' gradients cancel is compared to the scale
+    # of its tensor, not to itself
+    assert all(torch.allclose(p.grad, 0.04 * full[n], rtol=1e-4, atol=1e-5 * float(0.04 * full[n].abs().max()))
+               for n, p in t.model.named_parameters()), "the likelihood term's gradient is not beta times the NLL's"
     t.optimizer_step()
     assert nll() < before, "a likelihood pass did not raise the targets' likelihood (sign of the beta term?)"
 
@@ -1870,7 +1899,9 @@ def test_old_logprobs_are_frozen_at_the_sampling_temperature(tiny_dir, tmp_path,
         at_t = rollout.token_logprobs(t.model, roll.prompt_ids, roll.prompt_mask, roll.completion_ids, 0.5)
     t.grpo_step(t.train_set[:2])
     (first, k1), (second, k2) = calls
-    mask = roll.completion_mask.bool()
+    rows = train.micro_batches(len(roll.texts), 1, roll.completion_mask.sum(1).tolist())[0]  # the one micro-batch
+    mask = k1["mask"].bool()  # its rows, longest first, at their own width
+    at_t = at_t[rows, : mask.shape[1]]
     assert torch.allclose(k1["old_logp"][mask], at_t[mask], atol=1e-5), "old log-probs not at the sampling temperature"
     assert torch.allclose(first[mask], k1["old_logp"][mask], atol=1e-6), "the first epoch's ratio is not 1"
     assert torch.equal(k2["old_logp"], k1["old_logp"]), "old log-probs were not frozen for the second epoch"

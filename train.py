@@ -193,9 +193,14 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
     return out
 
 
-def micro_batches(n_rows: int, grad_accum: int) -> list[list[int]]:
-    size = math.ceil(n_rows / grad_accum)
-    return [list(range(i, min(i + size, n_rows))) for i in range(0, n_rows, size)]
+def micro_batches(n_rows: int, grad_accum: int, lengths: list[int] | None = None) -> list[list[int]]:
+    """Rows 0 .. n_rows - 1 in `grad_accum` micro-batches of (nearly) equal size. Given each row's length, longest
+    first: rows of like length share a micro-batch, which is scored at its own width (`Rollouts.select`), so the
+    padding a long row would force on short ones is never computed; the widest micro-batch, which sets the peak
+    memory, comes first. Example: lengths [3, 9, 5, 7], grad_accum 2 -> [[1, 3], [2, 0]]."""
+    order = sorted(range(n_rows), key=lambda i: -lengths[i]) if lengths is not None else list(range(n_rows))
+    size = max(1, math.ceil(n_rows / grad_accum))
+    return [order[i : i + size] for i in range(0, n_rows, size)]
 
 
 def target_batch(tokenizer, questions: list[str], targets: list[str], turn_end: int) -> rollout.Rollouts:
@@ -204,13 +209,14 @@ def target_batch(tokenizer, questions: list[str], targets: list[str], turn_end: 
     return rollout.encode_targets(tokenizer, [expo.solve_prompt(q) for q in questions], targets, turn_end)
 
 
-def logprobs(model, batch: rollout.Rollouts, rows, temperature: float, **kw):
-    return rollout.token_logprobs(model, batch.prompt_ids[rows], batch.prompt_mask[rows], batch.completion_ids[rows],
-                                  temperature, **kw)
+def logprobs(model, part: rollout.Rollouts, temperature: float, **kw):
+    """Token log-probs [n, w] of a micro-batch, `part = batch.select(rows)`: at its own width w, not the batch's."""
+    return rollout.token_logprobs(model, part.prompt_ids, part.prompt_mask, part.completion_ids, temperature, **kw)
 
 
-def logits(model, batch: rollout.Rollouts, rows):
-    return rollout.completion_logits(model, batch.prompt_ids[rows], batch.prompt_mask[rows], batch.completion_ids[rows])
+def logits(model, part: rollout.Rollouts):
+    """Completion logits [n, w, V] of a micro-batch `part = batch.select(rows)`."""
+    return rollout.completion_logits(model, part.prompt_ids, part.prompt_mask, part.completion_ids)
 
 
 @contextlib.contextmanager
@@ -317,7 +323,7 @@ class Trainer(Run):
             targets, texts, target_stats = self.likelihood_targets(batch, roll, rewards, explanations)
             teacher = self.teacher_view(batch, targets)
         # 4. the rollout rows the policy gradient scores, the step's denominators, frozen old / reference log-probs
-        scored = self.scored_micro_batches(adv)
+        scored = self.scored_micro_batches(adv, roll.completion_mask.sum(1).tolist())
         denominators = self.denominators(roll, targets)
         old, ref = self.frozen_logprobs(roll, scored)
         # 5. per PPO epoch: grpo_loss + beta * sft_loss, one backward per micro-batch; then one optimizer step
@@ -354,12 +360,14 @@ class Trainer(Run):
                                                           cfg.drop_leaks, cfg.drop_truncated, cfg.drop_wrong)
         return self.encode_targets(questions, texts), texts, counts
 
-    def scored_micro_batches(self, adv: torch.Tensor) -> list[list[int]]:
-        """The micro-batches (lists of rollout row indices) the policy gradient scores. A zero advantage (every row of
-        an all-equal group) makes a row's clipped surrogate exactly 0, so without a KL term such rows are skipped; the
-        denominators still count the whole batch, so the gradient is the same. On hard questions this is most rows."""
+    def scored_micro_batches(self, adv: torch.Tensor, lengths: list[int]) -> list[list[int]]:
+        """The micro-batches (lists of rollout row indices, by `lengths`: see `micro_batches`) the policy gradient
+        scores. A zero advantage (every row of an all-equal group) makes a row's clipped surrogate exactly 0, so
+        without a KL term such rows are skipped; the denominators still count the whole batch, so the gradient is the
+        same. On hard questions this is most rows."""
         active = [i for i in range(len(adv)) if adv[i] != 0] if self.cfg.kl_coef == 0 else list(range(len(adv)))
-        return [[active[j] for j in mb] for mb in micro_batches(len(active), self.cfg.grad_accum)] if active else []
+        split = micro_batches(len(active), self.cfg.grad_accum, [lengths[i] for i in active])
+        return [[active[j] for j in mb] for mb in split]
 
     def denominators(self, roll: rollout.Rollouts, targets: rollout.Rollouts | None) -> expo.Denominators:
         """The step's denominators, over all its rollouts and targets and summed over ranks: counted once, they make
@@ -377,12 +385,14 @@ class Trainer(Run):
             if cfg.ppo_epochs > 1:
                 old = torch.zeros(roll.completion_ids.shape, device=self.device)  # [N, T]
                 for rows in scored:
-                    old[rows] = logprobs(self.model, roll, rows, cfg.temperature)
+                    part = roll.select(rows)
+                    old[rows, : part.completion_ids.shape[1]] = logprobs(self.model, part, cfg.temperature)
             if cfg.kl_coef > 0:
                 ref = torch.zeros(roll.completion_ids.shape, device=self.device)  # [N, T]
                 with self.reference() as reference:
                     for rows in scored:
-                        ref[rows] = logprobs(reference, roll, rows, cfg.temperature)
+                        part = roll.select(rows)
+                        ref[rows, : part.completion_ids.shape[1]] = logprobs(reference, part, cfg.temperature)
         return old, ref
 
     def backward_pass(self, roll: rollout.Rollouts, adv: torch.Tensor, old, ref, scored: list[list[int]],
@@ -392,7 +402,8 @@ class Trainer(Run):
         rollout rows with the i-th of the targets (and of their `teacher_view`), through expo.microbatch_loss; its
         statistics summed."""
         cfg, sums = self.cfg, {}
-        target_micro = micro_batches(len(targets.texts), cfg.grad_accum) if targets is not None and beta else []
+        target_micro = [] if targets is None or not beta else \
+            micro_batches(len(targets.texts), cfg.grad_accum, targets.completion_mask.sum(1).tolist())
         tis_cap = cfg.tis_cap if self.sampler is not self.model else 0.0  # an fp32 sampler *is* the trainer
         for rows, target_rows in itertools.zip_longest(scored, target_micro, fillvalue=[]):
             pg, entropy = self.rollout_inputs(roll, adv, old, ref, rows)
@@ -408,37 +419,40 @@ class Trainer(Run):
 
     def target_inputs(self, targets: rollout.Rollouts | None, teacher: rollout.Rollouts | None, rows: list[int]):
         """microbatch_loss's target arguments for these target rows, all None without rows: their log-probs (nll) or
-        per-token KL to the teacher (fkl, rkl) [m, T], at temperature 1, and their mask [m, T]. The teacher (the
-        current policy or the initial one after its hinted prompt) runs under no_grad: its logits are constants."""
+        per-token KL to the teacher (fkl, rkl) [m, w], at temperature 1, and their mask [m, w], at the rows' own width
+        w. The teacher (the current policy or the initial one after its hinted prompt) runs under no_grad: its logits
+        are constants."""
         if not rows:
             return dict(target_logp=None, target_mask=None, target_kl=None)
-        mask, logp, kl = targets.completion_mask[rows], None, None  # [m, T]
+        part, logp, kl = targets.select(rows), None, None
         with self.amp():
             if teacher is None:
-                logp = logprobs(self.model, targets, rows, 1.0)  # [m, T]
+                logp = logprobs(self.model, part, 1.0)  # [m, w]
             else:
                 with torch.no_grad(), self.teacher_model() as model:
-                    teacher_logits = logits(model, teacher, rows)  # [m, T, V], a constant
-                kl = expo.token_kl(logits(self.model, targets, rows), teacher_logits,
-                                   reverse=self.cfg.explain_loss == "rkl")  # [m, T]
-        return dict(target_logp=logp, target_mask=mask, target_kl=kl)
+                    teacher_logits = logits(model, teacher.select(rows))  # [m, w, V], a constant
+                kl = expo.token_kl(logits(self.model, part), teacher_logits,
+                                   reverse=self.cfg.explain_loss == "rkl")  # [m, w]
+        return dict(target_logp=logp, target_mask=part.completion_mask, target_kl=kl)
 
     def teacher_model(self):
         """(A context giving) the fkl / rkl teacher's weights: the current policy, or the frozen initial one."""
         return self.reference() if self.cfg.teacher == "initial" else contextlib.nullcontext(self.model)
 
     def rollout_inputs(self, roll: rollout.Rollouts, adv: torch.Tensor, old, ref, rows: list[int]):
-        """(microbatch_loss's rollout arguments for these rows -- all None without rows --, their summed entropy)."""
+        """(microbatch_loss's rollout arguments for these rows -- all None without rows --, their summed entropy), at
+        the rows' own width w."""
         keys = ("logp", "old_logp", "ref_logp", "advantages", "mask", "sampler_logp")
         if not rows:
             return dict.fromkeys(keys), 0.0
+        part = roll.select(rows)
         with self.amp():
-            logp, entropy = logprobs(self.model, roll, rows, self.cfg.temperature, with_entropy=True)  # [n, T] each
-        mask = roll.completion_mask[rows]  # [n, T]
-        pick = lambda x: None if x is None else x[rows]  # noqa: E731
-        values = (logp, logp.detach() if old is None else old[rows], pick(ref), adv[rows], mask,
-                  pick(roll.sampler_logp))  # sampler_logp is None for rollouts that were not sampled (tests)
-        return dict(zip(keys, values)), float((entropy * mask).sum())
+            logp, entropy = logprobs(self.model, part, self.cfg.temperature, with_entropy=True)  # [n, w] each
+        width = part.completion_ids.shape[1]
+        pick = lambda x: None if x is None else x[rows, :width]  # noqa: E731
+        values = (logp, logp.detach() if old is None else pick(old), pick(ref), adv[rows], part.completion_mask,
+                  part.sampler_logp)  # sampler_logp is None for rollouts that were not sampled (tests)
+        return dict(zip(keys, values)), float((entropy * part.completion_mask).sum())
 
     def update_stats(self, sums: dict, roll: rollout.Rollouts, scored: list[list[int]]) -> dict:
         """The update's statistics from its summed micro-batch values: the losses as summed, the rest as means over

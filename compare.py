@@ -134,6 +134,7 @@ def summarize(methods: list[str], seeds: list[int], out: Path, k: int) -> dict:
             after = evals["after"]
             runs.append({"seed": seed, "after": after["all"], "by_level": after.get("level", {}),
                          "reward": [s["reward"] for s in steps], "all_wrong": [s["all_wrong"] for s in steps],
+                         "t_step": sum(s["t_step"] for s in steps) / len(steps),
                          "minutes": sum(s["t_step"] for s in steps) / 60 + after["t_eval"] / 60})
         if not runs:
             continue
@@ -143,22 +144,31 @@ def summarize(methods: list[str], seeds: list[int], out: Path, k: int) -> dict:
             row[metric + "_eval_se"] = sum(r["after"].get(metric + "_se", 0.0) for r in runs) / len(runs)
         row["by_level"] = {level: mean_sd([r["by_level"][level]["pass@1"] for r in runs])
                            for level in runs[0]["by_level"]}
+        for metric in ("tokens", "cut_off"):  # the eval completions' length (logs before 2026-12-06 lack it)
+            values = [r["after"][metric] for r in runs if metric in r["after"]]
+            row[metric] = sum(values) / len(values) if values else None
+        row["t_step"] = sum(r["t_step"] for r in runs) / len(runs)
         row["reward"] = sum(sum(r["reward"]) / len(r["reward"]) for r in runs) / len(runs)
         row["all_wrong"] = sum(sum(r["all_wrong"]) / len(r["all_wrong"]) for r in runs) / len(runs)
         rows.append(row)
     return {"before": before, "methods": rows, "k": k}
 
 
+def length(tokens: float | None, cut_off: float | None) -> str:
+    """An eval's mean completion length and cut-off share as a table cell ("—" for logs that lack them)."""
+    return "—" if tokens is None else f"{tokens:.0f} ({cut_off:.2f})"
+
+
 def markdown(summary: dict) -> str:
     """The comparison as Markdown: after training, each seed and mean ± spread across seeds; then pass@1 by level."""
     k, before = summary["k"], summary["before"]
     lines = [f"| method | seeds | pass@1, each seed | pass@1, mean ± sd over seeds (eval s.e.) | pass@{k}, each seed | "
-             f"pass@{k}, mean ± sd (eval s.e.) | commit | accuracy among committed | train reward | "
-             "all-wrong groups | minutes per run |", "|" + "---|" * 11]
+             f"pass@{k}, mean ± sd (eval s.e.) | commit | accuracy among committed | eval tokens (cut off) | "
+             "train reward | all-wrong groups | s per step | minutes per run |", "|" + "---|" * 13]
     b = before["all"]
     lines.append(f"| initial model | — | {b['pass@1']:.3f} | {b['pass@1']:.3f} ({b['pass@1_se']:.3f}) | "
                  f"{b[f'pass@{k}']:.3f} | {b[f'pass@{k}']:.3f} ({b[f'pass@{k}_se']:.3f}) | {b['commit']:.2f} | "
-                 f"{b['acc_committed']:.2f} | — | — | — |")
+                 f"{b['acc_committed']:.2f} | {length(b.get('tokens'), b.get('cut_off'))} | — | — | — | — |")
     for r in summary["methods"]:
         runs = r["runs"]
 
@@ -172,7 +182,8 @@ def markdown(summary: dict) -> str:
         minutes = sum(run["minutes"] for run in runs) / len(runs)
         lines.append(f"| `{r['method']}` | {', '.join(str(run['seed']) for run in runs)} | {each('pass@1')} | "
                      f"{agg('pass@1')} | {each(f'pass@{k}')} | {agg(f'pass@{k}')} | {r['commit'][0]:.2f} | "
-                     f"{r['acc_committed'][0]:.2f} | {r['reward']:.3f} | {r['all_wrong']:.2f} | {minutes:.0f} |")
+                     f"{r['acc_committed'][0]:.2f} | {length(r['tokens'], r['cut_off'])} | {r['reward']:.3f} | "
+                     f"{r['all_wrong']:.2f} | {r['t_step']:.0f} | {minutes:.0f} |")
     levels = list(before.get("level", {}))
     if levels:
         lines += ["", "pass@1 by level, mean ± sd over seeds:", "",

@@ -42,21 +42,26 @@ def evaluate(model, tokenizer, examples: list[data.Example], k: int = 4, tempera
         chunk = examples[start : start + batch_size]
         prompts = rollout.encode_prompts(tokenizer, [expo.solve_prompt(e.question) for e in chunk])
         out = rollout.sample(model, tokenizer, prompts, k, max_new_tokens, temperature, seed=seed + start)
+        lengths = out.completion_mask.sum(1).tolist()  # [len(chunk) * k] tokens, the stop token included
         for i, e in enumerate(chunk):
-            texts = out.texts[i * k : (i + 1) * k]
+            texts, mine = out.texts[i * k : (i + 1) * k], slice(i * k, (i + 1) * k)
             rows.append(Row(e, correct=int(sum(reward.score(t, e.answer) for t in texts)),
-                            committed=sum(reward.extract_answer(t) is not None for t in texts), first=texts[0]))
+                            committed=sum(reward.extract_answer(t) is not None for t in texts), first=texts[0],
+                            tokens=sum(lengths[mine]), cut_off=int(out.truncated[mine].sum())))
     return summarize(rows, k)
 
 
 @dataclass
 class Row:
-    """One evaluated question: of its k completions, how many are right and how many commit to any answer."""
+    """One evaluated question: of its k completions, how many are right, how many commit to any answer, their tokens
+    in all and how many the budget cut off."""
 
     example: data.Example
     correct: int
     committed: int = 0
     first: str = ""  # the first completion, for reading
+    tokens: int = 0
+    cut_off: int = 0
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:
@@ -70,14 +75,17 @@ def mean_se(values: list[float]) -> tuple[float, float]:
 def summarize(rows: list[Row], k: int) -> dict:
     """pass@1 / pass@k (with standard errors over questions), overall and within each level and subject, plus
     the commit rate (share of completions with an extractable answer) and the accuracy among committed answers:
-    together they separate learning the answer format from learning to solve."""
+    together they separate learning the answer format from learning to solve; and the completions' mean length in
+    tokens and the share cut off by the budget (a policy that learns to ramble shows there first)."""
     def scores(subset: list[Row]) -> dict:
         p1, p1_se = mean_se([r.correct / k for r in subset])
         pk, pk_se = mean_se([pass_at_k(k, r.correct, k) for r in subset])
         committed = sum(r.committed for r in subset)
         return {"n": len(subset), "pass@1": p1, "pass@1_se": p1_se, f"pass@{k}": pk, f"pass@{k}_se": pk_se,
                 "commit": committed / (k * len(subset)),
-                "acc_committed": sum(r.correct for r in subset) / committed if committed else 0.0}
+                "acc_committed": sum(r.correct for r in subset) / committed if committed else 0.0,
+                "tokens": sum(r.tokens for r in subset) / (k * len(subset)),
+                "cut_off": sum(r.cut_off for r in subset) / (k * len(subset))}
 
     result = {"all": scores(rows)}
     for key in ("level", "subject"):

@@ -1428,7 +1428,8 @@ def test_pass_at_k_estimator():
     with pytest.raises(ValueError, match="at least 4 samples"):
         evaluate.pass_at_k(3, 1, 4)  # pass@4 from 3 samples is undefined, not 1.0 or 0.0
     ex = [data.Example("q", "1", level=1), data.Example("q", "1", level=1), data.Example("q", "1", level=5)]
-    rows = [evaluate.Row(ex[0], 2, 2), evaluate.Row(ex[1], 0, 1), evaluate.Row(ex[2], 1, 1)]
+    rows = [evaluate.Row(ex[0], 2, 2, tokens=30, cut_off=1), evaluate.Row(ex[1], 0, 1, tokens=10),
+            evaluate.Row(ex[2], 1, 1, tokens=20, cut_off=2)]
     summary = evaluate.summarize(rows, k=2)
     assert summary["all"]["pass@1"] == pytest.approx(0.5) and summary["all"]["pass@2"] == pytest.approx(2 / 3)
     assert summary["level"]["1"]["pass@2"] == 0.5 and summary["level"]["5"]["pass@1"] == 0.5
@@ -1438,7 +1439,24 @@ def test_pass_at_k_estimator():
     assert summary["all"]["pass@2_se"] == pytest.approx(1 / 3)
     # 4 of 6 completions commit to an answer, and 3 of those 4 are right
     assert summary["all"]["commit"] == pytest.approx(4 / 6) and summary["all"]["acc_committed"] == pytest.approx(3 / 4)
+    # 60 tokens over 6 completions, 3 of them cut off; level 5 alone: 20 tokens over 2, both cut off
+    assert summary["all"]["tokens"] == 10 and summary["all"]["cut_off"] == 0.5
+    assert summary["level"]["5"]["tokens"] == 10 and summary["level"]["5"]["cut_off"] == 1.0
     assert evaluate.mean_se([0.7]) == (0.7, 0.0)
+
+
+@pytest.mark.exercise1
+@pytest.mark.exercise10
+def test_evaluation_reports_its_completions_length_and_cut_off_rate(tokenizer):
+    """The eval's `tokens` and `cut_off` are the sampled completions' own: the same draws, counted by hand."""
+    model = tiny_llama(tokenizer)
+    examples = [data.Example(f"What is {i} + 1?", str(i + 1)) for i in range(3)]
+    result = evaluate.evaluate(model, tokenizer, examples, k=2, max_new_tokens=6, seed=3, progress=False)
+    prompts = rollout.encode_prompts(tokenizer, [expo.solve_prompt(e.question) for e in examples])
+    out = rollout.sample(model, tokenizer, prompts, 2, 6, 0.7, seed=3)  # evaluate's one call at this size
+    assert result["all"]["tokens"] == pytest.approx(float(out.completion_mask.sum()) / 6)
+    assert result["all"]["cut_off"] == pytest.approx(float(out.truncated.float().mean()))
+    assert 0 < result["all"]["tokens"] <= 6
 
 
 @pytest.mark.exercise1

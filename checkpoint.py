@@ -3,7 +3,8 @@ back to it on --resume, so that a resumed run leaves exactly the files an uninte
 
     runs/expo-arith/
         config.json         the flags the run started with                (written once, at the start)
-    metrics.jsonl       one JSON line per step, plus eval lines       (train.py appends)
+        metrics.jsonl       one JSON line per step, plus eval lines       (train.py appends)
+        eval_samples.jsonl  every evaluation's completions, per question  (train.py appends; evaluate.py --rescore)
         samples.md          readable rollouts and training targets        (train.py appends)
         curve.png           when matplotlib is installed                  (train.py rewrites at the end)
         checkpoint/         model + tokenizer (from_pretrained loads it), optimizer.safetensors, trainer_state.json
@@ -41,7 +42,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 NAMES = ("checkpoint", ".checkpoint-tmp", ".checkpoint-old")  # the live one, one being written, one being replaced
-RUN_FILES = ("metrics.jsonl", "samples.md", "curve.png", "config.json", *NAMES)
+RUN_FILES = ("metrics.jsonl", "eval_samples.jsonl", "samples.md", "curve.png", "config.json", *NAMES)
 
 
 LOCK = ".lock"
@@ -185,15 +186,17 @@ def load_optimizer(folder: Path, optimizer: torch.optim.Optimizer, state: dict) 
 
 
 def truncate_logs(out: Path, step: int) -> None:
-    """Cut metrics.jsonl and samples.md back to what the run had written when its checkpoint of `step` was taken.
+    """Cut metrics.jsonl, eval_samples.jsonl and samples.md back to what the run had written when its checkpoint of
+    `step` was taken.
 
     Kept: training lines of steps < `step`, and eval lines up to `step` except "after" (the resumed run writes its
     own). Dropped: everything the interrupted process logged after the checkpoint, which the resumed run replays.
     """
-    metrics = out / "metrics.jsonl"
-    if metrics.exists():
+    for log in (out / "metrics.jsonl", out / "eval_samples.jsonl"):
+        if not log.exists():
+            continue
         lines = []
-        for line in metrics.read_text().splitlines(keepends=True):
+        for line in log.read_text().splitlines(keepends=True):
             try:
                 record = json.loads(line)
             except ValueError:  # a line cut short by the crash
@@ -201,7 +204,7 @@ def truncate_logs(out: Path, step: int) -> None:
             is_eval = "eval" in record
             if (record["step"] <= step and record["eval"] != "after") if is_eval else record["step"] < step:
                 lines.append(line)
-        metrics.write_text("".join(lines))
+        log.write_text("".join(lines))
     samples = out / "samples.md"
     if samples.exists():
         text = samples.read_text()

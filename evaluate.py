@@ -2,6 +2,7 @@
 
     python evaluate.py --model runs/expo/checkpoint --dataset math --levels 5 --k 4
     python evaluate.py                      # the embedded SmolLM2-135M on the default arith test set
+    python evaluate.py --rescore runs/expo-arith/eval_samples.jsonl   # a run's evaluations, by today's checker
 
 For each question we sample n = k completions and count the correct ones, c. The unbiased estimator of
 pass@k (Chen et al., 2021) is  1 - C(n - c, k) / C(n, k);  with n = k it is simply "any of the k is right", and
@@ -10,9 +11,11 @@ pass@1 is the mean of c / n. Scores are means over questions.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -44,24 +47,44 @@ def evaluate(model, tokenizer, examples: list[data.Example], k: int = 4, tempera
         out = rollout.sample(model, tokenizer, prompts, k, max_new_tokens, temperature, seed=seed + start)
         lengths = out.completion_mask.sum(1).tolist()  # [len(chunk) * k] tokens, the stop token included
         for i, e in enumerate(chunk):
-            texts, mine = out.texts[i * k : (i + 1) * k], slice(i * k, (i + 1) * k)
-            rows.append(Row(e, correct=int(sum(reward.score(t, e.answer) for t in texts)),
-                            committed=sum(reward.extract_answer(t) is not None for t in texts), first=texts[0],
-                            tokens=sum(lengths[mine]), cut_off=int(out.truncated[mine].sum())))
-    return summarize(rows, k)
+            mine = slice(i * k, (i + 1) * k)
+            rows.append(scored_row(e, out.texts[mine], sum(lengths[mine]), int(out.truncated[mine].sum())))
+    return {**summarize(rows, k), "completions": [completion_record(r) for r in rows]}
 
 
 @dataclass
 class Row:
     """One evaluated question: of its k completions, how many are right, how many commit to any answer, their tokens
-    in all and how many the budget cut off."""
+    in all and how many the budget cut off; and the completions themselves."""
 
     example: data.Example
     correct: int
     committed: int = 0
-    first: str = ""  # the first completion, for reading
+    texts: list[str] = field(default_factory=list)
     tokens: int = 0
     cut_off: int = 0
+
+
+def scored_row(example: data.Example, texts: list[str], tokens: int = 0, cut_off: int = 0) -> Row:
+    """A question's completions, scored by the checker now in reward.py."""
+    return Row(example, correct=int(sum(reward.score(t, example.answer) for t in texts)),
+               committed=sum(reward.extract_answer(t) is not None for t in texts), texts=list(texts), tokens=tokens,
+               cut_off=cut_off)
+
+
+def completion_record(row: Row) -> dict:
+    """What an evaluation keeps of a question (a line of a run's eval_samples.jsonl): enough to score it again."""
+    e = row.example
+    return {"id": e.id, "question": e.question, "gold": e.answer, "level": e.level, "subject": e.subject,
+            "completions": row.texts, "tokens": row.tokens, "cut_off": row.cut_off}
+
+
+def rescore(records: list[dict], k: int) -> dict:
+    """`summarize` of stored completions (`completion_record`s), scored by today's checker: a checker fixed after a
+    run changes its numbers without sampling anything again."""
+    rows = [scored_row(data.Example(r["question"], r["gold"], level=r["level"], subject=r["subject"], id=r["id"]),
+                       r["completions"], r["tokens"], r["cut_off"]) for r in records]
+    return summarize(rows, k)
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:
@@ -95,9 +118,27 @@ def summarize(rows: list[Row], k: int) -> dict:
                 groups[getattr(row.example, key)].append(row)
         if len(groups) > 1:
             result[key] = {str(name): scores(groups[name]) for name in sorted(groups)}
-    result["samples"] = [{"question": r.example.question, "gold": r.example.answer, "completion": r.first,
-                          "correct": r.correct} for r in rows[:5]]
+    result["samples"] = [{"question": r.example.question, "gold": r.example.answer,
+                          "completion": r.texts[0] if r.texts else "", "correct": r.correct} for r in rows[:5]]
     return result
+
+
+def rescore_file(path: Path) -> dict[str, tuple[dict, int]]:
+    """Every evaluation stored in a run's eval_samples.jsonl, by label ("before", "step 5", "after"): (its summary
+    scored again, its k)."""
+    records: dict[str, list[dict]] = {}
+    for n, line in enumerate(open(path), start=1):
+        try:
+            record = json.loads(line)
+            missing = next((f for f in ("eval", "question", "gold", "completions") if f not in record), None)
+        except ValueError:
+            raise SystemExit(f"error: {path}:{n}: not a JSON line") from None
+        if missing:
+            raise SystemExit(f"error: {path}:{n}: no field {missing!r}")
+        records.setdefault(record["eval"], []).append(
+            {"id": "", "level": None, "subject": None, "tokens": 0, "cut_off": 0, **record})
+    return {label: (rescore(rows, len(rows[0]["completions"])), len(rows[0]["completions"]))
+            for label, rows in records.items()}
 
 
 def table(before: dict, after: dict | None, k: int) -> str:
@@ -133,7 +174,13 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu | cuda")
     parser.add_argument("--sampler_dtype", default="auto", choices=("auto", "fp32", "bf16"),
                         help="the weights' dtype (auto: bf16 where bf16 matmuls are native), as train.py samples")
+    parser.add_argument("--rescore", type=Path, default=None,
+                        help="score a run's stored eval completions (eval_samples.jsonl) again; samples nothing")
     args = parser.parse_args()
+    if args.rescore:
+        for label, (result, k) in rescore_file(args.rescore).items():
+            print(f"{label}:\n{table(result, None, k)}\n")
+        return
     levels = data.parse_levels(args.dataset, args.levels)
     examples = data.load(args.dataset, args.split, levels=levels, limit=args.limit, seed=args.seed)
     native = decode.bf16_is_native(torch.device(args.device))

@@ -5,7 +5,8 @@ samples, scores and updates, and the loop. Nothing here knows the method.
     Run(cfg)             ranks and device; the run folder locked and claimed (checkpoint.py); the train and eval
                          sets; the policy (a checkpoint's, or the base model with LoRA adapters); the frozen initial
                          policy when a loss needs one; AdamW; the step and optimizer state of a checkpoint on --resume
-    log / write_samples  metrics.jsonl (one JSON line per step or evaluation) and samples.md, by rank 0
+    log / write_samples  metrics.jsonl (one JSON line per step or evaluation) and samples.md, by rank 0; evaluate
+                         also appends its completions to eval_samples.jsonl
     evaluate(label)      pass@k on the fixed evaluation set (its questions and draws depend on --eval_seed only)
     sample(texts, ...)   completions drawn from the sampler (the bf16 copy or the policy), seeded by (seed, step, rank)
     optimizer_step()     sum the ranks' gradients, clip, apply (unless not finite), refresh the sampler copy
@@ -230,8 +231,10 @@ class Run:
                                            cfg.eval_temperature, cfg.eval_max_new_tokens or cfg.max_new_tokens,
                                            seed=cfg.eval_seed + 10**6)
             self.model.train()
+            with open(self.out / "eval_samples.jsonl", "a") as f:  # every completion, to score again (--rescore)
+                f.writelines(json.dumps({"eval": label, "step": self.step, **r}) + "\n" for r in result["completions"])
             self.log({"eval": label, "step": self.step, "t_eval": time.perf_counter() - t0,
-                      **{k: v for k, v in result.items() if k != "samples"}})
+                      **{k: v for k, v in result.items() if k not in ("samples", "completions")}})
         distributed.barrier(self.ranks)
         return result
 

@@ -1054,6 +1054,8 @@ def test_a_used_output_folder_is_refused_unless_overwrite(tiny_dir, tmp_path):
     train.main(_args(tiny_dir, tmp_path, "--method", "grpo", "--steps", "1", "--overwrite", "--seed", "3"))
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [r.get("eval", r["step"]) for r in records] == ["before", 0, "after"]
+    stored = [json.loads(line)["eval"] for line in open(tmp_path / "eval_samples.jsonl")]
+    assert stored == ["before"] * 2 + ["after"] * 2, "the old run's eval completions were mixed into the new run's"
     assert json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())["config"]["seed"] == 3
 
 
@@ -1190,6 +1192,44 @@ def test_a_stop_during_the_held_update_loses_no_evaluation(tiny_dir, tmp_path, m
     (kinds, values), (cut_kinds, cut_values) = log(tmp_path / "full"), log(tmp_path / "cut")
     assert kinds == [("before", 0), (None, 0), ("step 1", 1), (None, 1), ("step 2", 2), (None, 2), ("after", 3)]
     assert cut_kinds == kinds and cut_values == pytest.approx(values, rel=1e-5, abs=1e-8)
+
+    def completions(out):  # the stored evaluations: which, and what they sampled
+        return [(r["eval"], r["step"], r["id"], r["completions"]) for r in map(json.loads, open(out / "eval_samples.jsonl"))]
+    assert completions(tmp_path / "cut") == completions(tmp_path / "full")
+
+
+def test_resume_cuts_both_jsonl_logs_back_to_the_checkpoint(tmp_path):
+    """truncate_logs at the checkpoint of step 2: training lines of steps 0-1 and evaluations up to step 2 stay (the
+    "after" one goes: the resumed run writes its own), in metrics.jsonl and eval_samples.jsonl alike; a line cut short
+    by a crash goes too."""
+    lines = [{"eval": "before", "step": 0}, {"step": 0}, {"step": 1}, {"eval": "step 2", "step": 2}, {"step": 2},
+             {"step": 3}, {"eval": "step 4", "step": 4}, {"eval": "after", "step": 4}]
+    for name in ("metrics.jsonl", "eval_samples.jsonl"):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 4, "rew')
+    checkpoint.truncate_logs(tmp_path, 2)
+    for name in ("metrics.jsonl", "eval_samples.jsonl"):
+        kept = [json.loads(line) for line in open(tmp_path / name)]
+        assert kept == lines[:4], name
+
+
+@pytest.mark.exercise10
+def test_eval_samples_hold_every_completion_and_score_again_to_the_log(uninterrupted_run, tmp_path, monkeypatch):
+    """A run stores each evaluation's completions (eval_samples.jsonl); evaluate.rescore_file gives back the logged
+    numbers with the checker they were scored by, and other numbers with another checker, sampling nothing."""
+    logged = {r["eval"]: r for r in map(json.loads, open(uninterrupted_run / "metrics.jsonl")) if "eval" in r}
+    stored = [json.loads(line) for line in open(uninterrupted_run / "eval_samples.jsonl")]
+    assert [r["eval"] for r in stored] == ["before"] * 2 + ["after"] * 2  # --eval_limit 2 questions, twice
+    assert all(len(r["completions"]) == 2 for r in stored)  # --eval_k 2
+    again = evaluate.rescore_file(uninterrupted_run / "eval_samples.jsonl")
+    for label in ("before", "after"):
+        result, k = again[label]
+        assert k == 2 and result["all"] == pytest.approx(logged[label]["all"]), label
+    monkeypatch.setattr(evaluate.reward, "score", lambda text, gold: 1.0)  # a checker that accepts anything
+    assert evaluate.rescore_file(uninterrupted_run / "eval_samples.jsonl")["after"][0]["all"]["pass@1"] == 1.0
+    bad = tmp_path / "eval_samples.jsonl"
+    bad.write_text(json.dumps(stored[0]) + "\n" + json.dumps({"eval": "after", "question": "q", "gold": "1"}) + "\n")
+    with pytest.raises(SystemExit, match=r"eval_samples.jsonl:2: no field 'completions'"):
+        evaluate.rescore_file(bad)
 
 
 @pytest.mark.exercise10
@@ -1748,6 +1788,7 @@ def test_micro_batches_take_rows_longest_first():
     assert sorted(sum(train.micro_batches(7, 3, [2, 2, 9, 1, 9, 4, 2]), [])) == list(range(7))  # each row once
 
 
+@pytest.mark.exercise8
 @pytest.mark.parametrize("explain_loss", ["nll", "rkl"])
 def test_micro_batches_at_their_own_width_give_the_one_batch_gradient(tiny_dir, tmp_path, explain_loss):
     """Rows of unlike length, every row scored (a KL term): one micro-batch at the batch's width, or one row per

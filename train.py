@@ -20,7 +20,8 @@ Design choices, each for a reason:
   (`Trainer.denominators`), and every micro-batch's loss is its sum divided by it, so micro-batches and ranks add up
   to the full-batch loss by construction. A step whose gradient is not finite is skipped and logged.
 * Outputs (in --output_dir, default runs/METHOD-DATASET): metrics.jsonl (one line per step, plus eval lines),
-  samples.md (readable rollouts and self-explanations), checkpoint/ (safetensors weights + tokenizer +
+  eval_samples.jsonl (every evaluation's completions: `evaluate.py --rescore` scores them again), samples.md
+  (readable rollouts and self-explanations), checkpoint/ (safetensors weights + tokenizer +
   trainer_state.json, loadable with from_pretrained), curve.png when matplotlib is installed. checkpoint.py says how
   the folder is claimed and locked, how resume stays exact, and how SIGTERM stops a run with a checkpoint.
 """

@@ -64,7 +64,8 @@ class DPOTrainer(Trainer):
             if pairs:
                 questions, good, bad = zip(*pairs)
                 both = target_batch(self.tokenizer, questions + questions, good + bad, self.turn_end).to(self.device)
-                for rows in micro_batches(len(pairs), cfg.grad_accum):
+                lengths = both.completion_mask.sum(1).view(2, -1).amax(0).tolist()  # [pairs] the longer of the two
+                for rows in micro_batches(len(pairs), cfg.grad_accum, lengths):
                     rows = rows + [i + len(pairs) for i in rows]  # chosen rows, then their rejected partners
                     part = both.select(rows)
                     with torch.no_grad(), self.amp(), self.reference() as reference:

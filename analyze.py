@@ -27,6 +27,8 @@ Two more of the paper's diagnostics:
                     without it: how much of it is written *from* the hint (`hint_reliance`)
   stop_at_target_end  p(turn end) where each self-explanation target ends, answer-free and hinted
                     (`end_probability`): where the NLL and the forward KL of --explain_loss fkl part ways
+  stop_at_rollout_end the same where the policy's own answer-free rollouts stop: what --explain_loss rkl's teacher
+                    says of stopping there
   pass_at_k         (--pass_k 64) pass@k for k = 1, 2, 4, ..., 64 from 64 answer-free samples per question: GRPO
                     sharpens within what the base model already covers at large k; ExPO's claim is that it can extend
                     that coverage (`pass_at_k_curve`). Run it on the base model and on a trained checkpoint.
@@ -97,6 +99,9 @@ def measure(model, tokenizer, examples: list[data.Example], k: int = 4, max_new_
                          seed=seed)
     result = {"own": describe(*sequence_nll(model, own), [reward.score(t, golds[i // k]) for i, t in
                                                           enumerate(own.texts)], own.truncated.tolist())}
+    stops = stop_at_rollout_end(model, tokenizer, own, examples, k)
+    if stops:
+        result["stop_at_rollout_end"] = stops
 
     explain = rollout.encode_prompts(tokenizer, [expo.explain_prompt(e.question, e.answer) for e in examples])
     raw = rollout.sample(sampler, tokenizer, explain, 1, max_new_tokens, temperature, seed=seed + 1)
@@ -124,6 +129,20 @@ def measure(model, tokenizer, examples: list[data.Example], k: int = 4, max_new_
         result["expert"] = describe(nll, lengths, [reward.score(examples[i].solution, golds[i]) for i in experts],
                                     [False] * len(experts))
     return result
+
+
+def stop_at_rollout_end(model, tokenizer, own: rollout.Rollouts, examples: list[data.Example], k: int) -> dict | None:
+    """Where the policy's own answer-free rollouts stop within the budget: p(stop) there, answer-free and with the
+    answer in the prompt (`end_probability`), means over those rollouts; None if none stopped. The second is the
+    teacher of --explain_loss rkl, which pulls the first toward it along every rollout, stops included."""
+    ended = [i for i, cut in enumerate(own.truncated.tolist()) if not cut]  # rows i // k answer question i // k
+    if not ended:
+        return None
+    part = own.select(ended)
+    hinted = rollout.with_prompts(tokenizer, part, [expo.explain_prompt(examples[i // k].question,
+                                                                        examples[i // k].answer) for i in ended])
+    return {name: sum(p) / len(p) for name, p in (("answer_free", end_probability(model, part)),
+                                                  ("hinted", end_probability(model, hinted)))}
 
 
 def hint_reliance(nll_plain: list[float], nll_hinted: list[float], lengths: list[int]) -> dict:
@@ -184,6 +203,10 @@ def table(result: dict) -> str:
         lines.append(f"where a target ends, the policy stops with p = {stop['answer_free']:.2f} answer-free and "
                      f"{stop['hinted']:.2f} with the answer in the prompt (the teacher of --explain_loss fkl, which "
                      "pulls the first toward the second; the NLL pulls it toward 1)")
+    if "stop_at_rollout_end" in result:
+        stop = result["stop_at_rollout_end"]
+        lines.append(f"where its own rollouts stop, the policy stops with p = {stop['answer_free']:.2f} answer-free and "
+                     f"{stop['hinted']:.2f} with the answer in the prompt (the teacher of --explain_loss rkl)")
     if "pass_at_k" in result:
         lines.append("answer-free coverage: " + ", ".join(f"{k} {v:.3f}" for k, v in result["pass_at_k"].items()))
     return "\n".join(lines)

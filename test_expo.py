@@ -1579,6 +1579,31 @@ def test_end_probability_is_the_last_targets_token_probability(tokenizer):
         logp[torch.arange(2), last].exp().tolist(), rel=1e-5)
 
 
+@pytest.mark.exercise2
+def test_stop_at_rollout_end_scores_the_stopped_rollouts_after_both_prompts(tokenizer):
+    """analyze.stop_at_rollout_end: only rollouts that stopped (not cut off by the budget) count, each scored after
+    its own question's answer-free prompt and after its hinted one; k rows per question."""
+    model, turn_end = tiny_llama(tokenizer), rollout.turn_end_id(tokenizer)
+    examples = [data.Example("What is 2 + 3?", "5"),  # prompts of unlike length: a random model's p(stop) hardly
+                data.Example("A farmer has 17 cows and buys 4 more each week for 6 weeks; how many then?", "41")]
+    # depends on the prompt, so the tolerances below are tight (fp32 rounding of p ~ 2e-5 is ~1e-6 of it)
+    own = rollout.encode_targets(tokenizer, [expo.solve_prompt(e.question) for e in examples for _ in range(2)],
+                                 ["Five.", "It is", "Forty-one it is.", "Forty"], turn_end)
+    own.truncated = torch.tensor([False, True, False, True])  # rows 1 and 3 "ran out of budget"
+    got = analyze.stop_at_rollout_end(model, tokenizer, own, examples, k=2)
+
+    def p_stop(prompt, text):
+        one = rollout.encode_targets(tokenizer, [prompt], [text], turn_end)
+        return analyze.end_probability(model, one)[0]
+    texts = ["Five.", "Forty-one it is."]
+    free = [p_stop(expo.solve_prompt(e.question), t) for e, t in zip(examples, texts)]
+    hinted = [p_stop(expo.explain_prompt(e.question, e.answer), t) for e, t in zip(examples, texts)]
+    assert got["answer_free"] == pytest.approx(sum(free) / 2, rel=2e-5)
+    assert got["hinted"] == pytest.approx(sum(hinted) / 2, rel=2e-5) and got["hinted"] != got["answer_free"]
+    own.truncated[:] = True
+    assert analyze.stop_at_rollout_end(model, tokenizer, own, examples, k=2) is None
+
+
 @pytest.mark.exercise10
 def test_hint_reliance_and_pass_at_k_curve(tiny_dir, tmp_path, monkeypatch, tokenizer):
     """Hint reliance is (NLL without the hint - NLL with it) / tokens per explanation; the coverage curve is the

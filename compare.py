@@ -207,7 +207,6 @@ def grouped_bars(ax, groups: dict[str, str], initial: dict, rows: list[dict], va
             ax.plot([x] * len(seeds), seeds, "o", color=f"C{i}", ms=3)
     ax.set_xticks([j + 0.4 for j in range(len(groups))], list(groups.values()))
     ax.set(title=title)
-    ax.legend(fontsize=7)
 
 
 def plot(summary: dict, path: Path) -> bool:
@@ -235,7 +234,9 @@ def plot(summary: dict, path: Path) -> bool:
                      lambda run, lv: run["by_level"][lv]["pass@1"], "pass@1 by level")
     grouped_bars(axes[-1], {"commit": "commit rate\n(format)", "acc_committed": "accuracy among\ncommitted (solving)"},
                  before["all"], rows, after, "format vs solving")
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()  # one legend under the panels: none hides a seed's point
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True

@@ -2535,3 +2535,18 @@ def test_step_benchmark_runs_on_cpu(tmp_path):
     assert [(r["method"], r["lora_rank"]) for r in rows] == [("grpo", 0), ("expo", 0), ("grpo", 16), ("expo", 16)]
     assert all(r["step_s"] > 0 and r["peak_gib"] > 0 for r in rows)
     assert train.reward.score is reward.score  # the benchmark's pseudo-random reward is undone
+
+
+def test_compare_figure_has_one_legend_outside_the_panels(tmp_path, monkeypatch):
+    """compare.png: one figure legend naming every method, and no legend inside a panel, where it can hide a seed."""
+    plt = pytest.importorskip("matplotlib.pyplot")
+    seen = {}
+    monkeypatch.setattr(plt, "close", lambda fig: seen.setdefault("fig", fig))
+    metrics = {"pass@1": 0.1, "pass@4": 0.2, "commit": 0.9, "acc_committed": 0.1}
+    summary = {"k": 4, "before": {"all": metrics, "level": {"4": {"pass@1": 0.05}}},
+               "methods": [{"method": m, "runs": [{"after": metrics, "by_level": {"4": {"pass@1": 0.1}}}] * 2}
+                           for m in ("expo", "grpo")]}
+    assert compare.plot(summary, tmp_path / "compare.png")
+    fig = seen["fig"]
+    assert [ax.get_legend() for ax in fig.axes] == [None] * len(fig.axes), "a legend inside a panel"
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["initial", "expo", "grpo"]

@@ -125,14 +125,15 @@ COMPACT_AT = 0.25  # the eager decoder drops its finished rows once they are thi
 
 
 def decode(step, stop: list[int], pad_id: int, max_new_tokens: int, temperature: float,
-            generator: torch.Generator, min_new_tokens: int = 0, compact: bool = True) -> torch.Tensor:
+            generator: torch.Generator | torch.Tensor, min_new_tokens: int = 0, compact: bool = True) -> torch.Tensor:
     """The decode loop: ([N, T] sampled tokens, pad after each row's first stop token, T <= max_new_tokens; [N, T]
     the sampler's log-prob of each sampled token at `temperature`: 0 at greedy decoding, meaningless after the stop).
 
     Finished rows leave the batch (`compact`, for a decoder with a `keep` method: EagerDecoder). On a CPU a decode
     step costs in proportion to its rows, and at a realistic budget most rows finish long before the longest one.
     `live` [M] maps the decoder's batch back to the original rows. Every step still draws one uniform number per
-    *original* row, so a row samples the same tokens whenever the others leave.
+    *original* row, so a row samples the same tokens whenever the others leave. `generator` may instead be those
+    numbers drawn in advance, [N, max_new_tokens] float64 (`rollout.sample` with one seed per prompt).
     """
     logits = step.prefill_logits  # [M, V] next-token logits of the rows still decoding (M = N at first)
     device, n = logits.device, logits.shape[0]
@@ -146,7 +147,12 @@ def decode(step, stop: list[int], pad_id: int, max_new_tokens: int, temperature:
     for t in range(max_new_tokens):
         if t < min_new_tokens:
             logits[:, stop_t] = -float("inf")
-        u = None if temperature == 0 else torch.rand(n, 1, generator=generator, device=device, dtype=torch.float64)
+        if temperature == 0:
+            u = None
+        elif isinstance(generator, torch.Tensor):
+            u = generator[:, t : t + 1]  # [N, 1] drawn in advance
+        else:
+            u = torch.rand(n, 1, generator=generator, device=device, dtype=torch.float64)
         finished = done[live]  # [M] rows of the batch that stopped earlier (they emit padding)
         nxt = torch.where(finished, pad_id, pick(logits, temperature, u=None if u is None else u[live]))  # [M]
         tokens[live, t] = nxt

@@ -38,13 +38,18 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 def evaluate(model, tokenizer, examples: list[data.Example], k: int = 4, temperature: float = 0.7,
              max_new_tokens: int = 256, batch_size: int = 16, seed: int = 0,
              progress: bool = True) -> dict:
-    """pass@1 and pass@k of `model` on `examples`, overall and per level / subject, with one sample per question."""
+    """pass@1 and pass@k of `model` on `examples`, overall and per level / subject.
+
+    The contract: question i's k completions are drawn at `temperature` (the evaluation's own, never training's) from
+    a random stream seeded with `seed + i` alone, so they are the same whatever `batch_size` and whatever the training
+    seed, and no two questions share draws."""
     rows = []
     batches = range(0, len(examples), batch_size)
     for start in tqdm(batches, desc="eval", disable=not progress, leave=False):
         chunk = examples[start : start + batch_size]
         prompts = rollout.encode_prompts(tokenizer, [expo.solve_prompt(e.question) for e in chunk])
-        out = rollout.sample(model, tokenizer, prompts, k, max_new_tokens, temperature, seed=seed + start)
+        seeds = [seed + start + i for i in range(len(chunk))]  # one per question, whatever the batching
+        out = rollout.sample(model, tokenizer, prompts, k, max_new_tokens, temperature, seed=seeds)
         lengths = out.completion_mask.sum(1).tolist()  # [len(chunk) * k] tokens, the stop token included
         for i, e in enumerate(chunk):
             mine = slice(i * k, (i + 1) * k)

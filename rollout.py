@@ -205,7 +205,7 @@ class Rollouts:
 
 @torch.no_grad()
 def sample(model, tokenizer, prompts: list[list[int]], group_size: int | list[int], max_new_tokens: int,
-           temperature: float = 1.0, seed: int = 0, min_new_tokens: int = 0, cuda_graph: bool | None = None,
+           temperature: float = 1.0, seed: int | list[int] = 0, min_new_tokens: int = 0, cuda_graph: bool | None = None,
            compact: bool = True) -> Rollouts:
     """Sample `group_size` completions for each prompt (lists of token ids, see `encode_prompts`), or, given a list,
     `group_size[i]` completions for prompt i: ExP-GRPO draws G rollouts of each solve prompt and one self-explanation
@@ -214,15 +214,17 @@ def sample(model, tokenizer, prompts: list[list[int]], group_size: int | list[in
     The decode loop is ours, not `model.generate` (decode.py: a prompt's KV cache shared by its G rows, a CUDA graph
     per step on a GPU, finished rows dropped on a CPU, a stop once every row has stopped); none of that changes what
     is sampled: the same seed gives the same tokens with or without it (tested).
-    Every row draws from its own prompt's distribution whatever else is in the batch; which tokens a seed gives
-    does depend on the batch (one random number per row and step).
+    Every row draws from its own prompt's distribution whatever else is in the batch. With one `seed`, which tokens it
+    gives depends on the batch (one stream of random numbers for all rows); with a list, one seed per prompt, each
+    prompt's rows draw from their own stream, so a prompt's completions are the same in any batch (evaluation).
     `min_new_tokens` forbids stop tokens before that many tokens (for fixed-length benchmarks only).
     """
     device = next(model.parameters()).device
     stop_tokens = stop_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_tokens[0]
-    generator = torch.Generator(device=device).manual_seed(seed)
     index = _row_index(len(prompts), group_size, device)  # [N] the prompt each row continues
+    generator = per_prompt_uniforms(seed, index, max_new_tokens, device) if isinstance(seed, list) else \
+        torch.Generator(device=device).manual_seed(seed)
     was_training = model.training
     model.eval()  # eval mode: dropout off, and the KV cache works even with gradient checkpointing enabled
     try:
@@ -241,6 +243,14 @@ def sample(model, tokenizer, prompts: list[list[int]], group_size: int | list[in
     texts = tokenizer.batch_decode([row[m.bool()].tolist() for row, m in zip(tokens.cpu(), c_mask.cpu())],
                                    skip_special_tokens=True)
     return Rollouts(p_ids[index], p_mask[index], tokens, c_mask, texts, truncated, index, logp)
+
+
+def per_prompt_uniforms(seeds: list[int], index: torch.Tensor, max_new_tokens: int, device) -> torch.Tensor:
+    """[N, T] float64 uniforms, the rows of prompt i drawn from a generator seeded with seeds[i] alone."""
+    counts = torch.bincount(index.cpu(), minlength=len(seeds)).tolist()
+    draws = [torch.rand(c, max_new_tokens, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+             for s, c in zip(seeds, counts)]
+    return torch.cat(draws).to(device)
 
 
 def _row_index(n_prompts: int, group_size: int | list[int], device) -> torch.Tensor:

@@ -106,6 +106,14 @@ def test_extract_answer(text, expected):
     assert reward.extract_answer(text) == expected
 
 
+def test_the_answer_is_fallback_reads_the_last_phrase_so_a_correction_counts():
+    """Without a box, the *last* "the answer is" is the committed answer: a completion that corrects itself scores on
+    its correction, never on its first attempt (reading the first phrase would reward the retracted 12)."""
+    text = "The answer is 12. Wait, I added wrongly: 7 + 8 = 15, so the answer is 15."
+    assert reward.extract_answer(text) == "15"
+    assert reward.score(text, "15") == 1.0 and reward.score(text, "12") == 0.0
+
+
 @pytest.mark.exercise3
 @pytest.mark.parametrize("pred, gold", [("\\sqrt{2}×3", "3\\sqrt{2}"), ("\\pi÷4", "\\frac{\\pi}{4}"), ("\u22125", "-5"),
                                         ("\\sqrt{3}·2", "2\\sqrt{3}"), ("7\u00a0000", "7000"), ("7\u2009000", "7000"),
@@ -889,6 +897,7 @@ import checkpoint  # noqa: E402
 import evaluate  # noqa: E402
 import dpo  # noqa: E402
 import run  # noqa: E402
+import distributed  # noqa: E402
 import train  # noqa: E402
 
 
@@ -1499,6 +1508,73 @@ def test_evaluation_reports_its_completions_length_and_cut_off_rate(tokenizer):
     assert 0 < result["all"]["tokens"] <= 6
 
 
+@pytest.mark.exercise10
+def test_evaluation_samples_at_its_own_temperature_not_the_trainings(tiny_dir, tmp_path, monkeypatch):
+    """Rollouts are drawn at --temperature, evaluations at --eval_temperature (a run evaluated at its training
+    temperature would be measured differently from the initial model and from the paper's T = 0.7)."""
+    t = train.Trainer(train.parse_args(_args(tiny_dir, tmp_path, "--temperature", "1.3", "--eval_temperature", "0.4")))
+    temperatures, real = [], rollout.sample
+    def spy(model, tok, prompts, counts, max_new_tokens, temperature=1.0, **kw):
+        temperatures.append(temperature)
+        return real(model, tok, prompts, counts, max_new_tokens, temperature, **kw)
+    monkeypatch.setattr(rollout, "sample", spy)
+    t.evaluate("before")
+    assert set(temperatures) == {0.4}, f"evaluation sampled at {temperatures}, not --eval_temperature 0.4"
+    temperatures.clear()
+    t.grpo_step(t.train_set[:2])
+    assert temperatures == [1.3], f"training sampled at {temperatures}, not --temperature 1.3"
+
+
+@pytest.mark.exercise10
+def test_evaluation_draws_are_per_question_whatever_the_batch_size(tokenizer):
+    """The evaluation's contract: question i's completions come from a stream seeded by seed + i alone, so batching
+    changes none of them, and two questions never share draws (here the same question asked twice, at positions 0
+    and 2, gets different completions: one seed per batch of questions would give them the same)."""
+    model = tiny_llama(tokenizer)
+    examples = data.load("arith", "test", levels=[2], limit=4, seed=0)
+    examples[2] = examples[0]
+    runs = {size: evaluate.evaluate(model, tokenizer, examples, k=2, temperature=1.0, max_new_tokens=8,
+                                    batch_size=size, seed=5, progress=False)["completions"] for size in (1, 2, 16)}
+    texts = {size: [r["completions"] for r in records] for size, records in runs.items()}
+    assert texts[1] == texts[2] == texts[16], "changing the evaluation's batch size changed what a question drew"
+    assert texts[16][0] != texts[16][2], "two questions drew the same random numbers"
+
+
+@pytest.mark.exercise3
+def test_each_torchrun_rank_draws_its_own_rollouts(tiny_dir, tmp_path):
+    """Under torchrun every rank samples with its own seed: the same question on rank 0 and on rank 1 gets different
+    rollouts (with one seed for all ranks, a batch split over ranks would repeat its draws)."""
+    t = train.Trainer(train.parse_args(_args(tiny_dir, tmp_path, "--num_generations", "4", "--max_new_tokens", "8",
+                                             "--temperature", "1.0")))
+    drawn = []
+    for rank in (0, 1):
+        t.ranks = distributed.Ranks(rank=rank, world=2)
+        drawn.append(t.rollouts(t.train_set[:1])[0].texts)
+    t.ranks = distributed.Ranks()
+    assert drawn[0] != drawn[1], "two ranks drew the same rollouts of a question"
+    assert t.sampling_seed() == run.step_seed(t.cfg.seed, t.step)  # rank 0's is the single-process seed
+
+
+@pytest.mark.exercise10
+def test_expo_dpo_resume_keeps_its_cached_self_explanations(tiny_dir, tmp_path, monkeypatch):
+    """Offline ExP-DPO explains each question once, with the initial policy; --resume restores those chosen responses
+    from the checkpoint instead of sampling them again (which would train on other texts than the uninterrupted run)."""
+    args = _args(tiny_dir, tmp_path, "--method", "expo_dpo", "--no-eval_before", "--eval_limit", "1", "--eval_k", "1")
+    train.main([*args, "--steps", "1"])
+    cached = json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())["dpo_chosen"]
+    assert cached, "the checkpoint holds no self-explanations"
+    t = train.trainer_for(train.parse_args([*args, "--steps", "2", "--resume"]))
+    try:
+        assert t.chosen == {k: tuple(v) for k, v in cached.items()}, "--resume forgot the cached self-explanations"
+        asked = []
+        t.sample = lambda texts, *a, **kw: asked.extend(texts)
+        done = [e for e in t.train_set if e.id in cached]
+        chosen, _ = t.chosen_responses(done)
+        assert asked == [] and chosen == [cached[e.id][1] for e in done], "a cached question was explained again"
+    finally:
+        checkpoint.unlock(t.out)
+
+
 @pytest.mark.exercise1
 def test_embedded_model_answers_and_stops(tokenizer):
     """The real SmolLM2-135M: greedy output ends at its EOS, and the mask stops there."""
@@ -1778,6 +1854,12 @@ Breakages tried on the reference code (a careless student's or maintainer's one-
   - --explain_on failed keeping the solved groups' targets          test_explain_on_failed_explains_only_all_wrong_groups
   - one sampling seed for every step; eval draws from --seed        test_seeds_vary_training_and_never_evaluation
   - a paper default changed (clip 0.2, beta 0.04, T 0.7, ...)       test_the_papers_settings_are_the_defaults
+  - --explain_loss fkl and rkl computing each other's direction     test_fkl_and_rkl_each_take_the_kl_in_their_own_direction_in_the_step
+  - evaluation sampled at the training --temperature                test_evaluation_samples_at_its_own_temperature_not_the_trainings
+  - every chunk of eval questions drawing with one seed             test_evaluation_draws_are_per_question_whatever_the_batch_size
+  - two torchrun ranks sampling with the same seed                  test_each_torchrun_rank_draws_its_own_rollouts
+  - the "answer is" fallback reading the first phrase, not the last test_the_answer_is_fallback_reads_the_last_phrase_so_a_correction_counts
+  - ExP-DPO's --resume forgetting its cached self-explanations      test_expo_dpo_resume_keeps_its_cached_self_explanations
 """
 
 
@@ -2047,6 +2129,35 @@ def test_distillation_step_scores_the_teacher_after_the_hint(tiny_dir, tmp_path,
         and stats["pg_rows"] == 0  # a KL of ~1e-4 nats here: fp32 cancellation
     assert all(torch.allclose(grads[n], p.grad, rtol=1e-4, atol=1e-8) for n, p in t.model.named_parameters()), \
         f"the {loss} step's gradient is not beta * the gradient of its KL with the teacher detached"
+
+
+@pytest.mark.exercise11
+@pytest.mark.parametrize("loss", ["fkl", "rkl"])
+def test_fkl_and_rkl_each_take_the_kl_in_their_own_direction_in_the_step(tiny_dir, tmp_path, loss):
+    """With a teacher far from the student (the frozen initial policy; the student's weights moved), the step's
+    logged term is the KL in its flag's direction -- fkl: KL(teacher || student), rkl: KL(student || teacher) -- and
+    not the other one. (Next to the hinted current policy the two directions differ by less than fp32 noise, so the
+    test above cannot tell them apart; here they differ by far more than the tolerance, which is asserted first.)"""
+    t = train.Trainer(train.parse_args(_args(tiny_dir, tmp_path, "--explain_loss", loss, "--teacher", "initial")))
+    fixed_rollouts(t, TWO_TEXTS, [[0, 0], [0, 0]])
+    with torch.no_grad():  # as if trained far from the start: sharp next-token distributions (a random tiny model's
+        t.model.get_output_embeddings().weight.mul_(40.0)  # are near uniform, where the two directions nearly agree)
+    seen, batch = {}, t.train_set[:2]
+    view = t.teacher_view
+    t.teacher_view = lambda b, targets: seen.setdefault("teacher", view(b, targets))
+    t.likelihood_targets = lambda *a, real=t.likelihood_targets: seen.setdefault("targets", real(*a))
+    t.optimizer_step = lambda: 0.0
+    stats = t.grpo_step(batch)
+    targets, teacher = seen["targets"][0], seen["teacher"]
+    with torch.no_grad():
+        student = rollout.completion_logits(t.model, targets.prompt_ids, targets.prompt_mask, targets.completion_ids)
+        initial = rollout.completion_logits(t.ref, teacher.prompt_ids, teacher.prompt_mask, teacher.completion_ids)
+        forward = expo.kl_loss(expo.vocab_kl(initial, student), targets.completion_mask).item()
+        reverse = expo.kl_loss(expo.vocab_kl(student, initial), targets.completion_mask).item()
+    assert abs(forward - reverse) > 0.05 * max(forward, reverse), (forward, reverse)  # the test can tell them apart
+    want, other = (forward, reverse) if loss == "fkl" else (reverse, forward)
+    assert stats["loss_distill"] == pytest.approx(want, rel=1e-4), \
+        f"--explain_loss {loss} logged {stats['loss_distill']}, the other direction's KL is {other}"
 
 
 def test_rkl_with_explain_on_failed_distills_only_the_all_wrong_groups_rollouts(tiny_dir, tmp_path):
@@ -2416,6 +2527,15 @@ distributed.close(ranks)
 '''
 
 
+def free_port() -> int:
+    """A TCP port the operating system says is free now (bind to port 0): two suites, or a suite and a training run,
+    on one machine never pick the same one (a fixed port made the torchrun test fail by chance)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _initial_weights(folder):
     return dict(AutoModelForCausalLM.from_pretrained(folder).named_parameters())
 
@@ -2432,7 +2552,7 @@ def test_torchrun_two_ranks_equal_one_process(tiny_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for out, launcher in [(one, [sys.executable]),
                           (two, [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                                 "--master_port", str(29500 + os.getpid() % 1000)])]:
+                                 "--master_port", str(free_port())])]:
         out.mkdir()
         done = subprocess.run([*launcher, str(driver), str(HERE), str(tiny_dir), str(out)], capture_output=True,
                               text=True, timeout=600, env=env)

@@ -228,6 +228,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--no_drop_leaks", action="store_true", help="keep explanations that mention the hint")
     parser.add_argument("--drop_truncated", action="store_true", help="drop explanations cut off by the budget, as "
                         "train.py --drop_truncated does (default: keep them, as train.py does)")
+    parser.add_argument("--expert_style", default="worded", choices=list(data.EXPERT_STYLES),
+                        help="arith: the style its expert solutions are written in (the distance experiment)")
     parser.add_argument("--seed", type=int, default=0, help="question subset and sampling seed")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu | cuda")
@@ -236,7 +238,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     try:
         examples = data.load(args.dataset, args.split, levels=data.parse_levels(args.dataset, args.levels),
-                             limit=args.n, seed=args.seed)
+                             limit=args.n, seed=args.seed, expert_style=args.expert_style)
         model, tokenizer = rollout.load_policy(args.model, args.device)
     except (OSError, data.DataError) as e:
         raise SystemExit(f"error: {e}")

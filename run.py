@@ -95,7 +95,7 @@ class Run:
 
     def load_data(self) -> tuple[list[data.Example], list[data.Example]]:
         cfg = self.cfg
-        train_set = data.load(cfg.dataset, "train", levels=cfg.levels)
+        train_set = data.load(cfg.dataset, "train", levels=cfg.levels, expert_style=cfg.expert_style)
         eval_set = data.load(cfg.dataset, "test", levels=cfg.levels, limit=cfg.eval_limit, seed=cfg.eval_seed)
         if cfg.method in ("grpo_sft_gt", "dpo_gt") and not all(e.solution for e in train_set):
             raise data.DataError(f"--method {cfg.method} needs expert solutions, and {cfg.dataset} has rows without "

@@ -264,6 +264,22 @@ def test_arith_solutions_verify_and_splits_are_disjoint():
     assert "1410 + 376 = 1786" in data.arith_solution(47, "*", 38)
 
 
+@pytest.mark.parametrize("style", [s for s in data.EXPERT_STYLES if s != "worded"])
+def test_every_expert_style_scores_and_says_the_same_computation(style):
+    """Each arith expert style (the distance experiment) is a correct solution of every question of every level and
+    split: it scores 1 against its own answer, holds exactly the numbers of the default solution (the same split of
+    the same number, the same partial results), and only its solutions change."""
+    for split in ("train", "test"):
+        plain = data.load("arith", split, levels=[1, 2, 3, 4, 5])
+        styled = data.load("arith", split, levels=[1, 2, 3, 4, 5], expert_style=style)
+        assert [(e.question, e.answer, e.id) for e in styled] == [(e.question, e.answer, e.id) for e in plain]
+        for e, p in zip(styled, plain):
+            assert e.solution != p.solution and reward.score(e.solution, e.answer) == 1.0, e.solution
+            assert set(re.findall(r"\d+", e.solution)) == set(re.findall(r"\d+", p.solution)), (e.solution, p.solution)
+    with pytest.raises(data.DataError, match="only arith"):
+        data.load("gsm8k", "train", expert_style=style)
+
+
 def test_limit_is_a_reproducible_subset():
     a = data.load("arith", "train", limit=20, seed=3)
     assert a == data.load("arith", "train", limit=20, seed=3)

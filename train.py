@@ -75,6 +75,8 @@ class Config:
     dataset: str = option("arith", "gsm8k | math | math500 | arith | path/to/file.jsonl")
     levels: list[str] | None = option(None, "train and evaluate on these difficulty levels; default: level 2 of arith, "
                                       "every level of other datasets; 'all' for all")
+    expert_style: str = option("worded", "arith: the style of its expert solutions (grpo_sft_gt, dpo_gt), nearest to "
+                               "the model's own writing first (the distance experiment)", tuple(data.EXPERT_STYLES))
     num_generations: int = option(4, "G: answer-free rollouts sampled per question")
     batch_size: int = option(8, "questions per step, over all ranks under torchrun (each takes its share)")
     beta: float = option(0.04, "weight of the self-explanation (expo) or expert-solution (grpo_sft_gt) term")

@@ -264,6 +264,7 @@ def test_arith_solutions_verify_and_splits_are_disjoint():
     assert "1410 + 376 = 1786" in data.arith_solution(47, "*", 38)
 
 
+@pytest.mark.exercise3
 @pytest.mark.parametrize("style", [s for s in data.EXPERT_STYLES if s != "worded"])
 def test_every_expert_style_scores_and_says_the_same_computation(style):
     """Each arith expert style (the distance experiment) is a correct solution of every question of every level and

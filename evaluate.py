@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 import data
-import decode
+from engine import decode
 import expo
 import reward
 import rollout

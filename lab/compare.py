@@ -1,14 +1,14 @@
 """Whether ExPO works, measured: several methods and training seeds, one fixed evaluation set, side by side.
 
-    python compare.py                                   # expo, grpo, grpo_sft_gt: the default run of each, seed 0
-    python compare.py --seeds 0 1 2 --out runs/cmp -- --levels 4 5 --steps 20 --eval_limit 80 --max_new_tokens 256
-    python compare.py --seeds 0 1 2 --out runs/cmp --report_only -- --levels 4 5 ...   # tabulate what is there
+    python -m lab.compare                                   # expo, grpo, grpo_sft_gt: the default run of each, seed 0
+    python -m lab.compare --seeds 0 1 2 --out runs/cmp -- --levels 4 5 --steps 20 --eval_limit 80 --max_new_tokens 256
+    python -m lab.compare --seeds 0 1 2 --out runs/cmp --report_only -- --levels 4 5 ...   # tabulate what is there
 
 Every flag after `--` (or any flag compare.py does not know) goes to each `train.py` run unchanged, so the runs
 differ only in `--method` and `--seed`, and in the flags a variant names: a --methods entry is a method or a method
 with flags of its own, METHOD:flag=value[,flag=value...], e.g. `expo:explain_loss=fkl` (folder expo-explain_loss=fkl):
 
-    python compare.py --methods expo expo:explain_loss=fkl expo:explain_loss=rkl --seeds 0 1 2 --out runs/cmp -- ...
+    python -m lab.compare --methods expo expo:explain_loss=fkl expo:explain_loss=rkl --seeds 0 1 2 --out runs/cmp -- ...
 
 The training seed changes the question order and the sampling, never the evaluation: every run is evaluated on the
 same questions with the same draws (`--eval_seed`, fixed), and the initial model once, by the first run. Each run
@@ -34,7 +34,7 @@ import math
 from dataclasses import asdict
 from pathlib import Path
 
-import checkpoint
+from engine import checkpoint
 import train
 
 DEFAULT_METHODS = ("expo", "grpo", "grpo_sft_gt")

@@ -1,6 +1,6 @@
 """The teaching kit: a student copy of this repository, with the bodies of the functions that carry the method cut out.
 
-    python exercises.py ../expo-student                       # write the copy, then, inside it:
+    python -m lab.exercises ../expo-student                       # write the copy, then, inside it:
     python -m pytest -q test_expo.py -m exercise1             # grade one exercise
     python -m pytest -q test_expo.py                          # the whole suite
 
@@ -89,7 +89,7 @@ def main(argv=None) -> None:
     parser.add_argument("out", type=Path, help="a new (or empty) folder for the student copy")
     args = parser.parse_args(argv)
     try:
-        exercises = make_copy(Path(__file__).resolve().parent, args.out)
+        exercises = make_copy(Path(__file__).resolve().parents[1], args.out)
     except FileExistsError as e:
         sys.exit(f"error: {e}")
     print(f"student copy in {args.out}: {len({e.number for e in exercises})} exercises")

@@ -1,9 +1,9 @@
 """Sampling speed: rollout.sample next to transformers' `model.generate` on the same prompts, in one run.
 
-    python bench.py                      # CPU: a tiny random model and the embedded SmolLM2-135M
-    python bench.py --shape qwen0.5b     # GPU: a random-weight Qwen2.5-0.5B-shaped model in bf16
-    python bench.py --shape qwen0.5b --static-generate --json out.json   # also generate(cache_implementation="static")
-    python bench.py --train --shape qwen0.5b       # one GRPO and one ExP-GRPO training step, with and without LoRA
+    python -m lab.bench                      # CPU: a tiny random model and the embedded SmolLM2-135M
+    python -m lab.bench --shape qwen0.5b     # GPU: a random-weight Qwen2.5-0.5B-shaped model in bf16
+    python -m lab.bench --shape qwen0.5b --static-generate --json out.json   # also generate(cache_implementation="static")
+    python -m lab.bench --train --shape qwen0.5b       # one GRPO and one ExP-GRPO training step, with and without LoRA
 
 Every method generates exactly `--new-tokens` per row (`min_new_tokens` forbids an early EOS), so tokens/s are
 comparable; the figure is generated tokens / wall seconds, including prefill and (for the CUDA graph) capture.
@@ -38,9 +38,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
 
-import decode
+from engine import assets, decode
 import rollout
 import train
+from variants import tis
 
 SHAPES = {
     "tiny": lambda vocab: LlamaConfig(vocab_size=vocab or 32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -166,7 +167,7 @@ def bench_natural(args) -> list[dict]:
         out = runs["bf16 copy"]
         with torch.no_grad():
             trainer_logp = rollout.token_logprobs(model, out.prompt_ids, out.prompt_mask, out.completion_ids, 0.7)
-        m = train.expo.sampler_mismatch(trainer_logp, out.sampler_logp, out.completion_mask)
+        m = tis.sampler_mismatch(trainer_logp, out.sampler_logp, out.completion_mask)
         n_tokens = {k: int(r.completion_mask.sum()) for k, r in runs.items()}
         row = {"budget": budget, "rows": len(counts), "seconds": {k: round(v, 2) for k, v in seconds.items()},
                "tokens": n_tokens, "tok_s": {k: round(n_tokens[k] / seconds[k], 1) for k in runs},
@@ -210,7 +211,7 @@ def natural_step(args) -> dict:
 
 def bench_train(args, device: torch.device) -> list[dict]:
     """Seconds and peak memory of one GRPO and one ExP-GRPO step, full fine-tuning and LoRA, in one run."""
-    tokenizer = AutoTokenizer.from_pretrained(rollout.embedded_model_dir())  # a real chat template and decoder
+    tokenizer = AutoTokenizer.from_pretrained(assets.embedded_model_dir())  # a real chat template and decoder
     folder = Path(tempfile.mkdtemp(prefix="expo-bench-"))
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(SHAPES[args.shape](len(tokenizer))).save_pretrained(folder / "model")

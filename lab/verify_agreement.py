@@ -2,7 +2,7 @@
 
     pip install math-verify                                   # reference 1: Math-Verify (sympy + an ANTLR parser)
     pip install math-verify pylatexenc latex2sympy2_extended  # reference 2 also needs these, and its file:
-    python verify_agreement.py --pairs 3000 --drgrpo path/to/drgrpo_grader.py
+    python -m lab.verify_agreement --pairs 3000 --drgrpo path/to/drgrpo_grader.py
 
 Reference 2 is the Dr. GRPO grader that Stanford CS336's assignment 5 ships (stanford-cs336/assignment5-alignment,
 `cs336_alignment/drgrpo_grader.py`, public; it is loaded from the path you give and never copied here); it judges

@@ -1,9 +1,9 @@
 """Why ExPO works, measured: the paper's three kinds of positive sample under the current policy (Table 1, Fig. 2).
 
-    python analyze.py                                         # embedded SmolLM2-135M, 16 arith questions, ~2 min CPU
-    python analyze.py --model runs/expo-arith/checkpoint      # the same questions under a trained policy
-    python analyze.py --dataset math --levels 5 --n 64 --max_new_tokens 1024 --model Qwen/Qwen2.5-1.5B-Instruct
-    python analyze.py --levels 4 5 --pass_k 64 --model runs/cmp/expo/seed-0/checkpoint   # + coverage at large k
+    python -m lab.analyze                                         # embedded SmolLM2-135M, 16 arith questions, ~2 min CPU
+    python -m lab.analyze --model runs/expo-arith/checkpoint      # the same questions under a trained policy
+    python -m lab.analyze --dataset math --levels 5 --n 64 --max_new_tokens 1024 --model Qwen/Qwen2.5-1.5B-Instruct
+    python -m lab.analyze --levels 4 5 --pass_k 64 --model runs/cmp/expo/seed-0/checkpoint   # + coverage at large k
 
 A good positive sample (a text to raise the likelihood of) must be
   (1) likely under the current policy: a low NLL, so learning it is a small step, not a jump to another distribution;
@@ -43,11 +43,12 @@ from pathlib import Path
 import torch
 
 import data
-import decode
+from engine import decode
 import evaluate
 import expo
 import reward
 import rollout
+from variants import distill
 
 
 @torch.no_grad()
@@ -139,7 +140,7 @@ def stop_at_rollout_end(model, tokenizer, own: rollout.Rollouts, examples: list[
     if not ended:
         return None
     part = own.select(ended)
-    hinted = rollout.with_prompts(tokenizer, part, [expo.explain_prompt(examples[i // k].question,
+    hinted = distill.with_prompts(tokenizer, part, [expo.explain_prompt(examples[i // k].question,
                                                                         examples[i // k].answer) for i in ended])
     return {name: sum(p) / len(p) for name, p in (("answer_free", end_probability(model, part)),
                                                   ("hinted", end_probability(model, hinted)))}

@@ -121,6 +121,40 @@ def pick(logits: torch.Tensor, temperature: float, generator: torch.Generator | 
     return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)
 
 
+@torch.no_grad()
+def generate(model, p_ids: torch.Tensor, p_mask: torch.Tensor, index: torch.Tensor, stop: list[int], pad_id: int,
+             max_new_tokens: int, temperature: float, seed: int | list[int], min_new_tokens: int = 0,
+             cuda_graph: bool | None = None, compact: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rollout.sample`'s one call into the engine: ([N, T] tokens, [N, T] the sampler's log-probs) for the rows
+    `index` [N] of the left-padded prompts [B, P]. In eval mode (dropout off, and the KV cache on even under gradient
+    checkpointing), with the graphed decoder on a GPU that supports it, else the eager one; `seed` an int (one stream
+    for the batch) or one per prompt (`per_prompt_uniforms`)."""
+    device = p_ids.device
+    generator = per_prompt_uniforms(seed, index, max_new_tokens, device) if isinstance(seed, list) else \
+        torch.Generator(device=device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    try:
+        if cuda_graph is None:
+            cuda_graph = device.type == "cuda" and GraphedDecoder.supported(model)
+        if cuda_graph:
+            step = GraphedDecoder(model, p_ids[index], p_mask[index], max_new_tokens)
+        else:
+            step = EagerDecoder(model, p_ids, p_mask, index, room=max_new_tokens)
+        return decode(step, stop, pad_id, max_new_tokens, temperature, generator, min_new_tokens, compact)
+    finally:
+        model.train(was_training)
+
+
+def per_prompt_uniforms(seeds: list[int], index: torch.Tensor, max_new_tokens: int, device) -> torch.Tensor:
+    """[N, T] float64 uniforms, the rows of prompt i drawn from a generator seeded with seeds[i] alone."""
+    counts = torch.bincount(index.cpu(), minlength=len(seeds)).tolist()
+    draws = [torch.rand(c, max_new_tokens, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+             for s, c in zip(seeds, counts)]
+    return torch.cat(draws).to(device)
+
+
+
 COMPACT_AT = 0.25  # the eager decoder drops its finished rows once they are this share of its batch (bench.py)
 
 

@@ -1,15 +1,18 @@
-"""A training run's plumbing: where it runs, its folder, data, model and reference, its logs, evaluations and
-checkpoints. `train.Trainer` (the GRPO family) and `dpo.DPOTrainer` build on `Run` and add the method: how a step
-samples, scores and updates, and the loop. Nothing here knows the method.
+"""A training run's plumbing: where it runs, its folder, data, model and reference, the loop, its logs, evaluations
+and checkpoints. `train.Trainer` builds on `Run` and adds the method (its `update`: how a step samples, scores and
+learns); nothing here knows the objective. A first reading may skip this file.
 
     Run(cfg)             ranks and device; the run folder locked and claimed (checkpoint.py); the train and eval
                          sets; the policy (a checkpoint's, or the base model with LoRA adapters); the frozen initial
                          policy when a loss needs one; AdamW; the step and optimizer state of a checkpoint on --resume
+    train() / loop()     evaluate, run the steps (`update` on this rank's share of each step's questions), checkpoint
+                         by steps and by time, stop cleanly on SIGTERM / Ctrl-C, evaluate again, say what was learnt
     log / write_samples  metrics.jsonl (one JSON line per step or evaluation) and samples.md, by rank 0; evaluate
                          also appends its completions to eval_samples.jsonl
     evaluate(label)      pass@k on the fixed evaluation set (its questions and draws depend on --eval_seed only)
-    sample(texts, ...)   completions drawn from the sampler (the bf16 copy or the policy), seeded by (seed, step, rank)
-    optimizer_step()     sum the ranks' gradients, clip, apply (unless not finite), refresh the sampler copy
+    sampler, sampling()  what rollouts are drawn from (the bf16 copy or the policy) and the context to draw them in;
+                         `sampling_seed` is a function of (seed, step, rank)
+    apply_gradients()    sum the ranks' gradients, clip, apply (unless not finite), refresh the sampler copy
     save()               the checkpoint of the completed steps (every rank calls it at the same step)
 """
 from __future__ import annotations
@@ -18,6 +21,8 @@ import contextlib
 import copy
 import json
 import math
+import random
+import signal
 import sys
 import time
 from dataclasses import asdict
@@ -25,19 +30,40 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from tqdm import tqdm
 
-import checkpoint
+from engine import checkpoint
 import data
-import decode
-import distributed
+from engine import decode
+from engine import distributed
 import evaluate
-import lora
+from engine import lora
+from engine import report
 import rollout
 
 
 def step_seed(seed: int, step: int, salt: int = 0, rank: int = 0) -> int:
     """The sampling seed of a step; each rank draws its own (rank 0's is the single-process seed)."""
     return (seed * 1_000_003 + step * 7919 + salt + rank * 104_729) % (2**31)
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """The questions of `step`: consecutive slices of per-epoch shuffles, a pure function of (seed, step)."""
+    out = []
+    for position in range(step * batch_size, (step + 1) * batch_size):
+        epoch, offset = divmod(position, n)
+        order = list(range(n))
+        random.Random(f"{seed}/{epoch}").shuffle(order)
+        out.append(order[offset])
+    return out
+
+
+@contextlib.contextmanager
+def timed(times: dict[str, float], key: str):
+    """Record the wall time of the block in times[key], in seconds."""
+    t0 = time.perf_counter()
+    yield
+    times[key] = time.perf_counter() - t0
 
 
 class Run:
@@ -62,6 +88,7 @@ class Run:
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
                                            lr=cfg.learning_rate, betas=(0.9, 0.99), weight_decay=0.0)
         self.step, self.skipped = 0, 0
+        self.cached: dict[str, tuple[int, str]] = {}  # targets a method keeps across steps (ExP-DPO's): id -> (step, text)
         self.signals = checkpoint.StopSignals(abandon=self.ranks.world == 1)  # installed while `train` runs
         if start:
             self.restore(start, state)
@@ -130,11 +157,12 @@ class Run:
         if self.sampler is not self.model:
             decode.refresh_sampler(self.sampler, self.model)
 
-    def sampling(self, model):
-        """The context to sample `model` in: none for a bf16 model, else the run's autocast (bf16 on a GPU)."""
+    def sampling(self, model=None):
+        """The context to sample `model` (default: the sampler) in: none for a bf16 model, else the run's autocast."""
+        model = model or self.sampler
         return contextlib.nullcontext() if next(model.parameters()).dtype == torch.bfloat16 else self.amp()
 
-    def optimizer_step(self) -> float:
+    def apply_gradients(self) -> float:
         """Sum the ranks' gradients, clip, and apply, unless the norm is not finite (then nothing changes). The norm
         is taken after the sum, so every rank makes the same decision.
 
@@ -161,15 +189,8 @@ class Run:
         """This step's sampling seed on this rank (`step_seed`)."""
         return step_seed(self.cfg.seed, self.step, salt, self.ranks.rank)
 
-    def sample(self, user_texts: list[str], group_size: int | list[int], seed: int, model=None) -> rollout.Rollouts:
-        prompts = rollout.encode_prompts(self.tokenizer, user_texts)
-        model = model or self.sampler
-        with self.sampling(model):
-            return rollout.sample(model, self.tokenizer, prompts, group_size, self.cfg.max_new_tokens,
-                                  self.cfg.temperature, seed=seed)
-
     def load_reference(self, start: Path | None):
-        """The frozen *initial* policy (also after --resume) when a loss needs one: KL here, DPO in DPOTrainer. With
+        """The frozen *initial* policy (also after --resume) when a loss needs one: KL, the relatives' initial teacher, DPO (train.Trainer). With
         LoRA there is no copy: the reference is the same model with its adapters off (see `reference`)."""
         if not self.needs_reference() or self.cfg.lora_rank:
             return None
@@ -182,6 +203,7 @@ class Run:
     def restore(self, start: Path, state: dict) -> None:
         """Continue from a checkpoint: its step and optimizer state; the logs are cut back to it."""
         self.step, self.skipped = state["step"], state.get("skipped_updates", 0)
+        self.cached = {k: tuple(v) for k, v in state.get("cached", state.get("dpo_chosen", {})).items()}
         checkpoint.load_optimizer(start, self.optimizer, state)
         if self.ranks.main:  # the steps after the checkpoint are replayed, not repeated
             checkpoint.truncate_logs(self.out, self.step)
@@ -195,7 +217,83 @@ class Run:
         else:
             yield self.ref
 
-    # --------------------------------------------------------------------------------------------------- logging
+
+    # --------------------------------------------------------------------------------------------------- the loop
+
+    def update(self, batch: list[data.Example]) -> dict:
+        """One step of the method on this rank's questions: the subclass's (train.Trainer)."""
+        raise NotImplementedError
+
+    def train(self) -> tuple[dict | None, dict | None]:
+        """Evaluate, train --steps steps, evaluate again; print what was learnt. A stop signal saves and exits."""
+        cfg, main = self.cfg, self.ranks.main
+        levels = "all levels" if cfg.levels is None else "level " + ",".join(map(str, cfg.levels))
+        sampler = "a bf16 copy of the policy" if self.sampler is not self.model else "the fp32 policy"
+        if main:
+            print(f"{cfg.method} on {cfg.dataset}, {levels}: {len(self.train_set)} train / {len(self.eval_set)} eval "
+                  f"questions, device {self.device}, {self.ranks.world} process(es) of {torch.get_num_threads()} "
+                  f"thread(s), sampling from {sampler}, output {self.out}", flush=True)
+        before = self.evaluate("before") if self.step == 0 and cfg.eval_before else None
+        try:
+            with self.signals:
+                self.loop()
+        except (checkpoint.Stopped, KeyboardInterrupt) as e:  # KeyboardInterrupt: a Ctrl-C before our handler was in
+            signum = e.signum if isinstance(e, checkpoint.Stopped) else signal.SIGINT
+            path = self.save()
+            if main:
+                print(f"\nstopped by {signal.Signals(signum).name}: checkpoint of step {self.step} in {path}; "
+                      f"continue with the same command and --resume", flush=True)
+            raise SystemExit(128 + signum)
+        after = self.evaluate("after")
+        path = self.save()
+        if main:
+            print(report.learnt(self.out, cfg, before, after))
+            report.plot_curve(self.out)
+            print(f"\nlogs: {self.out / 'metrics.jsonl'}\nsamples: {self.out / 'samples.md'}\ncheckpoint: {path}")
+        return before, after
+
+    def loop(self) -> None:
+        """The training steps, with evaluations and checkpoints between them; a stop signal ends it at a step
+        boundary that every rank has reached (one tiny collective per step decides it for all)."""
+        cfg, last_save = self.cfg, time.monotonic()
+        if self.step and self.eval_due() and not self.logged_eval(self.step):  # resumed: a stop cut off this eval
+            self.evaluate(f"step {self.step}")
+        bar = tqdm(range(self.step, cfg.steps), desc=cfg.method, initial=self.step, total=cfg.steps,
+                   disable=not self.ranks.main)
+        for _ in bar:
+            stats = self.train_step()
+            bar.set_postfix(report.progress(stats))
+            if self.eval_due():
+                self.evaluate(f"step {self.step}")
+            due = (cfg.save_every and self.step % cfg.save_every == 0) or \
+                (cfg.save_every_minutes and time.monotonic() - last_save >= 60 * cfg.save_every_minutes)
+            stopping, due = distributed.all_sum([float(self.signals.signal is not None), float(due)], self.ranks)
+            if stopping:
+                raise checkpoint.Stopped(self.signals.signal or signal.SIGTERM)
+            if due:
+                self.save()
+                last_save = time.monotonic()
+
+    def eval_due(self) -> bool:
+        """Is an evaluation due after the step just completed (every --eval_every steps, the last one excepted)?"""
+        return bool(self.cfg.eval_every) and self.step % self.cfg.eval_every == 0 and self.step < self.cfg.steps
+
+    def train_step(self) -> dict:
+        """One step on this rank's share of the step's questions, logged; then the step counter moves on."""
+        cfg = self.cfg
+        questions = batch_indices(len(self.train_set), cfg.batch_size, self.step, cfg.seed)
+        batch = [self.train_set[i] for i in distributed.share(questions, self.ranks)]
+        t0 = time.perf_counter()
+        stats = self.update(batch)
+        stats.update(t_step=time.perf_counter() - t0, **self.memory())
+        stats = distributed.merge_stats(distributed.gather(stats, self.ranks))
+        stats.update(step=self.step, skipped_updates=self.skipped)
+        self.log(stats)
+        self.step += 1
+        self.signals.release()  # the step is applied, logged and counted: a stop signal may now take effect
+        return stats
+
+    # ------------------------------------------------------------------------------------------------- logging
 
     def write_samples(self, example: data.Example, texts, rewards, explanation) -> None:
         if not self.ranks.main:
@@ -239,8 +337,10 @@ class Run:
         return result
 
     def checkpoint_state(self) -> dict:
-        """What a checkpoint keeps besides weights and optimizer (DPOTrainer adds its cached explanations)."""
-        return {"step": self.step, "skipped_updates": self.skipped, "config": asdict(self.cfg)}
+        """What a checkpoint keeps besides weights and optimizer: the step, the skipped updates, the flags, and every
+        rank's cached targets (each rank caches its own share of the questions; rank 0 saves them all)."""
+        cached = {k: v for part in distributed.gather(self.cached, self.ranks) for k, v in part.items()}
+        return {"step": self.step, "skipped_updates": self.skipped, "config": asdict(self.cfg), "cached": cached}
 
     def save(self) -> Path:
         """The checkpoint of the completed steps, written by rank 0 (every rank calls it, at the same step)."""
@@ -260,25 +360,3 @@ class Run:
             return {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
         except ImportError:
             return {}
-
-
-def plot_curve(out: Path) -> None:
-    """curve.png: training reward per step and eval pass@1, when matplotlib is installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(pip install matplotlib for curve.png; or plot metrics.jsonl with any tool)")
-        return
-    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    steps = [r for r in records if "eval" not in r]
-    evals = [r for r in records if "eval" in r]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in steps], [r["reward"] for r in steps], label="train reward (mean)")
-    ax.plot([r["step"] for r in evals], [r["all"]["pass@1"] for r in evals], "o-", label="eval pass@1")
-    ax.set_xlabel("step")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "curve.png", dpi=120)
-    plt.close(fig)

@@ -143,7 +143,7 @@ def _math(split: str) -> list[Example]:
     examples, skipped = [], 0
     for lineno, row in _read_jsonl(path):
         solution = _field(row, "solution", path, lineno)
-        answer = reward.extract_answer(solution)
+        answer = reward.extract_answer(solution, trusted=True)
         level = re.fullmatch(r"Level (\d)", _field(row, "level", path, lineno))
         if answer is None or level is None:  # upstream quirks: empty \boxed{} (2 train rows), "Level ?" (2 train rows)
             skipped += 1

@@ -58,7 +58,7 @@ def step(t, batch: list[data.Example]) -> dict:
                 loss_dpo += loss.item()
             t.write_samples(batch[0], roll.texts[:G], scores[:G], chosen[0])
         grad_norm = t.optimizer_step()
-    return {**report.sampling_stats(roll, rewards, None, G, times["t_sample"]), **chosen_stats, **times,
+    return {**report.sampling_stats(roll, rewards, None, G, times["t_sample"], batch), **chosen_stats, **times,
             "pairs": len(pairs), "loss_dpo": loss_dpo, "grad_norm": grad_norm}
 
 
@@ -83,7 +83,7 @@ def chosen_responses(t, batch: list[data.Example]) -> tuple[list[str | None], di
                                      seed=t.sampling_seed(1))
         targets, stats = expo.self_explanation_targets(sampled.texts, [e.answer for e in stale],
                                                        sampled.truncated.tolist(), None, cfg.drop_leaks,
-                                                       cfg.drop_truncated, cfg.drop_wrong)
+                                                       cfg.drop_truncated, cfg.drop_wrong, [e.question for e in stale])
         stats.update(report.explanation_stats(sampled))
         t.cached.update({e.id: (t.step, text) for e, text in zip(stale, targets)})
     return [t.cached[e.id][1] for e in batch], stats

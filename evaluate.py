@@ -72,7 +72,7 @@ class Row:
 
 def scored_row(example: data.Example, texts: list[str], tokens: int = 0, cut_off: int = 0) -> Row:
     """A question's completions, scored by the checker now in reward.py."""
-    return Row(example, correct=int(sum(reward.score(t, example.answer) for t in texts)),
+    return Row(example, correct=int(sum(reward.score(t, example.answer, example.question) for t in texts)),
                committed=sum(reward.extract_answer(t) is not None for t in texts), texts=list(texts), tokens=tokens,
                cut_off=cut_off)
 

@@ -1,11 +1,8 @@
 r"""ExPO: the method -- prompts and objectives, and nothing about models or tokenizers.
 
-GRPO learns only from questions where the policy is *sometimes* right: if all G rollouts of a question fail, every
-advantage is zero and the question teaches nothing. ExPO (Zhou, Li, Zhang, Leqi; arXiv 2507.02834) gets a learning
-signal from those questions too: it shows the *current* policy the question together with its correct answer, asks it
-to explain how to get there, and then trains on that self-explanation *as if it had been produced from the question
-alone*. Being the policy's own text, the explanation is likely under the policy (unlike an expert's solution); being
-conditioned on the right answer, it is more often right than the policy's own attempts.
+GRPO learns nothing from a question whose G rollouts all fail. ExPO (arXiv 2507.02834) shows the *current* policy the
+question with its correct answer, asks it to explain, and trains on that self-explanation *as if it had been produced
+from the question alone*: the policy's own text, so likely under it, and more often right than its own attempts.
 
 ExP-GRPO, in the paper's notation, for a question q with gold answer a*:
 
@@ -27,12 +24,8 @@ its meaning when the batch or the budget changes. The same term on the dataset's
 the "GRPO SFT-GT-CoT" baseline. ExP-DPO uses `dpo_loss` with e~ as the chosen response and one of the policy's own
 wrong answers as the rejected one. Every target ends in the chat template's turn-end token (rollout.turn_end_id).
 
-ExPO's relatives (`--explain_loss`): the same term as a KL to a *teacher*, the policy shown the answer (the
-hint-conditioned policy pi_T(. | q, a*, prefix), detached; current or initial weights):
-    fkl = 1/|E| sum_t KL(pi_T(. | q, a*, e~<t) || pi_theta(. | q, e~<t))    along the self-explanation   vocab_kl(T, S)
-    rkl = 1/|O| sum_t KL(pi_theta(. | q, o<t) || pi_T(. | q, a*, o<t))      along the G rollouts        vocab_kl(S, T)
-At T = 1, fkl's gradient is the NLL's expected gradient when e~ is drawn from pi_T (tested), with less variance; rkl
-is on-policy self-distillation (OPSD / SDFT) beside GRPO, and samples no self-explanation.
+ExPO's relatives (`--explain_loss fkl / rkl`) write the term as a KL to the policy shown the answer: `kl_loss` here,
+the KLs and the teacher in variants/distill.py.
 
 All loss functions take per-token log-probs `logp` [rows, tokens] and a 0/1 `mask` [rows, tokens] that marks the
 completion tokens; padding positions may hold any finite values and never change a loss or receive a gradient. Each
@@ -69,9 +62,8 @@ def explain_prompt(question: str, answer: str) -> str:
     return solve_prompt(question) + HINT.format(answer=answer)
 
 
-# A target must not talk about a hint the model never sees at test time. Two tests catch that: any five consecutive
-# words of HINT itself ("the correct final answer is", "as if you were solving the"), and the usual ways of saying
-# that the answer was handed over.
+# A target must not talk about a hint the model never sees at test time: five consecutive words of HINT itself, or
+# the usual ways of saying that the answer was handed over.
 _HINT_WORDS = 5
 _LEAK = re.compile(
     r"(given|provided|stated|expected|known) (final )?answer (is|was|of)|answer (was|is) (given|provided|known)"
@@ -123,22 +115,19 @@ def explanation_target(explanation: str, answer: str) -> str:
     return text[:start] + answer + tail
 
 
-def self_explanation_targets(explanations: list[str], answers: list[str], truncated: list[bool],
-                             solved: list[bool] | None = None, drop_leaks: bool = True, drop_truncated: bool = False,
-                             drop_wrong: bool = False) -> tuple[list[str | None], dict[str, float]]:
-    """The likelihood targets made from sampled self-explanations, one per question, with every filter: training and
-    analyze.py both make them here.
-
-    Each explanation becomes `explanation_target(text, gold)`, or None when a filter drops it, checked in this order:
-    `solved` (given for --explain_on failed: True where the question's group had a success, so only all-wrong groups
-    are explained), `drop_leaks` (`mentions_hint`), `drop_truncated` (cut off by the budget), `drop_wrong` (its own
-    final answer, judged *before* the gold answer replaces it, is not the gold one). Returns (targets, counts):
-    `explain_correct` the share of explanations that reach the gold answer themselves, and how many each filter
-    dropped (`explain_dropped` for leaks, `explain_dropped_truncated`, `explain_dropped_wrong`, and
-    `explain_dropped_solved` when `solved` is given). Example: ["So \\boxed{7}.", "The given answer is 7, so 7."]
-    for gold ["8", "7"] -> (["So \\boxed{8}.", None], {"explain_correct": 0.5, "explain_dropped": 1, ...}).
+def self_explanation_targets(explanations: list[str], answers: list[str], truncated: list[bool], solved=None,
+                             drop_leaks: bool = True, drop_truncated: bool = False, drop_wrong: bool = False,
+                             questions: list[str] | None = None) -> tuple[list[str | None], dict[str, float]]:
+    """The likelihood targets made from sampled self-explanations, one per question, with every filter (training and
+    lab/analyze.py both make them here). Each becomes `explanation_target(text, gold)`, or None when a filter drops
+    it, in this order: `solved` (--explain_on failed: True where the question's group had a success), `drop_leaks`
+    (`mentions_hint`), `drop_truncated` (cut off by the budget), `drop_wrong` (its own final answer, judged before the
+    swap, is not the gold one; with `questions`, one that restates its question is not either). Returns (targets,
+    counts): `explain_correct` the share that reach the gold answer themselves, and what each filter dropped
+    (`explain_dropped` for leaks, `explain_dropped_truncated`, `_wrong`, `_solved`). Example: ["So \\boxed{7}.", "The
+    given answer is 7."] for gold ["8", "7"] -> (["So \\boxed{8}.", None], {"explain_correct": 0.5, ...}).
     """
-    correct = [reward.score(text, answer) for text, answer in zip(explanations, answers)]
+    correct = [reward.score(t, a, q) for t, a, q in zip(explanations, answers, questions or [None] * len(answers))]
     reasons = []
     for i, text in enumerate(explanations):
         reasons.append("solved" if solved is not None and solved[i] else
@@ -158,9 +147,7 @@ def self_explanation_targets(explanations: list[str], answers: list[str], trunca
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "std") -> torch.Tensor:
-    """Group-normalised advantages; the G rows of one question are contiguous.
-
-    Example, one success in a group of 4 (unbiased std 0.5):
+    """Group-normalised advantages; a question's G rows are contiguous. Example, one success in 4 (unbiased std 0.5):
         rewards [1, 0, 0, 0] -> mean 0.25 -> centred [0.75, -0.25, -0.25, -0.25] -> "std": [1.5, -0.5, -0.5, -0.5]
     An all-equal group gives zeros: the question teaches GRPO nothing, which is the gap ExPO fills.
     `scale="none"` keeps r - mean (Dr. GRPO: no division by the std, which over-weights nearly-solved questions).
@@ -217,12 +204,9 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
     `denominator`.
 
     Per token: -min(rho * A, clip(rho, 1 - eps, 1 + eps) * A) + kl_coef * k3, with rho = exp(logp - old_logp).
-    `norm`: "seq"      each row's tokens averaged first (DeepSeekMath; long answers weigh less per token), then the
-                       rows summed and divided by the number of rows;
-            "token"    the tokens summed and divided by their number (DAPO);
-            "constant" the tokens summed and divided by rows * max_tokens (Dr. GRPO: a constant of the batch shape).
-    `denominator` is the step's (`pg_denominator` over the step's whole batch), so that the losses of its micro-batches
-    add up to the step's loss; None takes this batch's own (`pg_denominator(mask, norm, max_tokens)`).
+    `norm` "seq" averages each row's tokens first (DeepSeekMath), "token" and "constant" sum them (DAPO, Dr. GRPO);
+    `denominator` is the step's (`pg_denominator`, which says each norm's), so that the losses of its micro-batches
+    add up to the step's loss; None takes this batch's own.
     `token_weights` [rows, tokens] (detached), when given, multiplies each token's clipped surrogate (not the KL term):
     the truncated importance weight of `tis_weights`. `ref_logp` may be None when kl_coef == 0. Padding never counts:
     not in the loss value (which is logged), not in the gradient, and a log-ratio of any size there must not overflow
@@ -292,8 +276,7 @@ def sft_loss(logp: torch.Tensor, mask: torch.Tensor, denominator: float | None =
 
 
 def kl_loss(kl: torch.Tensor, mask: torch.Tensor, denominator: float | None = None) -> torch.Tensor:
-    """Per-token KLs [rows, T] of the masked tokens, summed and divided by `denominator` (the step's target tokens,
-    as for sft_loss; None: these tokens, a token mean). The fkl / rkl form of ExPO's term: beta * kl_loss."""
+    """sft_loss's rule for per-token KLs [rows, T] (fkl / rkl, variants/distill.py): masked sum / the step's tokens."""
     if denominator is None:
         denominator = float(mask.sum())
     return torch.where(mask.bool(), kl, 0.0).sum() / max(denominator, 1.0)
@@ -309,19 +292,17 @@ def microbatch_loss(logp: torch.Tensor | None, old_logp: torch.Tensor | None, re
     its target rows, each divided by the step's denominator, so that the micro-batch losses sum to the step's loss
     and one backward per micro-batch accumulates exactly the full-batch gradient.
 
-    Rollout tensors (`logp` .. `mask`, and the sampler's log-probs `sampler_logp`) are [rows, tokens], `advantages`
-    [rows]; target tensors [targets, tokens]. Either side may be None: a micro-batch without rollout rows to score
-    (all of its groups all-equal) or without targets (GRPO; beta == 0). `tis_cap` > 0 weights each rollout token by
-    the truncated importance ratio `tis_weights(old_logp, sampler_logp)`. With `target_kl` [targets, tokens] (the
-    per-token KL of `--explain_loss fkl` or `rkl`) instead of `target_logp`, the term is beta * kl_loss(target_kl).
-    Returns (loss, stats), stats as sums: grpo_loss's (`tokens`, `clipped`, `kl`), `loss_pg` and `loss_sft` (or
-    `loss_distill`: the unweighted term's share; the logged losses are the sums over micro-batches), `target_tokens`,
-    and sampler_mismatch's `log_ratio` / `k3` / `max_ratio`.
+    Rollout tensors (`logp` .. `mask`, the sampler's `sampler_logp`) are [rows, tokens], `advantages` [rows]; target
+    tensors [targets, tokens]. Either side may be None: no rollout rows to score (all groups all-equal) or no targets
+    (GRPO). `tis_cap` > 0: variants/tis.py's weights. With `target_kl` (fkl / rkl) instead of `target_logp`, the term
+    is beta * kl_loss(target_kl). Returns (loss, stats), stats as sums: grpo_loss's, `loss_pg` and `loss_sft` (or
+    `loss_distill`), `target_tokens`, and the sampler mismatch's `log_ratio` / `k3` / `max_ratio`.
     """
     # exercise 8: one denominator per step, and exact gradient accumulation
     loss, stats = torch.zeros(()), {}
     if logp is not None:
-        weights = None if not tis_cap or sampler_logp is None else tis.tis_weights(old_logp, sampler_logp, mask, tis_cap)
+        weights = tis.tis_weights(old_logp, sampler_logp, mask, tis_cap) if tis_cap and sampler_logp is not None \
+            else None
         pg, stats = grpo_loss(logp, old_logp=old_logp, ref_logp=ref_logp, advantages=advantages, mask=mask,
                               clip_eps=clip_eps, kl_coef=kl_coef, norm=norm, denominator=denominators.pg,
                               token_weights=weights)
@@ -349,9 +330,8 @@ def dpo_loss(policy_chosen_logp: torch.Tensor, policy_rejected_logp: torch.Tenso
     """DPO on sequence log-probs [pairs]: -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), summed over pairs
     and divided by `denominator` (the step's pairs; None: these pairs, a mean).
 
-    At equal margins the loss is log 2 ~ 0.693; it falls as the policy raises the chosen response (for ExP-DPO, the
-    self-explanation) relative to the rejected one (the policy's own wrong answer), measured against the reference.
-    It must stay exact at any margin: at beta * margin = -495 the loss is 495 (log(sigmoid(-495)) is log 0 in fp32).
+    At equal margins the loss is log 2 ~ 0.693; it falls as the policy raises the chosen response (ExP-DPO: the
+    self-explanation) over the rejected one, against the reference; exact at any margin (-495 -> 495, not inf).
     """
     # exercise 9: the DPO loss
     margin = (policy_chosen_logp - ref_chosen_logp) - (policy_rejected_logp - ref_rejected_logp)

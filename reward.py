@@ -14,12 +14,21 @@ file is strict in both directions:
   bare comma lists ("enter all the solutions, separated by commas") compare as multisets, in any order. Anything
   else is compared as text.
 * A plain number (`4536`, `-0.5`, `\\frac{3}{4}`, `3\\frac{1}{2}`) equals only a plain number: an answer that still
-  has arithmetic to do (`81 \\times 56`, `2^{10}`, `\\sqrt{4}`) is not an answer to "What is 81 x 56?" but the
-  question restated, and a policy rewarded for it learns to restate (a levels 4-5 run did, in 15 steps).
+  has arithmetic to do (`81 \\times 56`, `2^{10}`, `\\sqrt{4}`, `23+\\frac{45}{1}`) is not an answer to "What is 81 x
+  56?" but the question restated, and a policy rewarded for it learns to restate (a levels 4-5 run did, in 15 steps).
+  A mixed number is one only when 0 < numerator < denominator (`23\\frac{45}{1}` is a product).
+* Given the question (`score(completion, gold, question)`, as every caller does), an answer that restates it scores
+  0 (`restates`): one of its math spans, or a rewrite of one with the same integers (`(x+5)(x+2)` for "Expand
+  (x+2)(x+5)", `\\frac{3}{20}` for "Write 3/20 as a decimal"), unless it is the gold's own spelling. Before this rule
+  boxing a span of the question scored 1 on 129 MATH train, 87 MATH test and 14 MATH-500 questions.
+* Hedges commit to nothing: two different values joined by "or" (two boxes, or "the answer is $a$ or $b$") give no
+  answer. Only known units (`UNITS`) are dropped after a value, so "4536 or more" and `4536 \\text{ is not the
+  answer}` are unreadable, not 4536. A lone variable's `x =` is dropped unless the gold names another variable.
 
 Model output is untrusted text, so nothing here can raise or run long: answers longer than `MAX_ANSWER_CHARS` are
 compared as plain strings, the parser caps tokens and nesting depth, exact powers are size-checked before they are
-computed, and the regexes have no nested quantifiers that could backtrack.
+computed and any exact value past `MAX_EXACT_DIGITS` goes on as a float, and the regexes have no nested quantifiers
+that could backtrack.
 """
 from __future__ import annotations
 
@@ -31,7 +40,7 @@ from fractions import Fraction
 MAX_ANSWER_CHARS = 1000  # longer "answers" are compared as plain strings: no real answer is that long
 MAX_TOKENS = 300  # the evaluator gives up (text comparison) on longer expressions
 MAX_DEPTH = 40  # nesting depth the recursive-descent parser accepts
-MAX_EXACT_DIGITS = 5000  # an exact power larger than this is computed in floats (and may overflow to "unparseable")
+MAX_EXACT_DIGITS = 5000  # an exact value with more digits goes on in floats (and may overflow): bounded time
 MAX_SET_PAIRING = 16  # set elements left to match pairwise after identical ones pair off
 REL_TOL = 1e-9
 # where expressions in variables are compared: spread out, so that domains like x >= 2 still leave several points
@@ -73,6 +82,19 @@ def _last_boxed(text: str) -> str | None:
     return m.group(1) if m else None
 
 
+def _two_boxes_or(text: str) -> bool:
+    """Is the last box joined to the one before it by "or", with another value (a hedge between two answers)? The same
+    value twice (`\\boxed{15\\frac{39}{40}}, or \\boxed{\\frac{639}{40}}`) is one answer."""
+    last = boxed_span(text)
+    if last is None:
+        return False
+    head = text[: max(text.rfind("\\boxed", 0, last[0]), text.rfind("\\fbox", 0, last[0]))]
+    before = boxed_span(head)
+    between = head[before[1] + 1 :] if before else ""
+    joined = before is not None and re.fullmatch(r"[\s$.,)\\]*\b(?:or|otherwise)\b[\s$(\\]*", between)
+    return bool(joined) and not is_equiv(head[before[0] : before[1]], text[last[0] : last[1]])  # two *values*
+
+
 def _clean(answer: str) -> str | None:
     answer = answer.strip().strip("*").strip()
     answer = re.sub(r"^\\?\$\s*", "", answer)  # `#### $18`
@@ -96,16 +118,24 @@ def _after_phrase(text: str) -> str | None:
         return None
     rest = text[last.end() : last.end() + 500].lstrip().lstrip("*").lstrip()
     for left, right in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
-        if rest.startswith(left):  # a math span: take exactly its content
+        if rest.startswith(left):  # a math span: take exactly its content, unless "or" offers another value
             end = rest.find(right, len(left))
-            return _clean(rest[len(left) : end]) if end > 0 else None
+            if end < 0:
+                return None
+            answer, after = _clean(rest[len(left) : end]), rest[end + len(right) :]
+            other = re.match(r"\s*(?:,\s*)?(?:or|otherwise)\s*\$([^$]*)\$", after)  # "$a$ or $b$": a hedge
+
+            if other or re.match(r"\s*(?:,\s*)?(?:or|otherwise)\b", after):
+                return answer if other and is_equiv(other.group(1), answer or "") else None
+            return answer
     rest = rest.split("\n", 1)[0]
     rest = re.split(r"\.(?:\s|$)", rest, maxsplit=1)[0]  # end of the sentence (a decimal point is not followed by space)
     return _clean(rest)
 
 
-def extract_answer(text: str) -> str | None:
-    """The final answer `text` commits to, or None.
+def extract_answer(text: str, trusted: bool = False) -> str | None:
+    """The final answer `text` commits to, or None. `trusted` (a dataset's own solution, not a policy's output): two
+    boxes joined by "or" give the last one, as the dataset means it, instead of no answer.
 
     Order: the last `\\boxed{...}` / `\\fbox{...}` (balanced braces, or `\\boxed 5`); else what follows the last
     `####`; else what follows the last "answer is" ("The answer is 42.", "The final answer is $\\frac12$").
@@ -114,6 +144,8 @@ def extract_answer(text: str) -> str | None:
     if not isinstance(text, str):
         return None
     if "\\boxed" in text or "\\fbox" in text:
+        if not trusted and _two_boxes_or(text):
+            return None  # "\boxed{4537} or \boxed{4536}": a hedge commits to no answer
         boxed = _last_boxed(text)
         return boxed.strip() or None if boxed is not None else None
     if "####" in text:
@@ -135,7 +167,12 @@ _THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _THOUSANDS_INSIDE = re.compile(r"(?<=/\()\d{1,3}(?:,\d{3})+(?=\))|(?<=\{)\d{1,3}(?:,\d{3})+(?=\})")
 # an integer directly followed by \frac{integer}{integer}, not part of a number, power, index or command before it
 _MIXED = re.compile(r"(?<![\w.^_}\\])(\d+)\\frac\{(\d+)\}\{(\d+)\}")
-_MATH_WORDS = {"sqrt", "pi", "infty", "inf", "sin", "cos", "tan", "log", "ln", "exp", "cdot", "times", "div"}
+# the words dropped after a value (`5 cm`, `\text{ square units}`); any other trailing words make an answer unreadable,
+# so "4536 or more" or "4536 \text{ is not the answer}" never reads as 4536
+UNITS = frozenset("""unit units square sq cubic cm mm km m meter meters metre metres centimeter centimeters inch inches in
+    ft foot feet yd yard yards mile miles mi mph kg g gram grams lb lbs pound pounds oz ounce ounces l liter liters ml
+    gallon gallons cup cups second seconds sec s minute minutes min hour hours hr hrs day days week weeks month months
+    year years degree degrees dollar dollars cent cents percent""".split())
 # Unicode a model (or `arith`'s own questions) may write for the LaTeX operators and plain spaces we parse
 _UNICODE = str.maketrans({"×": " \\times ", "·": " \\cdot ", "⋅": " \\cdot ", "÷": " \\div ", "−": "-",
                           "\u00a0": " ", "\u2009": " ", "\u202f": " ", "\u200a": " ", "\u2002": " ", "\u2003": " "})
@@ -152,7 +189,7 @@ def normalize(answer: str) -> str:
     s = s.replace("\\le", "\\le ").replace("\\ge", "\\ge ")  # keep `\le5` from reading as a command `\le5`
     s = s.strip().rstrip(".").strip()
     m = _UNITS.search(s)
-    if m and not any(w.lower() in _MATH_WORDS for w in re.findall(r"[A-Za-z]+", m.group(0))):
+    if m and all(w.lower() in UNITS for w in re.findall(r"[A-Za-z]+", m.group(0))):
         s = s[: m.start()]
     if s.count("=") == 1:
         s = _ASSIGN.sub("", s)
@@ -165,8 +202,14 @@ def normalize(answer: str) -> str:
     s = re.sub(r"\\frac\{([^{}]*)\}(\d)", r"\\frac{\1}{\2}", s)  # \frac{1}2
     s = re.sub(r"\\sqrt(\d)", r"\\sqrt{\1}", s)  # \sqrt2
     s = _THOUSANDS_INSIDE.sub(lambda m: m.group(0).replace(",", ""), s)  # 12/(5,525)
-    s = _MIXED.sub(r"(\1+\\frac{\2}{\3})", s)  # 3\frac{1}{2} -> (3+\frac{1}{2}); -2\frac14 -> -(2+\frac{1}{4})
+    s = _MIXED.sub(_improper, s)  # 3\frac{1}{2} -> \frac{7}{2}; 23\frac{45}{1} stays a product (not a mixed number)
     return s
+
+
+def _improper(m: re.Match) -> str:
+    """A mixed number as one fraction, when it is one: 0 < numerator < denominator; else the text as it was."""
+    whole, num, den = (int(g) for g in m.groups())
+    return f"\\frac{{{whole * den + num}}}{{{den}}}" if 0 < num < den else m.group(0)
 
 
 # ------------------------------------------------------------------------------------------------------ evaluator
@@ -329,10 +372,21 @@ def _evaluate(tree, env: dict[str, float]):
         return _FUNCS[tree[1]](float(_evaluate(tree[2], env)))
     a, b = _evaluate(tree[1], env), _evaluate(tree[2], env)
     if kind == "sqrt":
-        return _root(a, b)
+        return _bounded(_root(a, b))
     if kind == "^":
-        return _pow(a, b)
-    return {"+": lambda: a + b, "-": lambda: a - b, "*": lambda: a * b, "/": lambda: a / b}[kind]()
+        return _bounded(_pow(a, b))
+    return _bounded({"+": lambda: a + b, "-": lambda: a - b, "*": lambda: a * b, "/": lambda: a / b}[kind]())
+
+
+def _bounded(x):
+    """An exact value with more than MAX_EXACT_DIGITS digits goes on as a float (inf if it overflows): exact
+    arithmetic on huge rationals is what an adversarial string would use to make a call run long."""
+    if isinstance(x, Fraction) and max(abs(x.numerator), x.denominator).bit_length() > 3.33 * MAX_EXACT_DIGITS:
+        try:
+            return float(x)
+        except OverflowError:
+            return math.inf if x > 0 else -math.inf
+    return x
 
 
 def _variables(tree) -> set[str]:
@@ -413,12 +467,12 @@ def _closing_index(s: str) -> int:
 
 
 # a number written as one: an integer or decimal, a fraction of two integers, or a mixed number (as `_MIXED` writes it)
-_PLAIN_NUMBER = re.compile(r"(?:\d+\.?\d*|\.\d+)(?:/\(?\d+\)?)?|\\frac\{-?\d+\}\{-?\d+\}|\d+\+\\frac\{\d+\}\{\d+\}")
+_PLAIN_NUMBER = re.compile(r"(?:\d+\.?\d*|\.\d+)(?:/\(?\d+\)?)?|\\frac\{-?\d+\}\{-?\d+\}")
 
 
 def _is_plain_number(s: str) -> bool:
-    """Is normalised `s` a number written as a number, with any sign and enclosing parentheses? `-(3+\\frac{1}{2})`,
-    `(5)`, `12/(5525)` are; `81\\times56`, `2^{10}`, `\\sqrt{4}`, `\\pi` are not."""
+    """Is normalised `s` a number written as a number, with any sign and enclosing parentheses? `-\\frac{7}{2}`,
+    `(5)`, `12/(5525)` are; `81\\times56`, `2^{10}`, `\\sqrt{4}`, `\\pi`, `23+\\frac{45}{1}` are not."""
     s = s.lstrip("+-")
     while s.startswith("(") and _closing_index(s) == len(s) - 1:
         s = s[1:-1].lstrip("+-")
@@ -490,12 +544,64 @@ def is_equiv(pred: str, gold: str) -> bool:
     if len(pred) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS:
         return pred.strip() == gold.strip() != ""  # no real answer is this long: do no work on it
     try:
+        if _contradicting_sides(pred, gold):
+            return False
         return _equiv_norm(normalize(pred), normalize(gold))
     except Exception:  # untrusted text must never crash a training run: any surprise is "not equal"
         return False
 
 
-def score(completion: str, gold: str) -> float:
-    """1.0 when the answer `completion` commits to is equivalent to `gold`, else 0.0."""
+_LONE_SIDE = re.compile(r"^\s*([A-Za-z])\s*=(?!=)(.*)$", re.DOTALL)
+
+
+def _contradicting_sides(pred: str, gold: str) -> bool:
+    """`normalize` drops a lone variable's `x =`; not when the gold names another variable (`x = 2x+3` for
+    `y = 2x+3`: an answer may name the variable the gold names, or none)."""
+    mp, mg = _LONE_SIDE.match(pred), _LONE_SIDE.match(gold)
+    return bool(mp and mg and mp.group(1) != mg.group(1))
+
+
+def score(completion: str, gold: str, question: str | None = None) -> float:
+    """1.0 when the answer `completion` commits to is equivalent to `gold` and, given the `question`, does not restate
+    it (`restates`); else 0.0. Without a question, only the first test."""
     pred = extract_answer(completion)
-    return 1.0 if pred is not None and is_equiv(pred, gold) else 0.0
+    if pred is None or not is_equiv(pred, gold):
+        return 0.0
+    return 0.0 if question is not None and restates(pred, gold, question) else 1.0
+
+
+# A math span of the question: $...$, \(...\), \[...\], and in plain text an arithmetic expression ("81 × 56").
+_MATH_SPAN = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.DOTALL)
+_ARITHMETIC = re.compile(r"[\d(][\d\s.,()]*(?:[-+*/×÷^][\d\s.,()]*)+[\d)]")
+_INTEGERS = re.compile(r"\d+")
+
+
+def refused(completion: str, gold: str, question: str) -> bool:
+    """Would `completion` have scored without its question, and is it refused for restating it? (Logged and marked, so
+    a learner can watch a policy try.)"""
+    pred = extract_answer(completion)
+    return pred is not None and is_equiv(pred, gold) and restates(pred, gold, question)
+
+
+def question_spans(question: str) -> list[str]:
+    """The math spans of a question, each also split at a top-level `=` (both sides are spans): what an answer
+    restating the question would copy. At most 40, each at most MAX_ANSWER_CHARS long (bounded time)."""
+    spans = [next(g for g in m.groups() if g is not None) for m in _MATH_SPAN.finditer(question)]
+    spans += _ARITHMETIC.findall(_MATH_SPAN.sub(" ", question))
+    out = []
+    for span in spans:
+        out += [span] + (_split_top(span, "=") if "=" in span else [])
+    return [s.strip() for s in out if s.strip() and len(s) <= MAX_ANSWER_CHARS][:40]
+
+
+def restates(answer: str, gold: str, question: str) -> bool:
+    """Does `answer` restate the question instead of answering it? The rule: it is not the gold's own spelling, and it
+    equals one of the question's math spans in value *and* is written with the same integers (`\\frac{3}{20}` for
+    "Write 3/20 as a decimal", `(x+5)(x+2)` for "Expand (x+2)(x+5)"). Why: a policy rewarded for copying the question
+    learns to copy it; an answer that merely has the span's value in another form (`0.5` for "Simplify 2/4") is an
+    answer. (`81 \\times 56` for "What is 81 x 56?" is refused earlier: a plain number equals only a plain number.)"""
+    if normalize(answer) == normalize(gold):
+        return False
+    mine = Counter(_INTEGERS.findall(normalize(answer)))
+    return any(Counter(_INTEGERS.findall(normalize(span))) == mine and is_equiv(answer, span)
+               for span in question_spans(question))

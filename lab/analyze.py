@@ -98,7 +98,8 @@ def measure(model, tokenizer, examples: list[data.Example], k: int = 4, max_new_
 
     own = rollout.sample(sampler, tokenizer, rollout.encode_prompts(tokenizer, solve), k, max_new_tokens, temperature,
                          seed=seed)
-    result = {"own": describe(*sequence_nll(model, own), [reward.score(t, golds[i // k]) for i, t in
+    result = {"own": describe(*sequence_nll(model, own), [reward.score(t, golds[i // k], examples[i // k].question)
+                                                          for i, t in
                                                           enumerate(own.texts)], own.truncated.tolist())}
     stops = stop_at_rollout_end(model, tokenizer, own, examples, k)
     if stops:
@@ -107,12 +108,13 @@ def measure(model, tokenizer, examples: list[data.Example], k: int = 4, max_new_
     explain = rollout.encode_prompts(tokenizer, [expo.explain_prompt(e.question, e.answer) for e in examples])
     raw = rollout.sample(sampler, tokenizer, explain, 1, max_new_tokens, temperature, seed=seed + 1)
     targets, counts = expo.self_explanation_targets(raw.texts, golds, raw.truncated.tolist(), None, drop_leaks,
-                                                    drop_truncated)  # exactly as training makes them
+                                                    drop_truncated, questions=[e.question for e in examples])
     kept = [i for i, t in enumerate(targets) if t is not None]
     if kept:
         batch = rollout.encode_targets(tokenizer, [solve[i] for i in kept], [targets[i] for i in kept], turn_end)
         nll, lengths = sequence_nll(model, batch.to(device))
-        result["self_explanation"] = describe(nll, lengths, [reward.score(raw.texts[i], golds[i]) for i in kept],
+        result["self_explanation"] = describe(nll, lengths, [reward.score(raw.texts[i], golds[i], examples[i].question)
+                                                             for i in kept],
                                               [bool(raw.truncated[i]) for i in kept])
         result["self_explanation"].update(dropped_leaks=counts["explain_dropped"],
                                           dropped_truncated=counts["explain_dropped_truncated"])
@@ -127,7 +129,8 @@ def measure(model, tokenizer, examples: list[data.Example], k: int = 4, max_new_
         batch = rollout.encode_targets(tokenizer, [solve[i] for i in experts],
                                        [examples[i].solution for i in experts], turn_end)
         nll, lengths = sequence_nll(model, batch.to(device))
-        result["expert"] = describe(nll, lengths, [reward.score(examples[i].solution, golds[i]) for i in experts],
+        result["expert"] = describe(nll, lengths, [reward.score(examples[i].solution, golds[i], examples[i].question)
+                                                    for i in experts],
                                     [False] * len(experts))
     return result
 
@@ -167,7 +170,7 @@ def pass_at_k_curve(model, tokenizer, examples: list[data.Example], n: int = 64,
         chunk = examples[start : start + per_call]
         prompts = rollout.encode_prompts(tokenizer, [expo.solve_prompt(e.question) for e in chunk])
         out = rollout.sample(model, tokenizer, prompts, n, max_new_tokens, temperature, seed=seed + start)
-        correct += [int(sum(reward.score(t, e.answer) for t in out.texts[i * n : (i + 1) * n]))
+        correct += [int(sum(reward.score(t, e.answer, e.question) for t in out.texts[i * n : (i + 1) * n]))
                     for i, e in enumerate(chunk)]
     ks = [2**j for j in range(n.bit_length()) if 2**j <= n]
     return {f"pass@{k}": sum(evaluate.pass_at_k(n, c, k) for c in correct) / len(correct) for k in ks}

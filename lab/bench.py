@@ -217,7 +217,7 @@ def bench_train(args, device: torch.device) -> list[dict]:
     AutoModelForCausalLM.from_config(SHAPES[args.shape](len(tokenizer))).save_pretrained(folder / "model")
     tokenizer.save_pretrained(folder / "model")
     real_score, real_sample = train.reward.score, train.rollout.sample
-    train.reward.score = lambda text, gold: float(zlib.crc32(text.encode()) % 2)  # pseudo-random, fixed per text
+    train.reward.score = lambda text, gold, question=None: float(zlib.crc32(text.encode()) % 2)  # pseudo-random, fixed per text
     train.rollout.sample = lambda model, tok, prompts, group, max_new, *a, **k: real_sample(
         model, tok, prompts, group, max_new, *a, **{**k, "min_new_tokens": max_new})  # every row the same length
     results = []

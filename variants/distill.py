@@ -1,12 +1,13 @@
-"""ExPO's relatives: its self-explanation term as a KL to a teacher, the policy shown the answer (`--explain_loss`).
+"""ExPO's relatives: its self-explanation term as a KL to a teacher pi_T, the policy shown the answer.
 
-    fkl = KL(teacher || policy) along the self-explanation      vocab_kl(teacher, student)
-    rkl = KL(policy || teacher) along the policy's own rollouts  vocab_kl(student, teacher)  (no self-explanation)
+    fkl = 1/|E| sum_t KL(pi_T(. | q, a*, e~<t) || pi_theta(. | q, e~<t))   along the self-explanation   vocab_kl(T, S)
+    rkl = 1/|O| sum_t KL(pi_theta(. | q, o<t) || pi_T(. | q, a*, o<t))     along the G rollouts (no e~)  vocab_kl(S, T)
 
-The teacher is the same model after the *explain* prompt (question and gold answer; `--teacher current`, detached, or
-`initial`, frozen) reading the same tokens the student reads after the answer-free prompt (`with_prompts`). The step
-calls in here in one line each (train.py: `teacher_view`, `target_kl`; expo.microbatch_loss: `kl_loss`); a first
-reading skips this file. The README's "ExPO among its relatives" says what the comparison found.
+At T = 1, fkl's gradient is the NLL's expected gradient when e~ is drawn from pi_T (tested), with less variance; rkl
+is on-policy self-distillation (OPSD / SDFT) beside GRPO. The teacher is the same model after the *explain* prompt
+(`--teacher current`, detached, or `initial`, frozen) reading the tokens the student reads after the answer-free
+prompt (`with_prompts`). The step calls in here in one line each (train.py: `teacher_view`, `target_kl`;
+expo.microbatch_loss: `kl_loss`); a first reading skips this file. What the comparison found: the README's results.
 """
 from __future__ import annotations
 

@@ -226,11 +226,10 @@ def _rpn(a: int, op: str, b: int) -> str:
     steps, result = _steps(a, op, b)
     if len(steps) == 1:
         return f"{a} {b} + = {result}"
-    (x1, o, y1), (x2, _, y2) = steps
-    sym = "+" if o == "+" else "*"
+    (x1, _, y1), (x2, _, y2) = steps
     if op == "+":
         return f"{a} {b} + = {x1} {y1} + {y2} + = {x2} {y2} + = {result}"
-    return f"{a} {b} * = {x1} {y1} * {x2} {y2} * + = {x1 * y1} {x2 * y2} + = {result}".replace("*", sym)
+    return f"{a} {b} * = {x1} {y1} * {x2} {y2} * + = {x1 * y1} {x2 * y2} + = {result}"
 
 
 def _lisp(a: int, op: str, b: int) -> str:

@@ -23,7 +23,9 @@ file is strict in both directions:
   boxing a span of the question scored 1 on 129 MATH train, 87 MATH test and 14 MATH-500 questions.
 * Hedges commit to nothing: two different values joined by "or" (two boxes, or "the answer is $a$ or $b$") give no
   answer. Only known units (`UNITS`) are dropped after a value, so "4536 or more" and `4536 \\text{ is not the
-  answer}` are unreadable, not 4536. A lone variable's `x =` is dropped unless the gold names another variable.
+  answer}` are unreadable, not 4536. A lone variable's `x =` (or `f(x) =`, `x \\in`) is dropped unless the gold names
+  another variable; a list of them (`x = 1, x = 2`, `x = 1 \\text{ or } x = 2`) is the list of values. A true chain
+  `81 \\times 56 = 4536` reads as its last side; a decimal inside an expression is exact, like a bare one.
 
 Model output is untrusted text, so nothing here can raise or run long: answers longer than `MAX_ANSWER_CHARS` are
 compared as plain strings, the parser caps tokens and nesting depth, exact powers are size-checked before they are
@@ -158,10 +160,10 @@ def extract_answer(text: str, trusted: bool = False) -> str | None:
 _UNWRAP = re.compile(r"\\(?:text|textbf|textit|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")
 _DROP = re.compile(r"\\left|\\right|\\!|\\,|\\;|\\:|\\displaystyle|\\\$|\$|~|\\%|%|\{,\}")
 _DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|°|\\degree")
-_UNITS = re.compile(  # trailing words after a number or a closing brace: `5 cm^2`, `18 dollars`, `\frac12 cup`
-    r"(?<=[\d})])\s*(?:[A-Za-z]{2,}\.?(?:\s+|$|(?=\^)))+(?:\^\s*\{?\d\}?\s*)?$"
+_UNITS = re.compile(  # trailing words after a number or a closing brace: `5 cm^2`, `18 dollars`, `\frac12 cup`, `18 m`
+    r"(?<=[\d})])\s*(?:[A-Za-z]+\.?(?:\s+|$|(?=\^)))+(?:\^\s*\{?\d\}?\s*)?$"
 )
-_ASSIGN = re.compile(r"^\s*(?:[A-Za-z]|\\[a-z]+)\s*=(?!=)")  # `x = ...`, `k=...`, `\theta = ...`
+_ASSIGN = re.compile(r"^\s*(?:[A-Za-z]|\\[a-z]+)(?:\([A-Za-z]\))?\s*(?:=(?!=)|\\in\b)")  # `x =`, `f(x) =`, `x \in`
 _THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 # a thousands-separated integer that can only be one number: a denominator `/(5,525)`, or a whole `{5,525}` group
 _THOUSANDS_INSIDE = re.compile(r"(?<=/\()\d{1,3}(?:,\d{3})+(?=\))|(?<=\{)\d{1,3}(?:,\d{3})+(?=\})")
@@ -191,7 +193,10 @@ def normalize(answer: str) -> str:
     m = _UNITS.search(s)
     if m and all(w.lower() in UNITS for w in re.findall(r"[A-Za-z]+", m.group(0))):
         s = s[: m.start()]
-    if s.count("=") == 1:
+    parts = re.split(r",|\bor\b", s) if re.search(r",|\bor\b", s) else [s]
+    if len(parts) > 1 and all(_ASSIGN.match(p) and p.count("=") <= 1 for p in parts):  # x = 1, x = 2 / x = 1 or x = 2
+        s = ",".join(_ASSIGN.sub("", p) for p in parts)
+    elif s.count("=") == 1 or (s.count("=") == 0 and "\\in" in s):
         s = _ASSIGN.sub("", s)
     s = s.strip()
     if _THOUSANDS.fullmatch(s):  # `2,500` but not `1, 2` or `(1,234)`: decided before spaces go
@@ -482,6 +487,11 @@ def _is_plain_number(s: str) -> bool:
 def _equiv_norm(a: str, b: str) -> bool:
     if not a or not b:
         return False
+    a, b = _last_side(a), _last_side(b)
+    if a.startswith("\\{") and a.endswith("\\}") and "\\{" not in b:  # a set of solutions against a bare list
+        a = a[2:-2]
+    if b.startswith("\\{") and b.endswith("\\}") and "\\{" not in a:
+        b = b[2:-2]
     pa, pb = _split_top(a, "\\cup"), _split_top(b, "\\cup")  # unions of intervals, in order
     if len(pa) > 1 or len(pb) > 1:
         return len(pa) == len(pb) and all(_equiv_norm(x, y) for x, y in zip(pa, pb))
@@ -504,8 +514,32 @@ def _equiv_norm(a: str, b: str) -> bool:
         return False
     tree_a, tree_b = _parse(a), _parse(b)
     if tree_a is not None and tree_b is not None:
+        if re.search(r"\d\.\d", a + b) and _exact_against_irrational(tree_a, tree_b):
+            return False  # `1.4142135624 \cdot 1` is not \sqrt{2}: a decimal is exact, inside an expression too
         return _equal_values(tree_a, tree_b)
     return a.lower() == b.lower()  # text answers
+
+
+def _last_side(s: str) -> str:
+    """`81\\times56=4536` -> `4536`: a chain of equal values reads as its last side (a false chain as nothing); one
+    with a variable (an equation to solve, `y=2x+3`) stays as it is."""
+    sides = _split_top(s, "=")
+    if len(sides) < 2 or any(not side for side in sides):
+        return s
+    trees = [_parse(side) for side in sides]
+    if any(t is None or _variables(t) for t in trees):
+        return s
+    return sides[-1] if all(_equal_values(trees[0], t) for t in trees[1:]) else "\\text{false chain}"
+
+
+def _exact_against_irrational(ta, tb) -> bool:
+    """Is one constant exact (a Fraction) and the other not (a float: a root, pi, ...)?"""
+    if _variables(ta) or _variables(tb):
+        return False
+    try:
+        return isinstance(_evaluate(ta, {}), Fraction) != isinstance(_evaluate(tb, {}), Fraction)
+    except _NO_VALUE:
+        return False
 
 
 def _is_bracketed(s: str) -> bool:

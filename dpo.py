@@ -65,7 +65,7 @@ def step(t, batch: list[data.Example]) -> dict:
 def pair_batch(t, questions: tuple[str, ...], chosen: tuple[str, ...], rejected: tuple[str, ...]) -> rollout.Rollouts:
     """The chosen responses, then the rejected ones, as completions of their questions' answer-free prompts."""
     prompts = [expo.solve_prompt(q) for q in questions + questions]
-    return rollout.encode_targets(t.tokenizer, prompts, chosen + rejected, t.turn_end).to(t.device)
+    return rollout.encode_targets(t.tokenizer, prompts, chosen + rejected, t.turn_end, t.device)
 
 
 def chosen_responses(t, batch: list[data.Example]) -> tuple[list[str | None], dict]:

@@ -24,8 +24,8 @@ its meaning when the batch or the budget changes. The same term on the dataset's
 the "GRPO SFT-GT-CoT" baseline. ExP-DPO uses `dpo_loss` with e~ as the chosen response and one of the policy's own
 wrong answers as the rejected one. Every target ends in the chat template's turn-end token (rollout.turn_end_id).
 
-ExPO's relatives (`--explain_loss fkl / rkl`) write the term as a KL to the policy shown the answer: `kl_loss` here,
-the KLs and the teacher in variants/distill.py.
+ExPO's relatives (`--explain_loss fkl / rkl`) write the term as a KL to the policy shown the answer
+(variants/distill.py): the step passes -KL per token where the paper's term has log pi, and the same token mean.
 
 All loss functions take per-token log-probs `logp` [rows, tokens] and a 0/1 `mask` [rows, tokens] that marks the
 completion tokens; padding positions may hold any finite values and never change a loss or receive a gradient. Each
@@ -96,14 +96,11 @@ _CLOSERS = re.compile(r"\}(?:\s*(?:\}|\$|\\\]|\\\)|\*\*))*\.?")
 
 
 def explanation_target(explanation: str, answer: str) -> str:
-    r"""The training target made from a self-explanation: its final answer set to \boxed{answer}.
+    r"""The training target made from a self-explanation: stripped, its final answer set to \boxed{answer}.
 
-    The explanation is stripped of surrounding whitespace. The content of its last balanced \boxed{...} is replaced
-    by the gold answer; what closes the math and emphasis around the box is kept (the box's `}`, outer braces, `$`,
-    `$$`, `\]`, `\)`, `**`, with any whitespace between them, and one `.` right after them), and the prose after
-    those is cut: "so $\boxed{7}$. Done" -> "so $\boxed{gold}$."; "\[ \boxed{7} \] Thus" -> "\[ \boxed{gold} \]";
-    "**\boxed{7}**" -> "**\boxed{gold}**". An explanation without a box gets one line appended after a single
-    newline: "\nThe answer is \boxed{gold}.".
+    Its last balanced \boxed{...} gets the gold answer; what closes the box and the math around it stays (`}`, `$`,
+    `$$`, `\]`, `\)`, `**`, whitespace, then one `.`) and the prose after is cut: "so $\boxed{7}$. Done" ->
+    "so $\boxed{gold}$.". Without a box, one line is appended: "\nThe answer is \boxed{gold}.".
     """
     # exercise 7: the self-explanation prompt and its training target
     text = explanation.strip()
@@ -118,22 +115,17 @@ def explanation_target(explanation: str, answer: str) -> str:
 def self_explanation_targets(explanations: list[str], answers: list[str], truncated: list[bool], solved=None,
                              drop_leaks: bool = True, drop_truncated: bool = False, drop_wrong: bool = False,
                              questions: list[str] | None = None) -> tuple[list[str | None], dict[str, float]]:
-    """The likelihood targets made from sampled self-explanations, one per question, with every filter (training and
-    lab/analyze.py both make them here). Each becomes `explanation_target(text, gold)`, or None when a filter drops
-    it, in this order: `solved` (--explain_on failed: True where the question's group had a success), `drop_leaks`
-    (`mentions_hint`), `drop_truncated` (cut off by the budget), `drop_wrong` (its own final answer, judged before the
-    swap, is not the gold one; with `questions`, one that restates its question is not either). Returns (targets,
-    counts): `explain_correct` the share that reach the gold answer themselves, and what each filter dropped
-    (`explain_dropped` for leaks, `explain_dropped_truncated`, `_wrong`, `_solved`). Example: ["So \\boxed{7}.", "The
-    given answer is 7."] for gold ["8", "7"] -> (["So \\boxed{8}.", None], {"explain_correct": 0.5, ...}).
+    """The likelihood targets made from sampled self-explanations, one per question (training and lab/analyze.py):
+    `explanation_target(text, gold)`, or None where a filter drops it, in this order: `solved` (--explain_on failed:
+    True where the question's group had a success), `drop_leaks` (`mentions_hint`), `drop_truncated` (cut off by the
+    budget), `drop_wrong` (its own answer is not the gold, or restates the question). Returns (targets, counts:
+    `explain_correct`, the share that reach the gold alone, and what each filter dropped). Example: ["So \\boxed{7}.",
+    "The given answer is 7."], gold ["8", "7"] -> (["So \\boxed{8}.", None], {...}).
     """
     correct = [reward.score(t, a, q) for t, a, q in zip(explanations, answers, questions or [None] * len(answers))]
-    reasons = []
-    for i, text in enumerate(explanations):
-        reasons.append("solved" if solved is not None and solved[i] else
-                       "leak" if drop_leaks and mentions_hint(text) else
-                       "truncated" if drop_truncated and truncated[i] else
-                       "wrong" if drop_wrong and not correct[i] else None)
+    reasons = ["solved" if solved is not None and solved[i] else "leak" if drop_leaks and mentions_hint(text) else
+               "truncated" if drop_truncated and truncated[i] else "wrong" if drop_wrong and not correct[i] else None
+               for i, text in enumerate(explanations)]  # the first filter that drops each, or None
     targets = [None if why else explanation_target(text, answer)
                for text, answer, why in zip(explanations, answers, reasons)]
     counts = {"explain_correct": sum(correct) / max(1, len(correct)), "explain_dropped": reasons.count("leak"),
@@ -151,8 +143,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "std")
         rewards [1, 0, 0, 0] -> mean 0.25 -> centred [0.75, -0.25, -0.25, -0.25] -> "std": [1.5, -0.5, -0.5, -0.5]
     An all-equal group gives zeros: the question teaches GRPO nothing, which is the gap ExPO fills.
     `scale="none"` keeps r - mean (Dr. GRPO: no division by the std, which over-weights nearly-solved questions).
-    Raises ValueError when the rewards do not split into groups of `group_size` (6 rewards, G = 4), when
-    `scale="std"` has groups of 1 (no std), and for an unknown `scale`.
+    Raises ValueError for rewards that do not split into groups (6 for G = 4), "std" with G = 1, an unknown scale.
     """
     # exercise 4: group-normalised advantages
     if rewards.numel() % group_size:
@@ -175,74 +166,50 @@ LOSS_NORMS = ("seq", "token", "constant")
 
 class Denominators(NamedTuple):
     """The step's denominators, counted once over the whole step's batch (every micro-batch, every rank)."""
-
     pg: float  # of grpo_loss: `pg_denominator` of all the step's rollouts
     target_tokens: float  # of sft_loss: the tokens of all the step's likelihood targets
 
 
 def pg_denominator(mask: torch.Tensor, norm: str, max_tokens: int | None = None) -> float:
-    """What grpo_loss divides its sum by, for the rollouts of `mask` [rows, tokens]: the number of rows ("seq", each
-    row first averaged over its own tokens), of tokens ("token"), or rows x max_tokens ("constant"; max_tokens
-    defaults to the padded width: pass the generation budget for Dr. GRPO's constant).
-
-    Example, masks [[1, 1, 1, 0], [1, 0, 0, 0]]: seq 2, token 4, constant 8, and 10 with max_tokens = 5.
+    """What grpo_loss divides its sum by, for the rollouts of `mask` [rows, tokens]: rows ("seq", each row first
+    averaged over its tokens), tokens ("token"), or rows x max_tokens ("constant", Dr. GRPO: pass the budget; default
+    the padded width). Example, masks [[1, 1, 1, 0], [1, 0, 0, 0]]: seq 2, token 4, constant 8 (10 with max_tokens 5).
     """
-    if norm == "seq":
-        return float(mask.shape[0])
-    if norm == "token":
-        return float(mask.sum())
-    if norm == "constant":
-        return float(mask.shape[0] * (max_tokens or mask.shape[1]))
-    raise ValueError(f"norm must be one of {LOSS_NORMS}, not {norm!r}")
+    sizes = {"seq": mask.shape[0], "token": mask.sum(), "constant": mask.shape[0] * (max_tokens or mask.shape[1])}
+    if norm not in sizes:
+        raise ValueError(f"norm must be one of {LOSS_NORMS}, not {norm!r}")
+    return float(sizes[norm])
 
 
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None, advantages: torch.Tensor,
               mask: torch.Tensor, clip_eps: float = 0.2, kl_coef: float = 0.0, norm: str = "seq",
               max_tokens: int | None = None, denominator: float | None = None,
               token_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """The clipped GRPO surrogate (negated, to minimise) plus kl_coef * k3: a sum over completion tokens divided by
-    `denominator`.
+    """The clipped GRPO surrogate, negated to be minimised, plus kl_coef * k3: a sum over completion tokens divided by
+    `denominator` (the step's, `pg_denominator`; None: this batch's own), so that micro-batches add up to the step.
 
-    Per token: -min(rho * A, clip(rho, 1 - eps, 1 + eps) * A) + kl_coef * k3, with rho = exp(logp - old_logp).
-    `norm` "seq" averages each row's tokens first (DeepSeekMath), "token" and "constant" sum them (DAPO, Dr. GRPO);
-    `denominator` is the step's (`pg_denominator`, which says each norm's), so that the losses of its micro-batches
-    add up to the step's loss; None takes this batch's own.
-    `token_weights` [rows, tokens] (detached), when given, multiplies each token's clipped surrogate (not the KL term):
-    the truncated importance weight of `tis_weights`. `ref_logp` may be None when kl_coef == 0. Padding never counts:
-    not in the loss value (which is logged), not in the gradient, and a log-ratio of any size there must not overflow
-    (zero it *before* exp: inf * 0 is nan).
-    Returns (loss, stats), stats as sums over the completion tokens, so that micro-batches and ranks add up (divide
-    by `tokens` for means): `tokens`, `clipped` the tokens where the min takes the clipped branch (rho > 1 + eps with
-    A > 0, or rho < 1 - eps with A < 0: where the gradient is cut; not merely |rho - 1| > eps), `kl` the summed k3
-    (0 without ref_logp).
+    Per token: -min(rho A, clip(rho, 1 - eps, 1 + eps) A) + kl_coef k3, with rho = exp(logp - old_logp). `norm` "seq"
+    averages each row's tokens first (DeepSeekMath); "token" and "constant" sum them (DAPO, Dr. GRPO). Detached
+    `token_weights` (TIS) weigh the surrogate. Padding never counts, in value or gradient (its log-ratio is zeroed
+    before exp: inf * 0 is nan). Returns (loss, sums over tokens: `tokens`, `kl`, `clipped` where the gradient is cut).
 
-    Worked example, one token, A = 1, eps = 0.2: logp - old_logp = log 1.5 -> rho = 1.5 -> clipped to 1.2, and
-    min(1.5, 1.2) = 1.2 does not depend on logp: the gradient is 0 (the update has gone far enough). With A = -1 the
-    min picks -1.5, which does depend on logp: a bad token that became more likely is still pushed down.
+    Worked example, one token, A = 1, eps = 0.2: rho = 1.5 is clipped to 1.2, and min(1.5, 1.2) = 1.2 does not depend
+    on logp: no gradient (the update has gone far enough). With A = -1 the min picks -1.5, which does: a bad token
+    that became more likely is still pushed down.
     """
     # exercise 5: the clipped GRPO surrogate
-    valid = mask.bool()
-    mask = mask.to(logp.dtype)
-    log_ratio = torch.where(valid, logp - old_logp, 0.0)  # zero before exp: padding garbage cannot overflow
-    ratio = torch.exp(log_ratio)
+    if kl_coef and ref_logp is None:
+        raise ValueError("kl_coef > 0 needs ref_logp")
+    valid, mask = mask.bool(), mask.to(logp.dtype)
+    ratio = torch.exp(torch.where(valid, logp - old_logp, 0.0))  # zeroed before exp: padding garbage cannot overflow
     adv = advantages.to(logp.dtype)[:, None]  # [rows, 1]
     surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
     if token_weights is not None:
         surrogate = surrogate * torch.where(valid, token_weights, 0.0)
-    per_token = -surrogate
     kl = torch.zeros_like(logp) if ref_logp is None else k3_kl(logp, ref_logp, valid)
-    if kl_coef:
-        if ref_logp is None:
-            raise ValueError("kl_coef > 0 needs ref_logp")
-        per_token = per_token + kl_coef * kl
-    per_token = per_token * mask  # [rows, tokens]
-    if norm == "seq":
-        total = (per_token.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).sum()  # each row's token mean, summed
-    else:
-        total = per_token.sum()
-    if denominator is None:
-        denominator = pg_denominator(mask, norm, max_tokens)
-    loss = total / max(denominator, 1.0)
+    per_token = (-surrogate + kl_coef * kl if kl_coef else -surrogate) * mask  # [rows, tokens]
+    total = (per_token.sum(1) / mask.sum(1).clamp(min=1)).sum() if norm == "seq" else per_token.sum()  # seq: row means
+    loss = total / max(pg_denominator(mask, norm, max_tokens) if denominator is None else denominator, 1.0)
     with torch.no_grad():
         clipped = ((ratio > 1 + clip_eps) & (adv > 0)) | ((ratio < 1 - clip_eps) & (adv < 0))
         stats = {"tokens": float(mask.sum()), "clipped": float((clipped * mask).sum()), "kl": float((kl * mask).sum())}
@@ -252,22 +219,17 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Per-token k3 estimate of KL(pi_theta || pi_ref) [rows, tokens]: exp(d) - d - 1 with d = ref_logp - logp.
 
-    Unbiased for the KL when tokens are sampled from pi_theta, never negative, exactly 0 where logp == ref_logp, and 0
-    at padding (`valid` False), whatever garbage is there. Example: logp = log 0.5, ref_logp = log 0.25 ->
-    d = -log 2 -> 0.5 + 0.6931 - 1 = 0.1931.
-    """
+    Unbiased for the KL when tokens are sampled from pi_theta, never negative, 0 where logp == ref_logp and at padding
+    (`valid` False) whatever is there. Example: logp = log 0.5, ref_logp = log 0.25 -> d = -log 2 -> 0.1931."""
     # exercise 6: the k3 KL estimator
     delta = torch.where(valid, ref_logp - logp, 0.0)  # zero before exp: padding garbage cannot overflow
     return torch.exp(delta) - delta - 1
 
 
 def sft_loss(logp: torch.Tensor, mask: torch.Tensor, denominator: float | None = None) -> torch.Tensor:
-    """Negative log-likelihood of the masked tokens, summed and divided by `denominator`: the step's target tokens
-    (`Denominators.target_tokens`), or None for this batch's own. ExP-GRPO's extra term is beta * sft_loss(targets).
-
-    A token mean over all the step's targets: every masked token of every row weighs the same (a row of 3 tokens
-    counts 3 times a row of 1; not a mean of per-row means). Example: log-probs [[log .5, log .5, log .5],
-    [log .1, *, *]] with masks [[1, 1, 1], [1, 0, 0]] -> (3 * 0.693 + 2.303) / 4 = 1.096.
+    """Negative log-likelihood of the masked tokens [rows, tokens], summed and divided by `denominator` (the step's
+    target tokens; None: these rows'): a token mean over all the step's targets, not a mean of per-row means.
+    Example: log-probs [[log .5] * 3, [log .1, *, *]], masks [[1, 1, 1], [1, 0, 0]] -> (3 * 0.693 + 2.303) / 4 = 1.096.
     """
     # exercise 8: one denominator per step, and exact gradient accumulation
     if denominator is None:
@@ -275,48 +237,28 @@ def sft_loss(logp: torch.Tensor, mask: torch.Tensor, denominator: float | None =
     return -(torch.where(mask.bool(), logp, 0.0)).sum() / max(denominator, 1.0)
 
 
-def kl_loss(kl: torch.Tensor, mask: torch.Tensor, denominator: float | None = None) -> torch.Tensor:
-    """sft_loss's rule for per-token KLs [rows, T] (fkl / rkl, variants/distill.py): masked sum / the step's tokens."""
-    if denominator is None:
-        denominator = float(mask.sum())
-    return torch.where(mask.bool(), kl, 0.0).sum() / max(denominator, 1.0)
-
-
 def microbatch_loss(logp: torch.Tensor | None, old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
                     advantages: torch.Tensor | None, mask: torch.Tensor | None, target_logp: torch.Tensor | None,
                     target_mask: torch.Tensor | None, *, denominators: Denominators, beta: float,
                     clip_eps: float = 0.2, kl_coef: float = 0.0, norm: str = "seq",
-                    sampler_logp: torch.Tensor | None = None, tis_cap: float = 0.0,
-                    target_kl: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """One micro-batch's share of the step's ExP-GRPO loss: grpo_loss over its rollout rows + beta * sft_loss over
-    its target rows, each divided by the step's denominator, so that the micro-batch losses sum to the step's loss
-    and one backward per micro-batch accumulates exactly the full-batch gradient.
-
-    Rollout tensors (`logp` .. `mask`, the sampler's `sampler_logp`) are [rows, tokens], `advantages` [rows]; target
-    tensors [targets, tokens]. Either side may be None: no rollout rows to score (all groups all-equal) or no targets
-    (GRPO). `tis_cap` > 0: variants/tis.py's weights. With `target_kl` (fkl / rkl) instead of `target_logp`, the term
-    is beta * kl_loss(target_kl). Returns (loss, stats), stats as sums: grpo_loss's, `loss_pg` and `loss_sft` (or
-    `loss_distill`), `target_tokens`, and the sampler mismatch's `log_ratio` / `k3` / `max_ratio`.
-    """
+                    sampler_logp: torch.Tensor | None = None, tis_cap: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """One micro-batch's share of the step's loss: grpo_loss over its rollouts [rows, tokens] + beta * sft_loss over
+    its targets [targets, tokens], each over the step's denominator, so that micro-batch losses sum to the step's and
+    one backward each accumulates exactly its gradient. Either side may be None (no rows with a gradient; no targets).
+    `sampler_logp`, `tis_cap`: variants/tis.py. Returns (loss, stats as sums)."""
     # exercise 8: one denominator per step, and exact gradient accumulation
     loss, stats = torch.zeros(()), {}
     if logp is not None:
-        weights = tis.tis_weights(old_logp, sampler_logp, mask, tis_cap) if tis_cap and sampler_logp is not None \
-            else None
+        weights, mismatch = tis.correction(old_logp, sampler_logp, mask, tis_cap)  # a bf16 sampler's: variants/tis.py
         pg, stats = grpo_loss(logp, old_logp=old_logp, ref_logp=ref_logp, advantages=advantages, mask=mask,
                               clip_eps=clip_eps, kl_coef=kl_coef, norm=norm, denominator=denominators.pg,
                               token_weights=weights)
         loss, stats["loss_pg"] = pg, pg.item()
-        if sampler_logp is not None:
-            stats.update(tis.sampler_mismatch(old_logp, sampler_logp, mask))
+        stats.update(mismatch)
     if target_logp is not None:
         nll = sft_loss(target_logp, target_mask, denominators.target_tokens)
         loss = loss + beta * nll
         stats.update(loss_sft=nll.item(), target_tokens=float(target_mask.sum()))
-    if target_kl is not None:
-        kl_term = kl_loss(target_kl, target_mask, denominators.target_tokens)
-        loss = loss + beta * kl_term
-        stats.update(loss_distill=kl_term.item(), target_tokens=float(target_mask.sum()))
     return loss, stats
 
 

@@ -24,11 +24,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.nn.utils.rnn import pad_sequence
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from engine import assets, decode
+from engine import assets, decode, memory
 
 # ---------------------------------------------------------------------------------------------------------- loading
 
@@ -44,13 +43,9 @@ def load_policy(name: str | None = None, device: str = "cpu", dtype: torch.dtype
 
 
 def turn_end_id(tokenizer) -> int:
-    """The token the chat template closes an assistant turn with: what every training target ends in.
-
-    Read from the template itself: render a one-turn conversation and take the first token after the assistant's text
-    (`<|im_end|>` for ChatML models such as SmolLM2 and Qwen2.5, `<|eot_id|>` for Llama-3). Not the smallest EOS id:
-    Qwen2.5 also lists `<|endoftext|>` and Llama-3 `<|end_of_text|>`, which a chat model never writes there. A
-    tokenizer without a template ends a target in its EOS token.
-    """
+    """The token the chat template closes an assistant turn with, read from the template (the first token after a
+    rendered reply): what every training target ends in. `<|im_end|>` for ChatML (SmolLM2, Qwen2.5), `<|eot_id|>` for
+    Llama-3; not the smallest EOS id (Qwen2.5 also lists `<|endoftext|>`). Without a template: the EOS token."""
     if not tokenizer.chat_template:
         return tokenizer.eos_token_id
     reply = "Reply text."
@@ -77,15 +72,11 @@ def stop_ids(model, tokenizer) -> list[int]:
 
 def encode_prompts(tokenizer, user_texts: list[str]) -> list[list[int]]:
     """Token ids of each user message, as the model's chat template frames it, ending where the reply starts."""
-    encoded = []
-    for text in user_texts:
-        if tokenizer.chat_template:
-            text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                 add_generation_prompt=True)
-            encoded.append(tokenizer(text, add_special_tokens=False).input_ids)  # the template holds any BOS
-        else:
-            encoded.append(tokenizer(text).input_ids)
-    return encoded
+    if not tokenizer.chat_template:
+        return [tokenizer(text).input_ids for text in user_texts]
+    framed = [tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                            add_generation_prompt=True) for text in user_texts]
+    return [tokenizer(text, add_special_tokens=False).input_ids for text in framed]  # the template holds any BOS
 
 
 def left_pad(rows: list[list[int]], pad_id: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,24 +85,24 @@ def left_pad(rows: list[list[int]], pad_id: int, device="cpu") -> tuple[torch.Te
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
-        if r:
-            ids[i, width - len(r):] = torch.tensor(r)
-            mask[i, width - len(r):] = 1
+        ids[i, width - len(r):], mask[i, width - len(r):] = torch.tensor(r, dtype=torch.long), 1
     return ids.to(device), mask.to(device)
 
 
-def encode_targets(tokenizer, user_texts: list[str], targets: list[str], turn_end: int) -> "Rollouts":
-    """Given texts as completions of the given user messages, each ending in the turn-end token, masked by length."""
-    prompts = encode_prompts(tokenizer, user_texts)
-    completions = [tokenizer(t, add_special_tokens=False).input_ids + [turn_end] for t in targets]
-    p_ids, p_mask = left_pad(prompts, tokenizer.pad_token_id)
-    width = max(len(c) for c in completions)
-    c_ids = torch.full((len(completions), width), tokenizer.pad_token_id, dtype=torch.long)
-    c_mask = torch.zeros_like(c_ids)
-    for i, c in enumerate(completions):
-        c_ids[i, : len(c)], c_mask[i, : len(c)] = torch.tensor(c), 1
-    return Rollouts(p_ids, p_mask, c_ids, c_mask, list(targets), torch.zeros(len(targets), dtype=torch.bool),
-                    torch.arange(len(targets)))
+def encode_targets(tokenizer, user_texts: list[str], targets: list[str | None], turn_end: int,
+                   device="cpu") -> "Rollouts | None":
+    """The targets that are not None as completions of their user messages (the hint is never in the context a
+    training target is scored in), each ending in the turn-end token, masked by length; each row's `prompt_index` is
+    its index in the lists. None when every target is None."""
+    kept = [i for i, t in enumerate(targets) if t is not None]
+    if not kept:
+        return None
+    completions = [tokenizer(targets[i], add_special_tokens=False).input_ids + [turn_end] for i in kept]
+    p_ids, p_mask = left_pad(encode_prompts(tokenizer, [user_texts[i] for i in kept]), tokenizer.pad_token_id)
+    c_ids = pad_sequence([torch.tensor(c) for c in completions], batch_first=True, padding_value=tokenizer.pad_token_id)
+    c_mask = pad_sequence([torch.ones(len(c), dtype=torch.long) for c in completions], batch_first=True)  # right-padded
+    return Rollouts(p_ids, p_mask, c_ids, c_mask, [targets[i] for i in kept], torch.zeros(len(kept), dtype=torch.bool),
+                    torch.tensor(kept)).to(device)
 
 
 def completion_mask(completion_ids: torch.Tensor, stop: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,9 +139,8 @@ class Rollouts:
         return Rollouts(*(x.to(device) if torch.is_tensor(x) else x for x in vars(self).values()))
 
     def select(self, rows: torch.Tensor | list[int] | range) -> "Rollouts":
-        """The given rows as a batch of their own, without the padding columns only other rows needed: prompts are
-        left-padded and completions right-padded, so those are leading and trailing columns. (The rollouts of a
-        merged sampling call are not scored at the width of the longer explain prompts and explanations.)"""
+        """The given rows as a batch of their own, without the padding columns only other rows needed (leading prompt
+        columns, trailing completion columns): a micro-batch is scored at its own width."""
         rows = torch.as_tensor(rows, dtype=torch.long)
         p_mask, c_mask = self.prompt_mask[rows], self.completion_mask[rows]
         start, end = p_mask.shape[1] - int(p_mask.sum(1).max()), int(c_mask.sum(1).max())
@@ -163,22 +153,19 @@ class Rollouts:
 def sample(model, tokenizer, prompts: list[list[int]], group_size: int | list[int], max_new_tokens: int,
            temperature: float = 1.0, seed: int | list[int] = 0, min_new_tokens: int = 0, cuda_graph: bool | None = None,
            compact: bool = True) -> Rollouts:
-    """Sample `group_size` completions for each prompt (lists of token ids, see `encode_prompts`), or, given a list,
-    `group_size[i]` completions for prompt i: ExP-GRPO draws G rollouts of each solve prompt and one self-explanation
-    of each explain prompt in one call, so both share the decode loop (one pass, not two latency-bound ones).
+    """Sample `group_size` completions of each prompt (token ids: `encode_prompts`), or `group_size[i]` of prompt i:
+    ExP-GRPO draws G rollouts of each solve prompt and one self-explanation of each explain prompt in one call.
 
-    The decode loop is ours, not `model.generate` (decode.py: a prompt's KV cache shared by its G rows, a CUDA graph
-    per step on a GPU, finished rows dropped on a CPU, a stop once every row has stopped); none of that changes what
-    is sampled: the same seed gives the same tokens with or without it (tested).
-    Every row draws from its own prompt's distribution whatever else is in the batch. With one `seed`, which tokens it
-    gives depends on the batch (one stream of random numbers for all rows); with a list, one seed per prompt, each
-    prompt's rows draw from their own stream, so a prompt's completions are the same in any batch (evaluation).
-    `min_new_tokens` forbids stop tokens before that many tokens (for fixed-length benchmarks only).
-    """
+    How this is fast (engine/decode.py: a shared prefill, CUDA graphs, finished rows dropped) changes no token
+    (tested). One `seed`: the tokens depend on the whole batch; a list, one per prompt: a prompt's completions are the
+    same in any batch (evaluation). `min_new_tokens` forbids stopping earlier (fixed-length benchmarks only)."""
     device = next(model.parameters()).device
     stop_tokens = stop_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_tokens[0]
-    index = _row_index(len(prompts), group_size, device)  # [N] the prompt each row continues
+    counts = [group_size] * len(prompts) if isinstance(group_size, int) else list(group_size)
+    if len(counts) != len(prompts) or min(counts, default=1) < 1:
+        raise ValueError(f"need a sample count >= 1 for each of the {len(prompts)} prompts, got {counts}")
+    index = torch.arange(len(prompts), device=device).repeat_interleave(torch.tensor(counts, device=device))  # [N]
     p_ids, p_mask = left_pad(prompts, pad_id, device)  # [B, P]
     tokens, logp = decode.generate(model, p_ids, p_mask, index, stop_tokens, pad_id, max_new_tokens, temperature,
                                    seed, min_new_tokens, cuda_graph, compact)  # [N, T] each: the engine's fast loop
@@ -188,44 +175,20 @@ def sample(model, tokenizer, prompts: list[list[int]], group_size: int | list[in
     return Rollouts(p_ids[index], p_mask[index], tokens, c_mask, texts, truncated, index, logp)
 
 
-def _row_index(n_prompts: int, group_size: int | list[int], device) -> torch.Tensor:
-    """[N] the prompt of each row: `group_size` rows per prompt, or `group_size[i]` rows for prompt i, in order."""
-    counts = [group_size] * n_prompts if isinstance(group_size, int) else list(group_size)
-    if len(counts) != n_prompts or min(counts, default=1) < 1:
-        raise ValueError(f"need a sample count >= 1 for each of the {n_prompts} prompts, got {counts}")
-    return torch.arange(n_prompts, device=device).repeat_interleave(torch.tensor(counts, device=device))
-
-
 # --------------------------------------------------------------------------------------------------------- scoring
 
 
 def token_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
                    temperature: float = 1.0, with_entropy: bool = False, rows_per_chunk: int = 4):
-    """fp32 log pi(token | prefix) for each completion token, under the sampling temperature. [N, T].
-
-    Prompt [N, P] is left-padded, completion [N, T] right-padded (`completion_logits`). Works with or without
-    gradients; entries past each row's first EOS are meaningless and must be masked.
-    With `with_entropy`, also returns the per-token entropy [N, T] of the sampling distribution (no gradient).
-
-    Memory: the fp32 [rows, T, vocab] tensors (logits / temperature, and what log-softmax keeps for backward) exist
-    for `rows_per_chunk` rows at a time: each chunk is scored by `chunk_logprobs` under activation checkpointing,
-    so its fp32 copy is recomputed in the backward pass instead of stored. The values and gradient are unchanged.
-    """
+    """fp32 log pi(token | prefix) [N, T] of each completion token at the sampling temperature (with `with_entropy`,
+    also the per-token entropy [N, T], no gradient, for the log); with or without gradients. Prompt [N, P] left-padded,
+    completion [N, T] right-padded; entries past a row's first EOS are meaningless: mask them. `chunk_logprobs` is the
+    math, run a few rows at a time (engine/memory.py) so its fp32 [rows, T, V] tensors stay small."""
     if temperature <= 0:
         raise ValueError("scoring needs temperature > 0")
     logits = completion_logits(model, prompt_ids, prompt_mask, completion_ids)  # [N, T, V] in the model's dtype
-    logp, entropy = [], []
-    for rows in torch.arange(len(logits)).split(rows_per_chunk):
-        chunk, chunk_ids = logits[rows], completion_ids[rows]
-        if logits.requires_grad:  # keep no fp32 chunk for backward: recompute it there
-            logp.append(checkpoint(chunk_logprobs, chunk, chunk_ids, temperature, use_reentrant=False))
-        else:
-            logp.append(chunk_logprobs(chunk, chunk_ids, temperature))
-        if with_entropy:
-            with torch.no_grad():
-                scaled = chunk.float() / temperature  # [rows, T, V]
-                entropy.append(torch.logsumexp(scaled, -1) - (F.softmax(scaled, -1) * scaled).sum(-1))
-    return (torch.cat(logp), torch.cat(entropy)) if with_entropy else torch.cat(logp)
+    logp = memory.by_rows(chunk_logprobs, (logits, completion_ids), temperature, rows_per_chunk=rows_per_chunk)
+    return (logp, memory.entropy(logits, temperature, rows_per_chunk)) if with_entropy else logp  # [N, T] each
 
 
 def logprobs(model, part: Rollouts, temperature: float, **kw):
@@ -234,10 +197,9 @@ def logprobs(model, part: Rollouts, temperature: float, **kw):
 
 
 def micro_batches(n_rows: int, grad_accum: int, lengths: list[int] | None = None) -> list[list[int]]:
-    """Rows 0 .. n_rows - 1 in `grad_accum` micro-batches of (nearly) equal size. Given each row's length, longest
-    first: rows of like length share a micro-batch, which is scored at its own width (`Rollouts.select`), so the
-    padding a long row would force on short ones is never computed; the widest micro-batch, which sets the peak
-    memory, comes first. Example: lengths [3, 9, 5, 7], grad_accum 2 -> [[1, 3], [2, 0]]."""
+    """Rows 0 .. n_rows - 1 in `grad_accum` micro-batches of (nearly) equal size; given their lengths, longest first,
+    so rows of like length share a micro-batch (scored at its own width) and the widest, which sets the peak memory,
+    comes first. Example: lengths [3, 9, 5, 7], grad_accum 2 -> [[1, 3], [2, 0]]."""
     order = sorted(range(n_rows), key=lambda i: -lengths[i]) if lengths is not None else list(range(n_rows))
     size = max(1, math.ceil(n_rows / grad_accum))
     return [order[i : i + size] for i in range(0, n_rows, size)]
@@ -245,10 +207,8 @@ def micro_batches(n_rows: int, grad_accum: int, lengths: list[int] | None = None
 
 def completion_logits(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                       completion_ids: torch.Tensor) -> torch.Tensor:
-    """The logits [N, T, V] (model dtype) that predict each completion token: those at positions P - 1 .. P + T - 2.
-
-    Prompt [N, P] is left-padded, completion [N, T] right-padded; `logits_to_keep` keeps exactly those positions
-    (`decode.kept_positions`: an index tensor, not an int, for speed)."""
+    """The logits [N, T, V] (model dtype) that predict each completion token: those at positions P - 1 .. P + T - 2
+    of prompt [N, P] (left-padded) + completion [N, T] (right-padded), and no others (`logits_to_keep`)."""
     p, t = prompt_ids.shape[1], completion_ids.shape[1]
     ids = torch.cat([prompt_ids, completion_ids], dim=1)  # [N, P + T]
     attention = torch.cat([prompt_mask, torch.ones_like(completion_ids)], dim=1)

@@ -155,21 +155,19 @@ class Trainer(Run):
             roll, rewards, explanations = self.rollouts(batch, explain)
         # 2. group-normalised advantages: zero for every row of an all-equal group
         adv = expo.group_advantages(rewards, G, cfg.adv_scale).to(self.device)  # [B*G]
-        # 3. the likelihood term's targets, scored as completions of the answer-free prompt (fkl / rkl: and the same
-        #    tokens after the teacher's prompt, with the answer)
+        # 3. the likelihood term's targets, scored as completions of the answer-free prompt (fkl / rkl: and a teacher)
         with timed(times, "t_explain"):
             targets, texts, target_stats = self.likelihood_targets(batch, roll, rewards, explanations)
             teacher = distill.teacher_view(self, batch, targets)  # fkl / rkl only (variants/distill.py); else None
-        # 4. the rollout rows the policy gradient scores, the step's denominators, frozen old / reference log-probs
+        # 4. the rollout rows the policy gradient scores (those with a gradient) and the step's denominators
         scored = self.scored_micro_batches(adv, roll.completion_mask.sum(1).tolist())
         denominators = self.denominators(roll, targets)
-        old, ref = self.frozen_logprobs(roll, scored)
         # 5. per PPO epoch: grpo_loss + beta * sft_loss, one backward per micro-batch; then one optimizer step
-        beta = expo.beta_at(self.step, cfg.steps, cfg.beta, cfg.beta_schedule)
+        beta, frozen = expo.beta_at(self.step, cfg.steps, cfg.beta, cfg.beta_schedule), {}  # frozen: pi_old, pi_ref
         with timed(times, "t_update"):
             for _ in range(cfg.ppo_epochs):
                 self.optimizer.zero_grad(set_to_none=True)
-                sums = self.backward_pass(roll, adv, old, ref, scored, targets, teacher, denominators, beta)
+                sums = self.backward_pass(roll, adv, frozen, scored, targets, teacher, denominators, beta)
                 grad_norm = self.optimizer_step()
         self.write_samples(batch[0], roll.texts[:G], rewards[:G].tolist(), report.first_target(texts, explanations))
         return {**report.sampling_stats(roll, rewards, explanations, G, times["t_sample"], batch), **target_stats,
@@ -188,71 +186,49 @@ class Trainer(Run):
             out = rollout.sample(self.sampler, self.tokenizer, rollout.encode_prompts(self.tokenizer, prompts),
                                  [G] * B + [1] * (len(prompts) - B), self.cfg.max_new_tokens, self.cfg.temperature,
                                  seed=self.sampling_seed())
-        roll, explanations = out, None  # without explain prompts, the call's rows are exactly the rollouts
-        if explain:
-            roll, explanations = out.select(range(B * G)), out.select(range(B * G, len(out.texts)))
+        roll, explanations = (out.select(range(B * G)), out.select(range(B * G, len(out.texts)))) if explain else \
+            (out, None)
         rewards = torch.tensor([reward.score(text, batch[i].answer, batch[i].question)  # 0 if it restates the question
                                 for text, i in zip(roll.texts, roll.prompt_index.tolist())])  # [B*G]
         return roll, rewards, explanations
 
     def likelihood_targets(self, batch: list[data.Example], roll: rollout.Rollouts, rewards: torch.Tensor,
                            explanations: rollout.Rollouts | None):
-        """Step 3: (the likelihood term's targets as completions of the answer-free prompt, or None; each question's
-        target text, None where it has none; the filters' counts). expo: each self-explanation made into a target by
-        expo.self_explanation_targets, with every filter (--explain_on failed: only the all-wrong groups');
-        grpo_sft_gt: the expert solutions; grpo: none. expo --explain_loss rkl: the rollouts themselves (with
-        --explain_on failed, those of all-wrong groups), on which the policy is pulled toward its hinted self."""
+        """Step 3: (the targets, as completions of the answer-free prompt, or None; each question's target text or
+        None; the filters' counts). expo: its self-explanations through expo.self_explanation_targets' filters;
+        grpo_sft_gt: the expert solutions; grpo: none; rkl: the rollouts (the all-wrong groups' with --explain_on
+        failed), pulled toward the hinted teacher."""
         cfg, questions = self.cfg, [e.question for e in batch]
         solved = (rewards.view(-1, cfg.num_generations).sum(1) > 0).tolist()  # [B]
         texts, counts = [None] * len(batch), {}
         if cfg.method == "grpo_sft_gt":
             texts = [e.solution for e in batch]
-        elif cfg.method == "expo" and cfg.explain_loss == "rkl":
-            rows = [i for i, q in enumerate(roll.prompt_index.tolist()) if cfg.explain_on == "all" or not solved[q]]
-            return (roll.select(rows) if rows else None), texts, counts
+        elif cfg.method == "expo" and cfg.explain_loss == "rkl":  # the rollouts themselves (variants/distill.py)
+            return distill.rollout_targets(roll, solved, cfg.explain_on), texts, counts
         elif cfg.method == "expo":
             texts, counts = expo.self_explanation_targets(explanations.texts, [e.answer for e in batch],
                                                           explanations.truncated.tolist(),
                                                           solved if cfg.explain_on == "failed" else None,
                                                           cfg.drop_leaks, cfg.drop_truncated, cfg.drop_wrong, questions)
-        return self.encode_targets(questions, texts), texts, counts
+        targets = rollout.encode_targets(self.tokenizer, [expo.solve_prompt(q) for q in questions], texts,
+                                         self.turn_end, self.device)  # scored after the answer-free prompt
+        return targets, texts, counts
 
     def scored_micro_batches(self, adv: torch.Tensor, lengths: list[int]) -> list[list[int]]:
-        """The micro-batches (lists of rollout row indices, by `lengths`: see `micro_batches`) the policy gradient
-        scores. A zero advantage (every row of an all-equal group) makes a row's clipped surrogate exactly 0, so
-        without a KL term such rows are skipped; the denominators still count the whole batch, so the gradient is the
-        same. On hard questions this is most rows."""
+        """The micro-batches of rollout rows the policy gradient scores (`micro_batches`, by length). Without a KL term
+        the rows of all-equal groups (most, on hard questions) are skipped: a zero advantage makes their surrogate
+        exactly 0, and the denominators still count them, so the gradient is the same."""
         active = [i for i in range(len(adv)) if adv[i] != 0] if self.cfg.kl_coef == 0 else list(range(len(adv)))
         split = rollout.micro_batches(len(active), self.cfg.grad_accum, [lengths[i] for i in active])
         return [[active[j] for j in mb] for mb in split]
 
     def denominators(self, roll: rollout.Rollouts, targets: rollout.Rollouts | None) -> expo.Denominators:
-        """The step's denominators, over all its rollouts and targets and summed over ranks: counted once, they make
-        every micro-batch's loss its exact share of the step's loss (expo.microbatch_loss)."""
+        """The step's denominators over all its rollouts and targets, summed over ranks (expo.Denominators)."""
         pg = expo.pg_denominator(roll.completion_mask, self.cfg.loss_norm, self.cfg.max_new_tokens)
         target_tokens = 0.0 if targets is None else float(targets.completion_mask.sum())
         return expo.Denominators(*distributed.all_sum([pg, target_tokens], self.ranks))
 
-    @torch.no_grad()
-    def frozen_logprobs(self, roll: rollout.Rollouts, scored: list[list[int]]):
-        """(old, ref) [N, T] log-probs of the scored rows, each None when not needed: old only for --ppo_epochs > 1
-        (with one pass the old policy *is* the current one: logp.detach()), ref only for --kl_coef > 0."""
-        cfg, old, ref = self.cfg, None, None
-
-        def score(model) -> torch.Tensor:  # [N, T]: each micro-batch at its own width
-            out = torch.zeros(roll.completion_ids.shape, device=self.device)
-            for rows in scored:
-                part = roll.select(rows)
-                out[rows, : part.completion_ids.shape[1]] = rollout.logprobs(model, part, cfg.temperature)
-            return out
-        with self.amp():
-            old = score(self.model) if cfg.ppo_epochs > 1 else None
-            if cfg.kl_coef > 0:
-                with self.reference() as reference:
-                    ref = score(reference)
-        return old, ref
-
-    def backward_pass(self, roll: rollout.Rollouts, adv: torch.Tensor, old, ref, scored: list[list[int]],
+    def backward_pass(self, roll: rollout.Rollouts, adv: torch.Tensor, frozen: dict, scored: list[list[int]],
                       targets: rollout.Rollouts | None, teacher: rollout.Rollouts | None,
                       denominators: expo.Denominators, beta: float) -> dict:
         """Backward of this rank's share of the step's loss, one micro-batch at a time (the i-th of the scored rollout
@@ -262,61 +238,46 @@ class Trainer(Run):
             rollout.micro_batches(len(targets.texts), cfg.grad_accum, targets.completion_mask.sum(1).tolist())
         tis_cap = cfg.tis_cap if self.sampler is not self.model else 0.0  # an fp32 sampler *is* the trainer
         for rows, target_rows in itertools.zip_longest(scored, target_micro, fillvalue=[]):
-            pg, entropy = self.rollout_inputs(roll, adv, old, ref, rows)
+            pg, entropy = self.rollout_inputs(roll, adv, frozen, rows)
             target = self.target_inputs(targets, teacher, target_rows)
             loss, stats = expo.microbatch_loss(**pg, **target, denominators=denominators, beta=beta,
                                                clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef, norm=cfg.loss_norm,
                                                tis_cap=tis_cap)
             loss.backward()
-            stats["entropy"] = entropy
-            for key, value in stats.items():
+            for key, value in {**stats, "entropy": entropy}.items():
                 sums[key] = max(sums.get(key, value), value) if key == "max_ratio" else sums.get(key, 0.0) + value
         return sums
 
     def target_inputs(self, targets: rollout.Rollouts | None, teacher: rollout.Rollouts | None, rows: list[int]):
-        """microbatch_loss's target arguments for these target rows, all None without rows: their log-probs (nll) or
-        per-token KL to the teacher (fkl, rkl) [m, w], at temperature 1, and their mask [m, w], at the rows' own width
-        w. The teacher (the current policy or the initial one after its hinted prompt) runs under no_grad: its logits
-        are constants."""
+        """microbatch_loss's target arguments for these target rows (None without rows): their log-probs at T = 1 and
+        mask [m, w], at the rows' own width w. fkl / rkl pass -KL to the teacher per token instead (distill.kl_loss)."""
         if not rows:
-            return dict(target_logp=None, target_mask=None, target_kl=None)
-        part, logp, kl = targets.select(rows), None, None
+            return dict(target_logp=None, target_mask=None)
+        part = targets.select(rows)
         with self.amp():
-            if teacher is None:
-                logp = rollout.logprobs(self.model, part, 1.0)  # [m, w]
-            else:  # fkl / rkl (variants/distill.py)
-                kl = distill.target_kl(self, part, teacher.select(rows))  # [m, w]
-        return dict(target_logp=logp, target_mask=part.completion_mask, target_kl=kl)
+            logp = rollout.logprobs(self.model, part, 1.0) if teacher is None else \
+                -distill.target_kl(self, part, teacher.select(rows))  # [m, w]
+        return dict(target_logp=logp, target_mask=part.completion_mask)
 
-    def rollout_inputs(self, roll: rollout.Rollouts, adv: torch.Tensor, old, ref, rows: list[int]):
-        """(microbatch_loss's rollout arguments for these rows at their own width, all None without rows; entropy)"""
+    def rollout_inputs(self, roll: rollout.Rollouts, adv: torch.Tensor, frozen: dict, rows: list[int]):
+        """(microbatch_loss's rollout arguments for these rows at their own width, all None without rows; entropy).
+        pi_old: the first epoch's log-probs, detached (a ratio of exactly 1), kept in `frozen` for later epochs."""
         keys = ("logp", "old_logp", "ref_logp", "advantages", "mask", "sampler_logp")
         if not rows:
             return dict.fromkeys(keys), 0.0
-        part = roll.select(rows)
+        part, temperature = roll.select(rows), self.cfg.temperature
         with self.amp():
-            logp, entropy = rollout.logprobs(self.model, part, self.cfg.temperature, with_entropy=True)  # [n, w] each
-        width = part.completion_ids.shape[1]
-        pick = lambda x: None if x is None else x[rows, :width]  # noqa: E731
-        values = (logp, logp.detach() if old is None else pick(old), pick(ref), adv[rows], part.completion_mask,
-                  part.sampler_logp)  # sampler_logp is None for rollouts that were not sampled (tests)
+            logp, entropy = rollout.logprobs(self.model, part, temperature, with_entropy=True)  # [n, w] each
+            if tuple(rows) not in frozen:  # the first epoch: pi_old is the policy as it is now; pi_ref for the KL
+                ref = self.reference_logprobs(part, temperature) if self.cfg.kl_coef > 0 else None  # engine/run.py
+                frozen[tuple(rows)] = (logp.detach(), ref)
+        old, ref = frozen[tuple(rows)]
+        values = (logp, old, ref, adv[rows], part.completion_mask, part.sampler_logp)  # sampler_logp: None in tests
         return dict(zip(keys, values)), float((entropy * part.completion_mask).sum())
 
-    def encode_targets(self, questions: list[str], texts: list[str | None]) -> rollout.Rollouts | None:
-        """The targets that are not None, as completions of their *answer-free* prompts (the hint is never in the
-        context they are scored in), each ending in the chat template's turn-end token, each row's `prompt_index` its
-        question's index in the batch; None if none."""
-        kept = [i for i, t in enumerate(texts) if t is not None]
-        if not kept:
-            return None
-        targets = rollout.encode_targets(self.tokenizer, [expo.solve_prompt(questions[i]) for i in kept],
-                                         [texts[i] for i in kept], self.turn_end)
-        targets.prompt_index = torch.tensor(kept)
-        return targets.to(self.device)
-
     def optimizer_step(self) -> float:
-        """Sum the ranks' gradients, clip, apply AdamW, refresh the bf16 sampler (engine/run.py); returns the norm. No
-        gradient on any rank (all groups all wrong, no targets): no step, so AdamW's momentum moves nothing."""
+        """Sum the ranks' gradients, clip, apply AdamW, refresh the bf16 sampler (engine/run.py); returns the norm.
+        Without a gradient on any rank (all groups all wrong, no targets), no step: AdamW's momentum moves nothing."""
         return self.apply_gradients()
 
     def needs_reference(self) -> bool:  # DPO's, besides Run's (KL, the relatives' initial teacher)

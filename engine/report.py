@@ -133,8 +133,8 @@ def update_stats(sums: dict, roll, scored: list[list[int]], ranks, distill: bool
         [float(mask.sum()), float(mask[[i for rows in scored for i in rows]].sum())], ranks)
     stats = {"loss_pg": sums.get("loss_pg", 0.0), "clip_frac": sums.get("clipped", 0.0) / max(1.0, tokens),
              "kl": sums.get("kl", 0.0) / max(1.0, tokens), "loss_sft": sums.get("loss_sft", 0.0)}
-    if distill:
-        stats["loss_distill"] = sums.get("loss_distill", 0.0)
+    if distill:  # fkl / rkl: the term is a KL (variants/distill.py), logged under its own name
+        stats["loss_sft"], stats["loss_distill"] = 0.0, stats["loss_sft"]
     if scored_tokens:  # over every rank's scored tokens (this rank may have none)
         stats["entropy"] = sums.get("entropy", 0.0) / scored_tokens
         if roll.sampler_logp is not None:  # sampled rollouts (not fixed texts): the sampler against the trainer

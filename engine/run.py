@@ -209,6 +209,12 @@ class Run:
         if self.ranks.main:  # the steps after the checkpoint are replayed, not repeated
             checkpoint.truncate_logs(self.out, self.step)
 
+    @torch.no_grad()
+    def reference_logprobs(self, part: rollout.Rollouts, temperature: float) -> torch.Tensor:
+        """The frozen initial policy's token log-probs [n, w] of a micro-batch: the KL term's pi_ref."""
+        with self.reference() as reference:
+            return rollout.logprobs(reference, part, temperature)
+
     @contextlib.contextmanager
     def reference(self):
         """The frozen initial policy: its own copy, or the LoRA model with its adapters off."""

@@ -6,8 +6,9 @@
 At T = 1, fkl's gradient is the NLL's expected gradient when e~ is drawn from pi_T (tested), with less variance; rkl
 is on-policy self-distillation (OPSD / SDFT) beside GRPO. The teacher is the same model after the *explain* prompt
 (`--teacher current`, detached, or `initial`, frozen) reading the tokens the student reads after the answer-free
-prompt (`with_prompts`). The step calls in here in one line each (train.py: `teacher_view`, `target_kl`;
-expo.microbatch_loss: `kl_loss`); a first reading skips this file. What the comparison found: the README's results.
+prompt (`with_prompts`). The step calls in here in one line each (train.py: `rollout_targets` for rkl,
+`teacher_view`, and `target_kl`, whose -KL takes the place of the paper's log pi in expo.microbatch_loss: `kl_loss`
+says what that computes); a first reading skips this file. What the comparison found: the README's results.
 """
 from __future__ import annotations
 
@@ -16,10 +17,10 @@ import dataclasses
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 import expo
 import rollout
+from engine import memory
 
 EXPLAIN_LOSSES = ("nll", "fkl", "rkl")  # --explain_loss: nll is the paper's term
 
@@ -44,15 +45,16 @@ def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, reverse
     logits [N, T, V] over the same completion tokens: KL(teacher || student) (forward), or with `reverse`
     KL(student || teacher). The teacher's logits must carry no gradient (compute them under no_grad).
 
-    Memory as in rollout.token_logprobs: the fp32 [rows, T, V] log-softmaxes exist for `rows_per_chunk` rows at a time
-    and are recomputed in the backward pass (activation checkpointing) instead of stored."""
-    kl = []
-    for rows in torch.arange(len(student_logits)).split(rows_per_chunk):
-        student, teacher = student_logits[rows], teacher_logits[rows]  # [rows, T, V] each
-        pair = (student, teacher) if reverse else (teacher, student)
-        kl.append(checkpoint(vocab_kl, *pair, use_reentrant=False) if student_logits.requires_grad
-                  else vocab_kl(*pair))
-    return torch.cat(kl)
+    Computed a few rows at a time (engine/memory.py), as rollout.token_logprobs is."""
+    pair = (student_logits, teacher_logits) if reverse else (teacher_logits, student_logits)
+    return memory.by_rows(vocab_kl, pair, rows_per_chunk=rows_per_chunk)  # [N, T]
+
+
+def kl_loss(kl: torch.Tensor, mask: torch.Tensor, denominator: float | None = None) -> torch.Tensor:
+    """The relatives' term: per-token KLs [rows, T] summed over the masked tokens and divided by the step's target
+    tokens (None: these rows' own), the rule of expo.sft_loss with the KL where it has -log pi. The step passes
+    `-target_kl` to expo.microbatch_loss as its target log-probs, which computes exactly this."""
+    return expo.sft_loss(-kl, mask, denominator)
 
 
 # ------------------------------------------------------------------------------------------- the teacher in the step
@@ -78,6 +80,12 @@ def teacher_view(trainer, batch, targets: rollout.Rollouts | None) -> rollout.Ro
         return None
     hinted = [expo.explain_prompt(batch[i].question, batch[i].answer) for i in targets.prompt_index.tolist()]
     return with_prompts(trainer.tokenizer, targets, hinted)
+
+
+def rollout_targets(roll: rollout.Rollouts, solved: list[bool], explain_on: str) -> rollout.Rollouts | None:
+    """rkl's targets: the policy's own rollouts (with --explain_on failed, only the all-wrong groups'), or None."""
+    rows = [i for i, q in enumerate(roll.prompt_index.tolist()) if explain_on == "all" or not solved[q]]
+    return roll.select(rows) if rows else None
 
 
 def teacher_model(trainer):

@@ -3,7 +3,7 @@
 Rollouts drawn from a bf16 copy of the policy (engine/decode.py, `--sampler_dtype bf16`) are slightly off-policy for
 the fp32 trainer. `sampler_mismatch` measures by how much (logged every step as mismatch_*); `tis_weights`, with
 `--tis_cap C`, weights each rollout token's surrogate by min(pi_old / pi_sampler, C) to correct for it. Both join the
-step in one line each, in `expo.microbatch_loss`; a first reading skips this file.
+step in one line, `correction`, in `expo.microbatch_loss`; a first reading skips this file.
 """
 from __future__ import annotations
 
@@ -32,3 +32,12 @@ def sampler_mismatch(trainer_logp: torch.Tensor, sampler_logp: torch.Tensor, mas
             "max_ratio": float(d.exp()[valid].max()) if valid.any() else 1.0}
 
 
+
+
+def correction(old_logp: torch.Tensor, sampler_logp: torch.Tensor | None, mask: torch.Tensor, cap: float):
+    """What the step takes from this file, in one call: (the TIS weights with cap > 0, else None; the mismatch's
+    sums), or (None, {}) for rollouts that carry no sampler log-probs (fixed texts in tests)."""
+    if sampler_logp is None:
+        return None, {}
+    weights = tis_weights(old_logp, sampler_logp, mask, cap) if cap else None
+    return weights, sampler_mismatch(old_logp, sampler_logp, mask)

@@ -1917,6 +1917,38 @@ def test_compare_runs_a_variant_beside_a_method_under_its_own_name(tiny_dir, tmp
     assert "| `expo:explain_loss=rkl` | 0 |" in (tmp_path / "compare.md").read_text()
 
 
+def test_distance_figure_places_each_style_at_its_nll_ratio_with_its_seeds(tmp_path):
+    """lab/distance.py: a style's x is its expert NLL per token over the self-explanations' (not the other way, not
+    the raw NLL); each style lists its own seeds' pass@1 in order; expo and grpo are the bands; styles without runs
+    are left out; a --styles entry without a path is refused."""
+    from lab import distance
+
+    def analysis(expert, self_explanation):
+        return {"expert": {"nll_per_token": expert}, "self_explanation": {"nll_per_token": self_explanation}}
+
+    def method(name, values):
+        runs = [{"seed": s, "after": {"pass@1": v}} for s, v in enumerate(values)]
+        return {"method": name, "runs": runs, "pass@1": [sum(values) / len(values), 0.01], "pass@4": [0.2, 0.02],
+                "commit": [0.9, 0.0], "acc_committed": [0.1, 0.0], "tokens": 50.0, "cut_off": 0.0}
+    (tmp_path / "base.json").write_text(json.dumps(analysis(1.3, 1.0)))
+    (tmp_path / "far.json").write_text(json.dumps(analysis(3.0, 1.2)))
+    (tmp_path / "none.json").write_text(json.dumps(analysis(2.0, 1.0)))
+    summary = {"before": {"all": {"pass@1": 0.02}}, "methods": [
+        method("expo", [0.06, 0.07]), method("grpo", [0.02, 0.03]), method("grpo_sft_gt", [0.12, 0.10, 0.11]),
+        method("grpo_sft_gt:expert_style=far", [0.0, 0.01, 0.02])]}
+    (tmp_path / "compare.json").write_text(json.dumps(summary))
+    distance.main(["--compare", str(tmp_path / "compare.json"), "--base", str(tmp_path / "base.json"), "--styles",
+                   f"far={tmp_path / 'far.json'}", f"none={tmp_path / 'none.json'}", "--out", str(tmp_path / "d")])
+    rows = (tmp_path / "d.md").read_text().splitlines()[2:]
+    assert rows[0].startswith("| `grpo_sft_gt`, worded | 1.30x | 0, 1, 2 | 0.120, 0.100, 0.110 |"), rows[0]
+    assert rows[1].startswith("| `grpo_sft_gt`, far | 2.50x | 0, 1, 2 | 0.000, 0.010, 0.020 |"), rows[1]
+    assert [r.split(" |")[0] for r in rows[2:]] == ["| `expo` (no expert text)", "| `grpo` (no expert text)"]
+    assert not any("none" in r for r in rows), "a style without runs got a row"
+    with pytest.raises(SystemExit):
+        distance.main(["--compare", str(tmp_path / "compare.json"), "--base", str(tmp_path / "base.json"),
+                       "--styles", "far", "--out", str(tmp_path / "e")])
+
+
 # ===================================================================================================== teaching kit
 
 import os  # noqa: E402

@@ -307,6 +307,7 @@ def test_big_exact_powers_take_bounded_time(text):
 # ============================================================================================================== data
 
 import importlib.util  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import warnings  # noqa: E402
 
@@ -1055,7 +1056,8 @@ def tiny_dir(tmp_path_factory, tokenizer):
 def _args(tiny_dir, out, *extra):
     return ["--model", str(tiny_dir), "--output_dir", str(out), "--batch_size", "2", "--num_generations", "2",
             "--max_new_tokens", "6", "--eval_limit", "2", "--eval_k", "2", "--grad_accum", "2",
-            "--sampler_dtype", "fp32", *extra]  # fp32: the same tokens on every CPU (bf16 has tests of its own)
+            "--sampler_dtype", "fp32", "--train_dtype", "fp32", *extra]  # fp32: the same numbers on every CPU (bf16
+    # sampling and training have tests of their own)
 
 
 def _steps(out):
@@ -1569,7 +1571,8 @@ def test_grpo_learns_a_synthetic_reward(tokenizer, tmp_path, monkeypatch):
     before = digit_rate()
     cfg = train.parse_args(["--method", "grpo", "--steps", "6", "--batch_size", "4", "--num_generations", "8",
                             "--max_new_tokens", "2", "--learning_rate", "1e-2", "--temperature", "1.0",
-                            "--output_dir", str(tmp_path), "--grad_accum", "1", "--sampler_dtype", "fp32"])
+                            "--output_dir", str(tmp_path), "--grad_accum", "1", "--sampler_dtype", "fp32",
+                            "--train_dtype", "fp32"])
     trainer = train.Trainer(cfg)
     for step in range(6):
         trainer.grpo_step([trainer.train_set[i] for i in run.batch_indices(len(trainer.train_set), 4, step, 0)])
@@ -2690,6 +2693,60 @@ def test_bf16_sampler_is_the_policy_cast_after_every_update(tiny_dir, tmp_path, 
     assert checks.count("start") == (2 if "--resume" in flags else 1) and len(checks) > epochs
 
 
+def _step_loss_and_grad(tiny_dir, out, train_dtype, *flags):
+    """(the step's logged losses, the gradient it applies) of one ExP-GRPO step on fixed rollouts and targets."""
+    t = train.Trainer(train.parse_args(_args(tiny_dir, out, "--train_dtype", train_dtype, *flags)))
+    fixed_rollouts(t, TWO_TEXTS, [[1, 0], [0, 1]])  # mixed groups, and a self-explanation per question
+    t.optimizer_step = lambda: 0.0
+    stats = t.grpo_step(t.train_set[:2])
+    return stats, torch.cat([p.grad.flatten() for p in t.model.parameters()]), t
+
+
+def test_bf16_autocast_training_is_within_bf16_rounding_of_fp32(tiny_dir, tmp_path, monkeypatch):
+    """--train_dtype bf16 on a CPU: the forward passes run under bf16 autocast, the weights and gradients stay fp32,
+    and the step's likelihood term and gradient agree with fp32's to bf16's rounding. Tolerance: bf16 keeps 8
+    significant bits; the tiny random model's logits are near 0, so each rounds by ~1e-4 and the token-mean NLL moves
+    by ~1e-5 relative (1.3e-5 measured on an AVX2 CPU; cosine 1 - 1e-6, norm 4e-5). 1e-3 (cosine 0.9999, norm 0.5%)
+    leaves 100x room across CPUs, while a log-softmax taken in bf16 (logsumexp ~10.8 rounds in steps of 1/16) or a
+    gradient kept in bf16 misses it. `auto` follows bf16_is_native, as --sampler_dtype does."""
+    fp32, grad32, t32 = _step_loss_and_grad(tiny_dir, tmp_path / "fp32", "fp32")
+    bf16, grad16, t16 = _step_loss_and_grad(tiny_dir, tmp_path / "bf16", "bf16")
+    assert t32.amp is contextlib.nullcontext and t16.amp is not contextlib.nullcontext
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in t16.model.parameters())
+    assert bf16["loss_sft"] != fp32["loss_sft"] and bf16["loss_sft"] == pytest.approx(fp32["loss_sft"], rel=1e-3)
+    assert bf16["loss_pg"] == fp32["loss_pg"] == 0.0  # on-policy, the surrogate's value is -mean(A) = 0; its gradient:
+    cosine = float(torch.nn.functional.cosine_similarity(grad16, grad32, dim=0))
+    assert cosine > 0.9999 and float(grad16.norm() / grad32.norm()) == pytest.approx(1.0, rel=5e-3), cosine
+    for caps, want in [({"avx512_bf16": False, "amx_bf16": False}, False), ({"avx512_bf16": True}, True)]:
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda caps=caps: caps)
+        t = train.Trainer(train.parse_args(_args(tiny_dir, tmp_path / f"auto-{want}", "--train_dtype", "auto")))
+        assert (t.amp is not contextlib.nullcontext) == want, f"--train_dtype auto with {caps}"
+
+
+@pytest.mark.parametrize("train_dtype", ["fp32", "bf16"])
+def test_first_ppo_epoch_ratio_is_exactly_one_and_no_gradient_means_no_step(tiny_dir, tmp_path, monkeypatch,
+                                                                              train_dtype):
+    """In both training dtypes: pi_old is the first epoch's own log-probs, so that epoch's ratio is exactly 1 (not
+    within rounding: a second forward pass under autocast could round otherwise); and a step whose groups are all
+    equal and that has no targets changes no weight and no AdamW state."""
+    calls, real = [], expo.grpo_loss
+    monkeypatch.setattr(train.expo, "grpo_loss", lambda logp, **k: calls.append((logp.detach(), k)) or real(logp, **k))
+    t = train.Trainer(train.parse_args(_args(tiny_dir, tmp_path / "ppo", "--method", "grpo", "--ppo_epochs", "2",
+                                             "--train_dtype", train_dtype, "--learning_rate", "1e-2")))
+    fixed_rollouts(t, TWO_TEXTS, [[1, 0], [0, 1]])
+    t.grpo_step(t.train_set[:2])
+    first, k = calls[0]
+    assert torch.equal(first, k["old_logp"]), "the first epoch's ratio is not exactly 1"
+    assert not torch.equal(calls[-1][0], calls[-1][1]["old_logp"]), "the second epoch did not see an update"
+    t = train.Trainer(train.parse_args(_args(tiny_dir, tmp_path / "none", "--method", "grpo",
+                                             "--train_dtype", train_dtype, "--learning_rate", "1e-2")))
+    fixed_rollouts(t, TWO_TEXTS, [[0, 0], [1, 1]])  # all-equal groups: no gradient anywhere
+    before = [p.detach().clone() for p in t.model.parameters()]
+    stats = t.grpo_step(t.train_set[:2])
+    assert stats["pg_rows"] == 0 and not t.optimizer.state, "AdamW took a step without a gradient"
+    assert all(torch.equal(a, p) for a, p in zip(before, t.model.parameters())), "weights moved without a gradient"
+
+
 @pytest.mark.exercise10
 def test_tis_weight_is_exactly_one_when_the_sampler_is_the_trainer(tiny_dir, tmp_path, monkeypatch):
     """--sampler_dtype fp32 samples from the policy itself: --tis_cap changes nothing (the cached decoder's tiny
@@ -2724,7 +2781,7 @@ def fixed_trainer(method, norm, rewards, *flags):
     """A trainer whose rollouts are fixed texts with fixed rewards, the same in 1 process or 2; this rank's batch."""
     cfg = train.parse_args(["--model", tiny, "--method", method, "--loss_norm", norm, "--batch_size", "4",
                             "--num_generations", "2", "--grad_accum", "2", "--output_dir", f"{out}/{method}-{norm}",
-                            "--overwrite", "--device", "cpu", *flags])
+                            "--overwrite", "--device", "cpu", "--train_dtype", "fp32", *flags])
     t = train.Trainer(cfg)
     batch = [t.train_set[i] for i in range(4)]
     mine = distributed.share(list(range(4)), t.ranks)

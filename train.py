@@ -9,7 +9,8 @@ step, mapped to the code"). `--method grpo` has no targets, `grpo_sft_gt` trains
 the DPO methods' step is dpo.py's.
 
 Design choices, each for a reason:
-* Weights and optimizer state stay fp32; on a GPU the forward passes run under bf16 autocast. Pure-bf16 weights
+* Weights and optimizer state stay fp32; where bf16 matmuls are native (a GPU, a CPU with AMX / AVX512-BF16) the
+  forward passes run under bf16 autocast (--train_dtype), with log-softmax and losses in fp32. Pure-bf16 weights
   would silently drop updates smaller than 1/256 of a weight, which at RL learning rates is most of them.
 * Each step's batch and sampling seed are functions of (seed, step), so `--resume` replays exactly the run that was
   interrupted (tested), and two methods with the same seed see the same questions in the same order. The evaluation
@@ -106,7 +107,9 @@ class Config:
     resume: bool = option(False, "continue the run in output_dir from its newest checkpoint, as if uninterrupted")
     overwrite: bool = option(False, "start afresh in an output_dir that holds a run, deleting that run's files")
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
-    dtype: str = option("auto", "auto (bf16 autocast on a GPU, fp32 on a CPU) | fp32 | bf16", ("auto", "fp32", "bf16"))
+    train_dtype: str = option("auto", "the trainer's forward passes: bf16 = under bf16 autocast (weights, gradients and "
+                              "AdamW stay fp32, log-softmax and losses fp32), fp32, auto = bf16 where bf16 matmuls are "
+                              "native (CUDA, a CPU with AMX / AVX512-BF16), as --sampler_dtype", ("auto", "fp32", "bf16"))
 
 
 def parse_args(argv=None) -> Config:

@@ -105,7 +105,7 @@ class Run:
         ranks = distributed.init(use_cuda)
         local = f"cuda:{ranks.local_rank}" if use_cuda else "cpu"  # under torchrun: this rank's GPU
         device = torch.device(local if cfg.device in ("auto", "cuda") else cfg.device)
-        use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
+        use_bf16 = cfg.train_dtype == "bf16" or (cfg.train_dtype == "auto" and decode.bf16_is_native(device))
         amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)) \
             if use_bf16 else contextlib.nullcontext
         return ranks, device, amp
@@ -235,11 +235,14 @@ class Run:
         """Evaluate, train --steps steps, evaluate again; print what was learnt. A stop signal saves and exits."""
         cfg, main = self.cfg, self.ranks.main
         levels = "all levels" if cfg.levels is None else "level " + ",".join(map(str, cfg.levels))
-        sampler = "a bf16 copy of the policy" if self.sampler is not self.model else "the fp32 policy"
+        bf16 = self.amp is not contextlib.nullcontext  # --train_dtype: the trainer's forward passes under autocast
+        sampler = "a bf16 copy of the policy" if self.sampler is not self.model else \
+            "the policy under bf16 autocast" if bf16 else "the fp32 policy"
+        trainer = "under bf16 autocast" if bf16 else "in fp32"
         if main:
             print(f"{cfg.method} on {cfg.dataset}, {levels}: {len(self.train_set)} train / {len(self.eval_set)} eval "
                   f"questions, device {self.device}, {self.ranks.world} process(es) of {torch.get_num_threads()} "
-                  f"thread(s), sampling from {sampler}, output {self.out}", flush=True)
+                  f"thread(s), sampling from {sampler}, training {trainer}, output {self.out}", flush=True)
         before = self.evaluate("before") if self.step == 0 and cfg.eval_before else None
         try:
             with self.signals:

@@ -239,6 +239,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu | cuda")
     parser.add_argument("--sampler_dtype", default="auto", choices=("auto", "fp32", "bf16"),
                         help="sample from a bf16 copy (auto: where bf16 matmuls are native), as train.py does")
+    parser.add_argument("--train_dtype", default="auto", choices=("auto", "fp32", "bf16"),
+                        help="score under bf16 autocast (auto: where bf16 matmuls are native), as train.py trains")
     args = parser.parse_args(argv)
     try:
         examples = data.load(args.dataset, args.split, levels=data.parse_levels(args.dataset, args.levels),
@@ -247,9 +249,12 @@ def main(argv=None) -> dict:
     except (OSError, data.DataError) as e:
         raise SystemExit(f"error: {e}")
     model.eval()
-    bf16 = args.sampler_dtype == "bf16" or (args.sampler_dtype == "auto" and decode.bf16_is_native(model.device))
+    native = decode.bf16_is_native(model.device)
+    bf16 = args.sampler_dtype == "bf16" or (args.sampler_dtype == "auto" and native)
     sampler = decode.sampler_copy(model) if bf16 else model
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if args.device.startswith("cuda") else contextlib.nullcontext()
+    scoring_bf16 = args.train_dtype == "bf16" or (args.train_dtype == "auto" and native)
+    amp = torch.autocast(model.device.type, dtype=torch.bfloat16) if scoring_bf16 else contextlib.nullcontext()  # as
+    # train.py's --train_dtype: the NLLs are scored under bf16 autocast where bf16 is native (log-softmax in fp32)
     with amp:
         result = measure(model, tokenizer, examples, args.k, args.max_new_tokens, args.temperature, args.seed,
                          drop_leaks=not args.no_drop_leaks, drop_truncated=args.drop_truncated, sampler=sampler)

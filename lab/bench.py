@@ -16,7 +16,8 @@ weights on real arith prompts (B solve prompts x G rollouts plus B explain promp
 each row stopping where the model stops, at the demo's budget (128 new tokens) and the comparison's (256), sampled
 from the fp32 policy and from its bf16 copy (`--sampler_dtype`), side by side in one run, with the bf16 sampler's
 mismatch to the fp32 trainer on the tokens it drew (k3 per token, the largest ratio), and one whole ExP-GRPO step
-sampled each way.
+three ways (`natural_step`): fp32 sampling and training, bf16 sampling, and bf16 sampling with the update under bf16
+autocast (--train_dtype bf16), with the update's own time and the sampler/trainer mismatch of each.
 
 `--train` times whole steps of train.py instead (`bench_train`): a GRPO step and an ExP-GRPO step, each with full
 fine-tuning and with `--lora_rank`, on the same random-weight model (the SmolLM2 tokenizer), with every completion
@@ -26,6 +27,7 @@ seconds per step (after one warm-up step), the sampling share, peak memory, and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import gc
 import json
@@ -185,28 +187,40 @@ def bench_natural(args) -> list[dict]:
     return results
 
 
+STEP_CONFIGS = {  # (sampler, trainer's forward passes) of natural_step
+    "fp32 / fp32": (False, False), "bf16 copy / fp32": (True, False), "bf16 copy / bf16 autocast": (True, True)}
+
+
 def natural_step(args) -> dict:
-    """One whole ExP-GRPO step of train.py (embedded model, arith, --max_new_tokens = the last budget), sampling from
-    the fp32 policy and from its bf16 copy: the same step twice from the same weights (its update is undone between)."""
+    """One whole ExP-GRPO step of train.py (embedded model, arith, --max_new_tokens = the last budget) three ways, from
+    the same weights (each update is undone): sampling from the fp32 policy or its bf16 copy, training in fp32 or under
+    bf16 autocast (--train_dtype). Per way: the step, its sampling and its update (forward and backward of the scored
+    rows and targets), and the sampler/trainer mismatch; each against fp32 / fp32."""
     flags = ["--batch_size", str(args.prompts), "--num_generations", str(args.group), "--max_new_tokens",
              str(args.budgets[-1]), "--output_dir", tempfile.mkdtemp(prefix="expo-bench-"), "--overwrite",
-             "--levels", *map(str, args.levels), "--sampler_dtype", "fp32"]
+             "--levels", *map(str, args.levels), "--sampler_dtype", "fp32", "--train_dtype", "fp32"]
     trainer = train.Trainer(train.parse_args(flags))
     weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     batch = trainer.train_set[: args.prompts]
     out = {}
-    for name in ("fp32", "bf16 copy"):
+    for name, (bf16_sampler, bf16_train) in STEP_CONFIGS.items():
         trainer.model.load_state_dict(weights)
-        trainer.sampler = trainer.model if name == "fp32" else decode.sampler_copy(trainer.model)
+        trainer.sampler = decode.sampler_copy(trainer.model) if bf16_sampler else trainer.model
+        trainer.amp = functools.partial(torch.autocast, trainer.device.type, dtype=torch.bfloat16,
+                                        cache_enabled=False) if bf16_train else contextlib.nullcontext
         start = time.perf_counter()
         stats = trainer.grpo_step(batch)
         out[name] = {"step_s": round(time.perf_counter() - start, 1), "sample_s": round(stats["t_sample"], 1),
-                     "mismatch_k3": stats.get("mismatch_k3")}
-    out["speedup"] = round(out["fp32"]["step_s"] / out["bf16 copy"]["step_s"], 2)
-    print(f"one ExP-GRPO step, budget {args.budgets[-1]}: " + ", ".join(
-        f"{name} {out[name]['step_s']} s (sampling {out[name]['sample_s']} s)" for name in ("fp32", "bf16 copy"))
-        + f": fp32 / bf16 copy {out['speedup']}x", flush=True)
-    return {"step": out}
+                     "update_s": round(stats["t_update"], 1), "mismatch_k3": stats.get("mismatch_k3"),
+                     "rows": stats["pg_rows"], "targets": stats["targets"]}
+    base = out["fp32 / fp32"]
+    for name, row in out.items():
+        row["step_x"], row["update_x"] = round(base["step_s"] / row["step_s"], 2), \
+            round(base["update_s"] / max(row["update_s"], 1e-9), 2)
+        print(f"one ExP-GRPO step, budget {args.budgets[-1]}, sampling / training {name}: step {row['step_s']} s "
+              f"({row['step_x']}x), sampling {row['sample_s']} s, update {row['update_s']} s ({row['update_x']}x), "
+              f"mismatch k3 per token {row['mismatch_k3']}", flush=True)
+    return {"step": out, "bf16_native": decode.bf16_is_native(trainer.device)}
 
 
 def bench_train(args, device: torch.device) -> list[dict]:

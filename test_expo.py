@@ -2702,6 +2702,7 @@ def _step_loss_and_grad(tiny_dir, out, train_dtype, *flags):
     return stats, torch.cat([p.grad.flatten() for p in t.model.parameters()]), t
 
 
+@pytest.mark.exercise10
 def test_bf16_autocast_training_is_within_bf16_rounding_of_fp32(tiny_dir, tmp_path, monkeypatch):
     """--train_dtype bf16 on a CPU: the forward passes run under bf16 autocast, the weights and gradients stay fp32,
     and the step's likelihood term and gradient agree with fp32's to bf16's rounding. Tolerance: bf16 keeps 8
@@ -2723,6 +2724,7 @@ def test_bf16_autocast_training_is_within_bf16_rounding_of_fp32(tiny_dir, tmp_pa
         assert (t.amp is not contextlib.nullcontext) == want, f"--train_dtype auto with {caps}"
 
 
+@pytest.mark.exercise10
 @pytest.mark.parametrize("train_dtype", ["fp32", "bf16"])
 def test_first_ppo_epoch_ratio_is_exactly_one_and_no_gradient_means_no_step(tiny_dir, tmp_path, monkeypatch,
                                                                               train_dtype):

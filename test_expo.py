@@ -2725,6 +2725,24 @@ def test_bf16_autocast_training_is_within_bf16_rounding_of_fp32(tiny_dir, tmp_pa
 
 
 @pytest.mark.exercise10
+def test_fp32_sampler_samples_in_fp32_whatever_the_train_dtype(tiny_dir, tmp_path):
+    """--sampler_dtype fp32 --train_dtype bf16 draws exactly what an fp32 run draws: only the update changes, so the
+    two can be compared step for step. (Sampling the fp32 policy under the trainer's autocast broke this.) A run that
+    samples bf16 samples an fp32 model (DPO's reference) under bf16 autocast, as its bf16 copy."""
+    draws = {}
+    for train_dtype in ("fp32", "bf16"):
+        t = train.Trainer(train.parse_args(_args(tiny_dir, tmp_path / train_dtype, "--train_dtype", train_dtype)))
+        roll, _, explanations = t.rollouts(t.train_set[:2], explain=True)
+        draws[train_dtype] = (roll.completion_ids, roll.sampler_logp, explanations.sampler_logp)
+    assert all(torch.equal(a, b) for a, b in zip(draws["fp32"], draws["bf16"])), "--train_dtype changed the sampler"
+    t = train.Trainer(train.parse_args(_args(tiny_dir, tmp_path / "bf16-sampler", "--sampler_dtype", "bf16")))
+    with t.sampling(t.model):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    with t.sampling():
+        assert not torch.is_autocast_enabled("cpu")  # the bf16 copy needs none
+
+
+@pytest.mark.exercise10
 @pytest.mark.parametrize("train_dtype", ["fp32", "bf16"])
 def test_first_ppo_epoch_ratio_is_exactly_one_and_no_gradient_means_no_step(tiny_dir, tmp_path, monkeypatch,
                                                                               train_dtype):

@@ -87,9 +87,9 @@ class Config:
     temperature: float = option(0.7, "sampling temperature; the policy-gradient log-probs are scored at the same "
                                      "temperature, the likelihood terms (self-explanation, expert SFT, DPO) at T = 1")
     sampler_dtype: str = option("auto", "what rollouts, self-explanations and evaluations are sampled from: bf16 = a "
-                                "bf16 copy of the policy refreshed after every update, fp32 = the policy itself, "
-                                "auto = bf16 where bf16 matmuls are native (CUDA, a CPU with AMX / AVX512-BF16)",
-                                ("auto", "fp32", "bf16"))
+                                "bf16 copy of the policy refreshed after every update, fp32 = the policy itself in "
+                                "fp32 (whatever --train_dtype), auto = bf16 where bf16 matmuls are native (CUDA, a CPU "
+                                "with AMX / AVX512-BF16)", ("auto", "fp32", "bf16"))
     eval_every: int = option(0, "evaluate every N steps (0 = only before and after training)")
     eval_before: bool = option(True, "evaluate before training (compare.py does it once for all runs)")
     eval_k: int = option(4, "samples per eval question: reports pass@1 and pass@k")
@@ -107,9 +107,10 @@ class Config:
     resume: bool = option(False, "continue the run in output_dir from its newest checkpoint, as if uninterrupted")
     overwrite: bool = option(False, "start afresh in an output_dir that holds a run, deleting that run's files")
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
-    train_dtype: str = option("auto", "the trainer's forward passes: bf16 = under bf16 autocast (weights, gradients and "
-                              "AdamW stay fp32, log-softmax and losses fp32), fp32, auto = bf16 where bf16 matmuls are "
-                              "native (CUDA, a CPU with AMX / AVX512-BF16), as --sampler_dtype", ("auto", "fp32", "bf16"))
+    train_dtype: str = option("auto", "the trainer's forward passes: bf16 = under bf16 autocast (weights, gradients "
+                              "and AdamW stay fp32, log-softmax and losses fp32), fp32, auto = bf16 where bf16 matmuls "
+                              "are native (CUDA, a CPU with AMX / AVX512-BF16), as --sampler_dtype",
+                              ("auto", "fp32", "bf16"))
 
 
 def parse_args(argv=None) -> Config:
@@ -185,7 +186,7 @@ class Trainer(Run):
         prompts = [expo.solve_prompt(e.question) for e in batch]
         if explain:
             prompts += [expo.explain_prompt(e.question, e.answer) for e in batch]
-        with self.sampling():  # the bf16 sampler copy, or the policy under the run's autocast
+        with self.sampling():  # the bf16 sampler copy, or the fp32 policy in fp32
             out = rollout.sample(self.sampler, self.tokenizer, rollout.encode_prompts(self.tokenizer, prompts),
                                  [G] * B + [1] * (len(prompts) - B), self.cfg.max_new_tokens, self.cfg.temperature,
                                  seed=self.sampling_seed())

@@ -159,9 +159,12 @@ class Run:
             decode.refresh_sampler(self.sampler, self.model)
 
     def sampling(self, model=None):
-        """The context to sample `model` (default: the sampler) in: none for a bf16 model, else the run's autocast."""
+        """The context to sample `model` (default: the sampler) in, by --sampler_dtype and never --train_dtype: none
+        for the bf16 copy or an fp32 sampler; bf16 autocast for an fp32 model (DPO's reference) when sampling bf16."""
         model = model or self.sampler
-        return contextlib.nullcontext() if next(model.parameters()).dtype == torch.bfloat16 else self.amp()
+        fp32_model_bf16_run = next(model.parameters()).dtype != torch.bfloat16 and self.sampler is not self.model
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=False) if fp32_model_bf16_run \
+            else contextlib.nullcontext()
 
     def apply_gradients(self) -> float:
         """Sum the ranks' gradients, clip, and apply, unless the norm is not finite (then nothing changes). The norm
@@ -236,8 +239,7 @@ class Run:
         cfg, main = self.cfg, self.ranks.main
         levels = "all levels" if cfg.levels is None else "level " + ",".join(map(str, cfg.levels))
         bf16 = self.amp is not contextlib.nullcontext  # --train_dtype: the trainer's forward passes under autocast
-        sampler = "a bf16 copy of the policy" if self.sampler is not self.model else \
-            "the policy under bf16 autocast" if bf16 else "the fp32 policy"
+        sampler = "a bf16 copy of the policy" if self.sampler is not self.model else "the fp32 policy"
         trainer = "under bf16 autocast" if bf16 else "in fp32"
         if main:
             print(f"{cfg.method} on {cfg.dataset}, {levels}: {len(self.train_set)} train / {len(self.eval_set)} eval "

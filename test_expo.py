@@ -2768,9 +2768,10 @@ def test_first_ppo_epoch_ratio_is_exactly_one_and_no_gradient_means_no_step(tiny
 
 
 @pytest.mark.exercise10
-def test_tis_weight_is_exactly_one_when_the_sampler_is_the_trainer(tiny_dir, tmp_path, monkeypatch):
+def test_tis_weight_is_exactly_one_when_the_sampler_is_the_trainer(tiny_dir, tmp_path, monkeypatch, capsys):
     """--sampler_dtype fp32 samples from the policy itself: --tis_cap changes nothing (the cached decoder's tiny
-    rounding differences are not corrected); with a bf16 copy the mismatch is logged and the correction applied."""
+    rounding differences are not corrected); with a bf16 copy the mismatch is logged and the correction applied, and
+    the run's first line says so (and that bf16 is emulated, where it is)."""
     monkeypatch.setattr(train.reward, "score", lambda text, gold, question=None: float(len(text) % 2))  # mixed groups
     flags = ["--method", "grpo", "--kl_coef", "0.1", "--steps", "2", "--learning_rate", "1e-2", "--num_generations", "4"]
     for name, extra in [("plain", []), ("tis", ["--tis_cap", "2"])]:
@@ -2779,8 +2780,11 @@ def test_tis_weight_is_exactly_one_when_the_sampler_is_the_trainer(tiny_dir, tmp
     assert [(s["loss_pg"], s["grad_norm"]) for s in plain] == [(s["loss_pg"], s["grad_norm"]) for s in tis], \
         "--tis_cap changed the update although the sampler is the fp32 policy"
     assert all(abs(s["mismatch_log_ratio"]) < 1e-5 and s["mismatch_k3"] < 1e-6 for s in plain)
+    assert "sampling from the fp32 policy, training in fp32," in capsys.readouterr().out
     train.main(_args(tiny_dir, tmp_path / "bf16", *flags, "--sampler_dtype", "bf16"))
     assert all(s["mismatch_k3"] > 0 and s["mismatch_max_ratio"] > 1 for s in _steps(tmp_path / "bf16"))
+    emulated = "" if decode.bf16_is_native(torch.device("cpu")) else " (bf16 emulated on this CPU: slower than fp32)"
+    assert f"sampling from a bf16 copy of the policy{emulated}, training in fp32," in capsys.readouterr().out
 
 
 # ====================================================================================================== distributed

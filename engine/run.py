@@ -239,8 +239,9 @@ class Run:
         cfg, main = self.cfg, self.ranks.main
         levels = "all levels" if cfg.levels is None else "level " + ",".join(map(str, cfg.levels))
         bf16 = self.amp is not contextlib.nullcontext  # --train_dtype: the trainer's forward passes under autocast
-        sampler = "a bf16 copy of the policy" if self.sampler is not self.model else "the fp32 policy"
-        trainer = "under bf16 autocast" if bf16 else "in fp32"
+        emulated = "" if decode.bf16_is_native(self.device) else " (bf16 emulated on this CPU: slower than fp32)"
+        sampler = "a bf16 copy of the policy" + emulated if self.sampler is not self.model else "the fp32 policy"
+        trainer = "under bf16 autocast" + emulated if bf16 else "in fp32"
         if main:
             print(f"{cfg.method} on {cfg.dataset}, {levels}: {len(self.train_set)} train / {len(self.eval_set)} eval "
                   f"questions, device {self.device}, {self.ranks.world} process(es) of {torch.get_num_threads()} "

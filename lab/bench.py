@@ -15,9 +15,9 @@ per-prompt counts (what train.py does) and in two calls, each relative to the G 
 weights on real arith prompts (B solve prompts x G rollouts plus B explain prompts, as an ExP-GRPO step samples them),
 each row stopping where the model stops, at the demo's budget (128 new tokens) and the comparison's (256), sampled
 from the fp32 policy and from its bf16 copy (`--sampler_dtype`), side by side in one run, with the bf16 sampler's
-mismatch to the fp32 trainer on the tokens it drew (k3 per token, the largest ratio), and one whole ExP-GRPO step
-three ways (`natural_step`): fp32 sampling and training, bf16 sampling, and bf16 sampling with the update under bf16
-autocast (--train_dtype bf16), with the update's own time and the sampler/trainer mismatch of each.
+mismatch on the tokens it drew (k3 per token, the largest ratio) to the trainer in fp32 and under bf16 autocast
+(`--train_dtype`), and one whole ExP-GRPO step three ways (`natural_step`): fp32 sampling and training, bf16 sampling,
+and bf16 sampling with the update under bf16 autocast, with the update's own time.
 
 `--train` times whole steps of train.py instead (`bench_train`): a GRPO step and an ExP-GRPO step, each with full
 fine-tuning and with `--lora_rank`, on the same random-weight model (the SmolLM2 tokenizer), with every completion
@@ -152,7 +152,8 @@ def graph_check(device) -> dict:
 
 def bench_natural(args) -> list[dict]:
     """Sampling at natural lengths from the fp32 policy and from its bf16 copy, at the demo's and the comparison's
-    budgets, and how far the bf16 sampler's distribution is from the fp32 trainer's on the tokens it drew."""
+    budgets, and how far the bf16 sampler's distribution is from the trainer's on the tokens it drew, with the trainer
+    in fp32 and under bf16 autocast (--train_dtype)."""
     model, tokenizer = rollout.load_policy(None)
     copy = decode.sampler_copy(model)
     questions = train.data.load("arith", "test", levels=args.levels, limit=args.prompts, seed=0)
@@ -166,23 +167,31 @@ def bench_natural(args) -> list[dict]:
         for name, sampler in (("fp32", model), ("bf16 copy", copy)):
             seconds[name] = min(_timed(lambda: runs.__setitem__(name, rollout.sample(
                 sampler, tokenizer, prompts, counts, budget, 0.7, seed=1)), model.device) for _ in range(args.repeats))
-        out = runs["bf16 copy"]
-        with torch.no_grad():
-            trainer_logp = rollout.token_logprobs(model, out.prompt_ids, out.prompt_mask, out.completion_ids, 0.7)
-        m = tis.sampler_mismatch(trainer_logp, out.sampler_logp, out.completion_mask)
+        out, mismatch = runs["bf16 copy"], {}
+        for trainer, amp in (("fp32", contextlib.nullcontext()), ("bf16 autocast", torch.autocast(
+                model.device.type, dtype=torch.bfloat16, cache_enabled=False))):
+            with torch.no_grad(), amp:  # [N, T] the trainer's log-probs of the bf16 copy's tokens
+                logp = rollout.token_logprobs(model, out.prompt_ids, out.prompt_mask, out.completion_ids, 0.7)
+            mismatch[trainer] = tis.sampler_mismatch(logp, out.sampler_logp, out.completion_mask)
+        m = mismatch["fp32"]
         n_tokens = {k: int(r.completion_mask.sum()) for k, r in runs.items()}
         row = {"budget": budget, "rows": len(counts), "seconds": {k: round(v, 2) for k, v in seconds.items()},
                "tokens": n_tokens, "tok_s": {k: round(n_tokens[k] / seconds[k], 1) for k in runs},
                "mean_len": {k: round(float(r.completion_mask.sum(1).float().mean()), 1) for k, r in runs.items()},
                "truncated": {k: round(float(r.truncated.float().mean()), 2) for k, r in runs.items()},
                "mismatch_k3_per_token": m["k3"] / n_tokens["bf16 copy"],
-               "mismatch_log_ratio_per_token": m["log_ratio"] / n_tokens["bf16 copy"], "max_ratio": m["max_ratio"]}
+               "mismatch_log_ratio_per_token": m["log_ratio"] / n_tokens["bf16 copy"], "max_ratio": m["max_ratio"],
+               "bf16_trainer": {"mismatch_k3_per_token": mismatch["bf16 autocast"]["k3"] / n_tokens["bf16 copy"],
+                                "max_ratio": mismatch["bf16 autocast"]["max_ratio"]}}
         row["tok_s_ratio"] = round(row["tok_s"]["bf16 copy"] / row["tok_s"]["fp32"], 2)
         results.append(row)
         print(f"{len(questions)} x G={args.group} + {len(questions)} explanations, budget {budget}: " + ", ".join(
             f"{k} {seconds[k]:.1f} s, {row['tok_s'][k]:.0f} tok/s (mean length {row['mean_len'][k]})" for k in runs)
-            + f"; bf16 / fp32 tokens/s {row['tok_s_ratio']}x; mismatch per token: k3 {row['mismatch_k3_per_token']:.2e},"
-            f" log-ratio {row['mismatch_log_ratio_per_token']:.2e}, largest ratio {m['max_ratio']:.3f}", flush=True)
+            + f"; bf16 / fp32 tokens/s {row['tok_s_ratio']}x; mismatch per token to the fp32 trainer: k3 "
+            f"{row['mismatch_k3_per_token']:.2e}, log-ratio {row['mismatch_log_ratio_per_token']:.2e}, largest ratio "
+            f"{m['max_ratio']:.3f}; to the trainer under bf16 autocast: k3 "
+            f"{row['bf16_trainer']['mismatch_k3_per_token']:.2e}, largest ratio {row['bf16_trainer']['max_ratio']:.3f}",
+            flush=True)
     results.append(natural_step(args))
     return results
 
@@ -195,7 +204,8 @@ def natural_step(args) -> dict:
     """One whole ExP-GRPO step of train.py (embedded model, arith, --max_new_tokens = the last budget) three ways, from
     the same weights (each update is undone): sampling from the fp32 policy or its bf16 copy, training in fp32 or under
     bf16 autocast (--train_dtype). Per way: the step, its sampling and its update (forward and backward of the scored
-    rows and targets), and the sampler/trainer mismatch; each against fp32 / fp32."""
+    rows and targets), each against fp32 / fp32. (The mismatch is `bench_natural`'s: a step logs it only over the
+    rollouts it trains on, none when every group is all-wrong.)"""
     flags = ["--batch_size", str(args.prompts), "--num_generations", str(args.group), "--max_new_tokens",
              str(args.budgets[-1]), "--output_dir", tempfile.mkdtemp(prefix="expo-bench-"), "--overwrite",
              "--levels", *map(str, args.levels), "--sampler_dtype", "fp32", "--train_dtype", "fp32"]
@@ -211,15 +221,14 @@ def natural_step(args) -> dict:
         start = time.perf_counter()
         stats = trainer.grpo_step(batch)
         out[name] = {"step_s": round(time.perf_counter() - start, 1), "sample_s": round(stats["t_sample"], 1),
-                     "update_s": round(stats["t_update"], 1), "mismatch_k3": stats.get("mismatch_k3"),
-                     "rows": stats["pg_rows"], "targets": stats["targets"]}
+                     "update_s": round(stats["t_update"], 1), "rows": stats["pg_rows"], "targets": stats["targets"]}
     base = out["fp32 / fp32"]
     for name, row in out.items():
         row["step_x"], row["update_x"] = round(base["step_s"] / row["step_s"], 2), \
             round(base["update_s"] / max(row["update_s"], 1e-9), 2)
         print(f"one ExP-GRPO step, budget {args.budgets[-1]}, sampling / training {name}: step {row['step_s']} s "
-              f"({row['step_x']}x), sampling {row['sample_s']} s, update {row['update_s']} s ({row['update_x']}x), "
-              f"mismatch k3 per token {row['mismatch_k3']}", flush=True)
+              f"({row['step_x']}x), sampling {row['sample_s']} s, update {row['update_s']} s ({row['update_x']}x; "
+              f"{row['rows']} rollouts, {row['targets']} targets)", flush=True)
     return {"step": out, "bf16_native": decode.bf16_is_native(trainer.device)}
 
 

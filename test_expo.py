@@ -1787,6 +1787,21 @@ def test_analyze_writes_the_three_kinds_of_sample(tiny_dir, tmp_path):
     assert 0 < saved["stop_at_target_end"]["answer_free"] < 1 and 0 < saved["stop_at_target_end"]["hinted"] < 1
 
 
+@pytest.mark.exercise7
+def test_analyze_scores_under_train_dtype_and_samples_by_sampler_dtype_alone(tiny_dir, monkeypatch):
+    """--train_dtype bf16 scores the NLLs under bf16 autocast; sampling never runs under it (--sampler_dtype fp32
+    draws from the fp32 model in fp32, as train.py does), or the analysis would describe other samples than a run's."""
+    seen = {"sample": set(), "score": set()}
+    real_sample, real_nll = analyze.rollout.sample, analyze.sequence_nll
+    monkeypatch.setattr(analyze.rollout, "sample", lambda *a, **k: seen["sample"].add(
+        torch.is_autocast_enabled("cpu")) or real_sample(*a, **k))
+    monkeypatch.setattr(analyze, "sequence_nll", lambda *a, **k: seen["score"].add(
+        torch.is_autocast_enabled("cpu")) or real_nll(*a, **k))
+    analyze.main(["--model", str(tiny_dir), "--n", "2", "--k", "2", "--max_new_tokens", "4", "--no_drop_leaks",
+                  "--sampler_dtype", "fp32", "--train_dtype", "bf16", "--pass_k", "2"])
+    assert seen == {"sample": {False}, "score": {True}}, seen
+
+
 @pytest.mark.exercise2
 def test_end_probability_is_the_last_targets_token_probability(tokenizer):
     """analyze.end_probability: p(turn end | the target before it), the last masked token of each row."""

@@ -90,14 +90,16 @@ def measure(model, tokenizer, examples: list[data.Example], k: int = 4, max_new_
             temperature: float = 0.7, seed: int = 0, drop_leaks: bool = True, drop_truncated: bool = False,
             sampler=None) -> dict:
     """The three kinds of positive sample for `examples`, each described by `describe` (see the module docstring).
-    Samples come from `sampler` (a bf16 copy, as in training) when given, else from `model`; NLLs are `model`'s."""
+    Samples come from `sampler` (a bf16 copy, as in training) when given, else from `model`, never under the caller's
+    autocast (which is for scoring, as --train_dtype: train.py samples by --sampler_dtype alone); NLLs are `model`'s."""
     device, sampler = next(model.parameters()).device, sampler or model
     turn_end = rollout.turn_end_id(tokenizer)
     solve = [expo.solve_prompt(e.question) for e in examples]
     golds = [e.answer for e in examples]
 
-    own = rollout.sample(sampler, tokenizer, rollout.encode_prompts(tokenizer, solve), k, max_new_tokens, temperature,
-                         seed=seed)
+    with torch.autocast(device.type, enabled=False):  # sampling: the sampler's own dtype, whatever the caller's
+        own = rollout.sample(sampler, tokenizer, rollout.encode_prompts(tokenizer, solve), k, max_new_tokens,
+                             temperature, seed=seed)
     result = {"own": describe(*sequence_nll(model, own), [reward.score(t, golds[i // k], examples[i // k].question)
                                                           for i, t in
                                                           enumerate(own.texts)], own.truncated.tolist())}
@@ -106,7 +108,8 @@ def measure(model, tokenizer, examples: list[data.Example], k: int = 4, max_new_
         result["stop_at_rollout_end"] = stops
 
     explain = rollout.encode_prompts(tokenizer, [expo.explain_prompt(e.question, e.answer) for e in examples])
-    raw = rollout.sample(sampler, tokenizer, explain, 1, max_new_tokens, temperature, seed=seed + 1)
+    with torch.autocast(device.type, enabled=False):
+        raw = rollout.sample(sampler, tokenizer, explain, 1, max_new_tokens, temperature, seed=seed + 1)
     targets, counts = expo.self_explanation_targets(raw.texts, golds, raw.truncated.tolist(), None, drop_leaks,
                                                     drop_truncated, questions=[e.question for e in examples])
     kept = [i for i, t in enumerate(targets) if t is not None]
@@ -258,9 +261,9 @@ def main(argv=None) -> dict:
     with amp:
         result = measure(model, tokenizer, examples, args.k, args.max_new_tokens, args.temperature, args.seed,
                          drop_leaks=not args.no_drop_leaks, drop_truncated=args.drop_truncated, sampler=sampler)
-        if args.pass_k:
-            result["pass_at_k"] = pass_at_k_curve(sampler, tokenizer, examples, args.pass_k, args.max_new_tokens,
-                                                  args.temperature, args.seed + 2)
+    if args.pass_k:
+        result["pass_at_k"] = pass_at_k_curve(sampler, tokenizer, examples, args.pass_k, args.max_new_tokens,
+                                              args.temperature, args.seed + 2)
     result["config"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     print(table(result))
     if args.json:

@@ -41,6 +41,12 @@ def bf16_is_native(device: torch.device) -> bool:
     return bool(caps.get("amx_bf16") or caps.get("avx512_bf16"))
 
 
+def bf16_autocast(device: torch.device):
+    """The bf16 autocast context of --train_dtype bf16 (and of sampling an fp32 model the bf16 way), without autocast's
+    weight cache: the weights change after every step."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
+
+
 def sampler_copy(model, dtype: torch.dtype = torch.bfloat16):
     """A copy of the policy to sample from, its parameters in `dtype` (buffers such as RoPE frequencies stay fp32),
     as RL stacks sample from a low-precision inference engine, its linear layers `PackedLinear`s on a CPU with bf16

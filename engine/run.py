@@ -106,8 +106,7 @@ class Run:
         local = f"cuda:{ranks.local_rank}" if use_cuda else "cpu"  # under torchrun: this rank's GPU
         device = torch.device(local if cfg.device in ("auto", "cuda") else cfg.device)
         use_bf16 = cfg.train_dtype == "bf16" or (cfg.train_dtype == "auto" and decode.bf16_is_native(device))
-        amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)) \
-            if use_bf16 else contextlib.nullcontext
+        amp = (lambda: decode.bf16_autocast(device)) if use_bf16 else contextlib.nullcontext
         return ranks, device, amp
 
     def claim_folder(self) -> None:
@@ -163,8 +162,7 @@ class Run:
         for the bf16 copy or an fp32 sampler; bf16 autocast for an fp32 model (DPO's reference) when sampling bf16."""
         model = model or self.sampler
         fp32_model_bf16_run = next(model.parameters()).dtype != torch.bfloat16 and self.sampler is not self.model
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=False) if fp32_model_bf16_run \
-            else contextlib.nullcontext()
+        return decode.bf16_autocast(self.device) if fp32_model_bf16_run else contextlib.nullcontext()
 
     def apply_gradients(self) -> float:
         """Sum the ranks' gradients, clip, and apply, unless the norm is not finite (then nothing changes). The norm

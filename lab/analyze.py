@@ -256,7 +256,7 @@ def main(argv=None) -> dict:
     bf16 = args.sampler_dtype == "bf16" or (args.sampler_dtype == "auto" and native)
     sampler = decode.sampler_copy(model) if bf16 else model
     scoring_bf16 = args.train_dtype == "bf16" or (args.train_dtype == "auto" and native)
-    amp = torch.autocast(model.device.type, dtype=torch.bfloat16) if scoring_bf16 else contextlib.nullcontext()  # as
+    amp = decode.bf16_autocast(model.device) if scoring_bf16 else contextlib.nullcontext()  # as
     # train.py's --train_dtype: the NLLs are scored under bf16 autocast where bf16 is native (log-softmax in fp32)
     with amp:
         result = measure(model, tokenizer, examples, args.k, args.max_new_tokens, args.temperature, args.seed,

@@ -168,8 +168,7 @@ def bench_natural(args) -> list[dict]:
             seconds[name] = min(_timed(lambda: runs.__setitem__(name, rollout.sample(
                 sampler, tokenizer, prompts, counts, budget, 0.7, seed=1)), model.device) for _ in range(args.repeats))
         out, mismatch = runs["bf16 copy"], {}
-        for trainer, amp in (("fp32", contextlib.nullcontext()), ("bf16 autocast", torch.autocast(
-                model.device.type, dtype=torch.bfloat16, cache_enabled=False))):
+        for trainer, amp in (("fp32", contextlib.nullcontext()), ("bf16 autocast", decode.bf16_autocast(model.device))):
             with torch.no_grad(), amp:  # [N, T] the trainer's log-probs of the bf16 copy's tokens
                 logp = rollout.token_logprobs(model, out.prompt_ids, out.prompt_mask, out.completion_ids, 0.7)
             mismatch[trainer] = tis.sampler_mismatch(logp, out.sampler_logp, out.completion_mask)
@@ -216,8 +215,7 @@ def natural_step(args) -> dict:
     for name, (bf16_sampler, bf16_train) in STEP_CONFIGS.items():
         trainer.model.load_state_dict(weights)
         trainer.sampler = decode.sampler_copy(trainer.model) if bf16_sampler else trainer.model
-        trainer.amp = functools.partial(torch.autocast, trainer.device.type, dtype=torch.bfloat16,
-                                        cache_enabled=False) if bf16_train else contextlib.nullcontext
+        trainer.amp = functools.partial(decode.bf16_autocast, trainer.device) if bf16_train else contextlib.nullcontext
         start = time.perf_counter()
         stats = trainer.grpo_step(batch)
         out[name] = {"step_s": round(time.perf_counter() - start, 1), "sample_s": round(stats["t_sample"], 1),

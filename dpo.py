@@ -78,8 +78,9 @@ def chosen_responses(t, batch: list[data.Example]) -> tuple[list[str | None], di
     stale = [e for e in batch if e.id not in t.cached or (refresh and t.step - t.cached[e.id][0] >= refresh)]
     if stale:
         with contextlib.nullcontext(t.model) if refresh else t.reference() as model, t.sampling(model):
-            prompts = rollout.encode_prompts(t.tokenizer, [expo.explain_prompt(e.question, e.answer) for e in stale])
-            sampled = rollout.sample(model, t.tokenizer, prompts, 1, cfg.max_new_tokens, cfg.temperature,
+            prompts = rollout.encode_prompts(t.tokenizer, [expo.explain_prompt(e.question, e.answer, cfg.explain_hint)
+                                                           for e in stale])
+            sampled = rollout.sample(model, t.tokenizer, prompts, 1, cfg.max_new_tokens, cfg.explain_temperature,
                                      seed=t.sampling_seed(1))
         targets, stats = expo.self_explanation_targets(sampled.texts, [e.answer for e in stale],
                                                        sampled.truncated.tolist(), None, cfg.drop_leaks,

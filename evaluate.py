@@ -1,8 +1,12 @@
 """Evaluation: pass@k on a held-out split, overall and by level / subject (the paper: pass@4 at temperature 0.7).
 
-    python evaluate.py --model runs/expo/checkpoint --dataset math --levels 5 --k 4
-    python evaluate.py                      # the embedded SmolLM2-135M on the default arith test set
+    python evaluate.py --model runs/expo-arith/checkpoint   # repeats the demo's "after" evaluation, draw for draw
+    python evaluate.py                      # the embedded SmolLM2-135M: the demo's "before"
+    python evaluate.py --model runs/expo/checkpoint --dataset math --levels 5 --k 4 --limit 500 --max_new_tokens 1024
     python evaluate.py --rescore runs/expo-arith/eval_samples.jsonl   # a run's evaluations, by today's checker
+
+The defaults are train.py's evaluation (--eval_limit 48, --eval_k 4, T = 0.7, the training budget of 128 tokens,
+--eval_seed 0, the same sampler), so a run's evaluation can be repeated exactly, or with other draws (--draws).
 
 For each question we sample n = k completions and count the correct ones, c. The unbiased estimator of
 pass@k (Chen et al., 2021) is  1 - C(n - c, k) / C(n, k);  with n = k it is simply "any of the k is right", and
@@ -25,6 +29,9 @@ from engine import decode
 import expo
 import reward
 import rollout
+
+
+DRAWS = 10**6  # an evaluation draws from the stream seed + DRAWS + i for question i, apart from the subset's seed
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -170,12 +177,15 @@ def main() -> None:
     parser.add_argument("--split", default="test", help="split to evaluate on")
     parser.add_argument("--levels", nargs="+", default=None,
                         help="keep only these levels ('all' for all; default: level 2 of arith, all elsewhere)")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate a random subset of this many questions")
+    parser.add_argument("--limit", type=int, default=48, help="evaluate a fixed random subset of this many questions "
+                        "(0: all)")
     parser.add_argument("--k", type=int, default=4, help="samples per question; reports pass@1 and pass@k")
     parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
-    parser.add_argument("--max_new_tokens", type=int, default=256, help="generation budget per completion")
+    parser.add_argument("--max_new_tokens", type=int, default=128, help="generation budget per completion")
     parser.add_argument("--batch_size", type=int, default=16, help="questions sampled together")
-    parser.add_argument("--seed", type=int, default=0, help="sampling and subset seed")
+    parser.add_argument("--seed", type=int, default=0, help="the subset's seed, as train.py --eval_seed")
+    parser.add_argument("--draws", type=int, default=0, help="which draws: 0 = the run's own (train.py's "
+                        "evaluation), another number = other draws of the same questions (the evaluation's noise)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu | cuda")
     parser.add_argument("--sampler_dtype", default="auto", choices=("auto", "fp32", "bf16"),
                         help="the weights' dtype (auto: bf16 where bf16 matmuls are native), as train.py samples")
@@ -187,12 +197,13 @@ def main() -> None:
             print(f"{label}:\n{table(result, None, k)}\n")
         return
     levels = data.parse_levels(args.dataset, args.levels)
-    examples = data.load(args.dataset, args.split, levels=levels, limit=args.limit, seed=args.seed)
+    examples = data.load(args.dataset, args.split, levels=levels, limit=args.limit or None, seed=args.seed)
     native = decode.bf16_is_native(torch.device(args.device))
-    bf16 = args.sampler_dtype == "bf16" or (args.sampler_dtype == "auto" and native)
-    model, tokenizer = rollout.load_policy(args.model, args.device, torch.bfloat16 if bf16 else torch.float32)
+    model, tokenizer = rollout.load_policy(args.model, args.device)
+    if args.sampler_dtype == "bf16" or (args.sampler_dtype == "auto" and native):
+        model = decode.sampler_copy(model, torch.bfloat16)  # the bf16 copy a run samples from
     result = evaluate(model, tokenizer, examples, args.k, args.temperature, args.max_new_tokens, args.batch_size,
-                      args.seed)
+                      args.seed + DRAWS + args.draws * 10**5)
     print(table(result, None, args.k))
 
 

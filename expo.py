@@ -42,13 +42,20 @@ import torch
 import torch.nn.functional as F
 
 import reward
-from variants import tis  # truncated importance sampling for a bf16 sampler: one line in microbatch_loss
 
 # --------------------------------------------------------------------------------------------------------- prompts
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-HINT = ("\n\nThe correct final answer is {answer}. Explain step by step how to reach it, as if you were solving the "
-        "problem yourself, without saying that the answer was given to you.")
+# What the self-explanation prompt adds to the solve prompt (--explain_hint). "brief", the default, asks for a short
+# solution that ends in the answer: a small model's explanation then finishes within the budget (docs/record.md: "The
+# demo, made to show the mechanism"). "step_by_step" is the hint of the runs recorded before it: most of its
+# explanations ran to a 128-token budget.
+HINTS = {
+    "brief": ("\n\nThe correct final answer is {answer}. Write a short solution that reaches it, in two or three "
+              "sentences, as if you were solving the problem yourself, and end with \\boxed{{{answer}}}."),
+    "step_by_step": ("\n\nThe correct final answer is {answer}. Explain step by step how to reach it, as if you were "
+                     "solving the problem yourself, without saying that the answer was given to you."),
+}
 
 
 def solve_prompt(question: str) -> str:
@@ -56,13 +63,14 @@ def solve_prompt(question: str) -> str:
     return f"{question}\n\n{INSTRUCTION}"
 
 
-def explain_prompt(question: str, answer: str) -> str:
-    """The self-explanation user message: `solve_prompt(question)` plus the gold answer and the request to explain."""
+def explain_prompt(question: str, answer: str, hint: str = "brief") -> str:
+    """The self-explanation user message: `solve_prompt(question)` plus the gold answer and the request to explain
+    (`HINTS[hint]`)."""
     # exercise 7: the self-explanation prompt and its training target
-    return solve_prompt(question) + HINT.format(answer=answer)
+    return solve_prompt(question) + HINTS[hint].format(answer=answer)
 
 
-# A target must not talk about a hint the model never sees at test time: five consecutive words of HINT itself, or
+# A target must not talk about a hint the model never sees at test time: five consecutive words of a hint itself, or
 # the usual ways of saying that the answer was handed over.
 _HINT_WORDS = 5
 _LEAK = re.compile(
@@ -82,7 +90,8 @@ def _ngrams(words: list[str], n: int) -> set[str]:
     return {" ".join(words[i : i + n]) for i in range(len(words) - n + 1)}
 
 
-_HINT_NGRAMS = set().union(*(_ngrams(_words(part), _HINT_WORDS) for part in HINT.split("{answer}")))
+_HINT_NGRAMS = set().union(*(_ngrams(_words(part), _HINT_WORDS) for hint in HINTS.values()
+                              for part in hint.split("{answer}")))
 
 
 def mentions_hint(explanation: str) -> bool:
@@ -95,18 +104,19 @@ def mentions_hint(explanation: str) -> bool:
 _CLOSERS = re.compile(r"\}(?:\s*(?:\}|\$|\\\]|\\\)|\*\*))*\.?")
 
 
-def explanation_target(explanation: str, answer: str) -> str:
+def explanation_target(explanation: str, answer: str, truncated: bool = False) -> str:
     r"""The training target made from a self-explanation: stripped, its final answer set to \boxed{answer}.
 
-    Its last balanced \boxed{...} gets the gold answer; what closes the box and the math around it stays (`}`, `$`,
-    `$$`, `\]`, `\)`, `**`, whitespace, then one `.`) and the prose after is cut: "so $\boxed{7}$. Done" ->
-    "so $\boxed{gold}$.". Without a box, one line is appended: "\nThe answer is \boxed{gold}.".
-    """
+    Its last balanced \boxed{...} gets the gold answer; what closes the box and its math stays (`}`, `$`, `$$`, `\]`,
+    `\)`, `**`, whitespace, one `.`), the prose after is cut: "so $\boxed{7}$. Done" -> "so $\boxed{gold}$.". Without
+    a box, "The answer is \boxed{gold}." is appended on a line of its own; to a cut-off explanation (`truncated`),
+    after its finished lines only: "48 + 8 = 56.\nSo 56 + 1 = 5" -> "48 + 8 = 56.\nThe answer is \boxed{gold}."."""
     # exercise 7: the self-explanation prompt and its training target
     text = explanation.strip()
     span = reward.boxed_span(text)
     if span is None:
-        return f"{text}\nThe answer is \\boxed{{{answer}}}."
+        finished = text[: text.rfind("\n") + 1].rstrip() if truncated else text  # "" without a finished line
+        return f"{finished}\nThe answer is \\boxed{{{answer}}}.".lstrip()
     start, end = span
     tail = _CLOSERS.match(text, end).group(0)  # the closers of the box and its math, not the prose after them
     return text[:start] + answer + tail
@@ -116,20 +126,22 @@ def self_explanation_targets(explanations: list[str], answers: list[str], trunca
                              drop_leaks: bool = True, drop_truncated: bool = False, drop_wrong: bool = False,
                              questions: list[str] | None = None) -> tuple[list[str | None], dict[str, float]]:
     """The likelihood targets made from sampled self-explanations, one per question (training and lab/analyze.py):
-    `explanation_target(text, gold)`, or None where a filter drops it, in this order: `solved` (--explain_on failed:
-    True where the question's group had a success), `drop_leaks` (`mentions_hint`), `drop_truncated` (cut off by the
-    budget), `drop_wrong` (its own answer is not the gold, or restates the question). Returns (targets, counts:
-    `explain_correct`, the share that reach the gold alone, and what each filter dropped). Example: ["So \\boxed{7}.",
-    "The given answer is 7."], gold ["8", "7"] -> (["So \\boxed{8}.", None], {...}).
-    """
+    `explanation_target(text, gold, truncated)`, or None where a filter drops it, in this order: `solved`
+    (--explain_on failed: True where the question's group had a success), `drop_leaks` (`mentions_hint`),
+    `drop_truncated` (cut off by the budget), `drop_wrong` (its own answer is not the gold, or restates the question).
+    Returns (targets, counts: explanations, cut off (whatever the filters do), reaching the gold alone (and as a
+    share), targets made from finished explanations, dropped by each filter)."""
     correct = [reward.score(t, a, q) for t, a, q in zip(explanations, answers, questions or [None] * len(answers))]
     reasons = ["solved" if solved is not None and solved[i] else "leak" if drop_leaks and mentions_hint(text) else
                "truncated" if drop_truncated and truncated[i] else "wrong" if drop_wrong and not correct[i] else None
                for i, text in enumerate(explanations)]  # the first filter that drops each, or None
-    targets = [None if why else explanation_target(text, answer)
-               for text, answer, why in zip(explanations, answers, reasons)]
-    counts = {"explain_correct": sum(correct) / max(1, len(correct)), "explain_dropped": reasons.count("leak"),
-              "explain_dropped_truncated": reasons.count("truncated"), "explain_dropped_wrong": reasons.count("wrong")}
+    targets = [None if why else explanation_target(text, answer, cut)
+               for text, answer, cut, why in zip(explanations, answers, truncated, reasons)]
+    counts = {"explanations": len(explanations), "explain_cut_off": sum(map(bool, truncated)),
+              "explain_reached": sum(correct), "explain_correct": sum(correct) / max(1, len(correct)),
+              "targets_finished": sum(t is not None and not cut for t, cut in zip(targets, truncated)),
+              "explain_dropped": reasons.count("leak"), "explain_dropped_truncated": reasons.count("truncated"),
+              "explain_dropped_wrong": reasons.count("wrong")}
     if solved is not None:
         counts["explain_dropped_solved"] = reasons.count("solved")
     return targets, counts
@@ -241,20 +253,18 @@ def microbatch_loss(logp: torch.Tensor | None, old_logp: torch.Tensor | None, re
                     advantages: torch.Tensor | None, mask: torch.Tensor | None, target_logp: torch.Tensor | None,
                     target_mask: torch.Tensor | None, *, denominators: Denominators, beta: float,
                     clip_eps: float = 0.2, kl_coef: float = 0.0, norm: str = "seq",
-                    sampler_logp: torch.Tensor | None = None, tis_cap: float = 0.0) -> tuple[torch.Tensor, dict]:
+                    token_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """One micro-batch's share of the step's loss: grpo_loss over its rollouts [rows, tokens] + beta * sft_loss over
     its targets [targets, tokens], each over the step's denominator, so that micro-batch losses sum to the step's and
     one backward each accumulates exactly its gradient. Either side may be None (no rows with a gradient; no targets).
-    `sampler_logp`, `tis_cap`: variants/tis.py. Returns (loss, stats as sums)."""
+    Returns (loss, stats as sums)."""
     # exercise 8: one denominator per step, and exact gradient accumulation
     loss, stats = torch.zeros(()), {}
     if logp is not None:
-        weights, mismatch = tis.correction(old_logp, sampler_logp, mask, tis_cap)  # a bf16 sampler's: variants/tis.py
         pg, stats = grpo_loss(logp, old_logp=old_logp, ref_logp=ref_logp, advantages=advantages, mask=mask,
                               clip_eps=clip_eps, kl_coef=kl_coef, norm=norm, denominator=denominators.pg,
-                              token_weights=weights)
+                              token_weights=token_weights)
         loss, stats["loss_pg"] = pg, pg.item()
-        stats.update(mismatch)
     if target_logp is not None:
         nll = sft_loss(target_logp, target_mask, denominators.target_tokens)
         loss = loss + beta * nll

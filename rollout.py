@@ -151,10 +151,10 @@ class Rollouts:
 
 @torch.no_grad()
 def sample(model, tokenizer, prompts: list[list[int]], group_size: int | list[int], max_new_tokens: int,
-           temperature: float = 1.0, seed: int | list[int] = 0, min_new_tokens: int = 0, cuda_graph: bool | None = None,
-           compact: bool = True) -> Rollouts:
-    """Sample `group_size` completions of each prompt (token ids: `encode_prompts`), or `group_size[i]` of prompt i:
-    ExP-GRPO draws G rollouts of each solve prompt and one self-explanation of each explain prompt in one call.
+           temperature: float | list[float] = 1.0, seed: int | list[int] = 0, min_new_tokens: int = 0,
+           cuda_graph: bool | None = None, compact: bool = True) -> Rollouts:
+    """Sample `group_size` completions of each prompt (token ids: `encode_prompts`) at `temperature`, or `group_size[i]`
+    at `temperature[i]` for prompt i: ExP-GRPO draws G rollouts and one cooler self-explanation a question in one call.
 
     How this is fast (engine/decode.py: a shared prefill, CUDA graphs, finished rows dropped) changes no token
     (tested). One `seed`: the tokens depend on the whole batch; a list, one per prompt: a prompt's completions are the

@@ -39,7 +39,7 @@ import rollout
 from engine import checkpoint, distributed, report
 from engine.cli import option, parser_for
 from engine.run import Run, timed
-from variants import distill
+from variants import distill, tis
 
 METHODS = ("expo", "grpo", "grpo_sft_gt", "expo_dpo", "dpo_gt")
 
@@ -57,7 +57,7 @@ class Config:
     batch_size: int = option(8, "questions per step, over all ranks under torchrun (each takes its share)")
     beta: float = option(0.04, "weight of the self-explanation (expo) or expert-solution (grpo_sft_gt) term")
     learning_rate: float = option(1e-5, "AdamW learning rate (with --lora_rank, use ~10x the full fine-tuning rate)")
-    steps: int = option(7, "training steps")
+    steps: int = option(6, "training steps")
     kl_coef: float = option(0.0, "weight of the k3 KL penalty to the frozen initial policy (0 = no reference model)",
                             section="the objective")
     clip_eps: float = option(0.2, "PPO clipping range of the token ratio")
@@ -70,8 +70,15 @@ class Config:
     tis_cap: float = option(0.0, "TIS for a bf16 sampler: weight each rollout token by min(pi_old / pi_sampler, C)")
     lora_rank: int = option(0, "train rank-R LoRA adapters on every linear layer instead of all weights (0: off)")
     lora_alpha: float = option(32.0, "LoRA scale: the update is lora_alpha / lora_rank * B A")
+    explain_hint: str = option("brief", "what the self-explanation prompt asks for: brief = a short solution ending in "
+                               "\\boxed{answer}, step_by_step = the hint of the runs recorded before it (most of its "
+                               "explanations hit a 128-token budget)", tuple(expo.HINTS),
+                               section="the self-explanations: prompt, temperature, filters and ablations")
+    explain_temperature: float = option(0.3, "sampling temperature of the self-explanations (rollouts: --temperature): "
+                                        "a target is not a rollout (no ratio, no advantage), and a cooler draw is "
+                                        "likelier under the policy and finishes more often")
     explain_on: str = option("all", "self-explain every question (all, the paper) or only all-wrong groups",
-                             ("all", "failed"), section="self-explanation filters and ablations")
+                             ("all", "failed"))
     drop_leaks: bool = option(True, "drop self-explanations that mention being given the answer")
     drop_truncated: bool = option(False, "drop self-explanations cut off by the budget (else: answer pasted after)")
     drop_wrong: bool = option(False, "drop self-explanations that miss the gold answer (else it replaces theirs)")
@@ -94,7 +101,7 @@ class Config:
     eval_before: bool = option(True, "evaluate before training (compare.py does it once for all runs)")
     eval_k: int = option(4, "samples per eval question: reports pass@1 and pass@k")
     eval_temperature: float = option(0.7, "sampling temperature of evaluation (the paper: 0.7)")
-    eval_limit: int | None = option(24, "evaluate a fixed random subset of this many test questions ('all')")
+    eval_limit: int | None = option(48, "evaluate a fixed random subset of this many test questions ('all')")
     eval_max_new_tokens: int | None = option(None, "generation budget of evaluation (default: --max_new_tokens)")
     eval_seed: int = option(0, "seed of the evaluation's questions and draws (never the training seed's)")
     seed: int = option(0, "seed of the training run: question order and sampling (never the evaluation)",
@@ -127,7 +134,7 @@ def parse_args(argv=None) -> Config:
          "--grad_accum must be >= 1"),
         (cfg.beta < 0 or cfg.kl_coef < 0, "--beta and --kl_coef must be >= 0"),
         (not 0 < cfg.clip_eps < 1, "--clip_eps must be in (0, 1)"),
-        (cfg.temperature <= 0 or cfg.eval_temperature <= 0, "temperatures must be > 0"),
+        (min(cfg.temperature, cfg.eval_temperature, cfg.explain_temperature) <= 0, "temperatures must be > 0"),
         (cfg.learning_rate <= 0 or cfg.max_new_tokens < 1, "--learning_rate must be > 0, --max_new_tokens >= 1"),
         (cfg.save_every_minutes < 0, "--save_every_minutes must be >= 0"),
         (cfg.resume and cfg.overwrite, "--resume continues a run and --overwrite replaces it: choose one"),
@@ -155,14 +162,12 @@ class Trainer(Run):
         # 1. G answer-free rollouts per question, rewarded by the verifier; for expo each question's self-explanation,
         #    sampled with the answer in the prompt in the same call
         with timed(times, "t_sample"):
-            explain = cfg.method == "expo" and cfg.explain_loss != "rkl"  # rkl distills along the rollouts alone
-            roll, rewards, explanations = self.rollouts(batch, explain)
+            roll, rewards, explanations = self.rollouts(batch)
         # 2. group-normalised advantages: zero for every row of an all-equal group
         adv = expo.group_advantages(rewards, G, cfg.adv_scale).to(self.device)  # [B*G]
         # 3. the likelihood term's targets, scored as completions of the answer-free prompt (fkl / rkl: and a teacher)
         with timed(times, "t_explain"):
-            targets, texts, target_stats = self.likelihood_targets(batch, roll, rewards, explanations)
-            teacher = distill.teacher_view(self, batch, targets)  # fkl / rkl only (variants/distill.py); else None
+            targets, texts, target_stats, teacher = self.likelihood_targets(batch, roll, rewards, explanations)
         # 4. the rollout rows the policy gradient scores (those with a gradient) and the step's denominators
         scored = self.scored_micro_batches(adv, roll.completion_mask.sum(1).tolist())
         denominators = self.denominators(roll, targets)
@@ -179,44 +184,43 @@ class Trainer(Run):
                 "grad_norm": grad_norm, "targets": 0 if targets is None else len(targets.texts),
                 "pg_rows": sum(map(len, scored))}
 
-    def rollouts(self, batch: list[data.Example], explain: bool = False):
-        """(G answer-free rollouts per question, their 0/1 rewards [B*G], with `explain` one self-explanation per
-        question, else None), in one sampling call: decoding is latency-bound, so B more rows cost little."""
-        B, G = len(batch), self.cfg.num_generations
-        prompts = [expo.solve_prompt(e.question) for e in batch]
-        if explain:
-            prompts += [expo.explain_prompt(e.question, e.answer) for e in batch]
+    def rollouts(self, batch: list[data.Example]):
+        """(G answer-free rollouts per question, their 0/1 rewards [B*G], expo's self-explanations (one per question,
+        at --explain_temperature) or None), in one sampling call: decoding is latency-bound, B more rows cost little."""
+        cfg, B, G = self.cfg, len(batch), self.cfg.num_generations
+        explain = cfg.method == "expo" and cfg.explain_loss != "rkl"  # rkl distills along the rollouts alone
+        prompts = [expo.solve_prompt(e.question) for e in batch] + \
+            [expo.explain_prompt(e.question, e.answer, cfg.explain_hint) for e in batch if explain]
+        E = len(prompts) - B  # explanations: B or 0
         with self.sampling():  # the bf16 sampler copy, or the fp32 policy in fp32
             out = rollout.sample(self.sampler, self.tokenizer, rollout.encode_prompts(self.tokenizer, prompts),
-                                 [G] * B + [1] * (len(prompts) - B), self.cfg.max_new_tokens, self.cfg.temperature,
-                                 seed=self.sampling_seed())
-        roll, explanations = (out.select(range(B * G)), out.select(range(B * G, len(out.texts)))) if explain else \
-            (out, None)
+                                 [G] * B + [1] * E, cfg.max_new_tokens,
+                                 [cfg.temperature] * B + [cfg.explain_temperature] * E, seed=self.sampling_seed())
+        roll, explanations = out.select(range(B * G)), out.select(range(B * G, B * G + E)) if E else None
         rewards = torch.tensor([reward.score(text, batch[i].answer, batch[i].question)  # 0 if it restates the question
                                 for text, i in zip(roll.texts, roll.prompt_index.tolist())])  # [B*G]
         return roll, rewards, explanations
 
     def likelihood_targets(self, batch: list[data.Example], roll: rollout.Rollouts, rewards: torch.Tensor,
                            explanations: rollout.Rollouts | None):
-        """Step 3: (the targets, as completions of the answer-free prompt, or None; each question's target text or
-        None; the filters' counts). expo: its self-explanations through expo.self_explanation_targets' filters;
-        grpo_sft_gt: the expert solutions; grpo: none; rkl: the rollouts (the all-wrong groups' with --explain_on
-        failed), pulled toward the hinted teacher."""
+        """Step 3: (the targets as completions of the answer-free prompt, or None; each question's target text or None;
+        the filters' counts; fkl / rkl's teacher, else None). expo: the self-explanations through its filters;
+        grpo_sft_gt: the expert solutions; grpo: none; rkl: the rollouts (all-wrong groups' with --explain_on failed)."""
         cfg, questions = self.cfg, [e.question for e in batch]
         solved = (rewards.view(-1, cfg.num_generations).sum(1) > 0).tolist()  # [B]
-        texts, counts = [None] * len(batch), {}
+        texts, counts, targets = [None] * len(batch), {}, None
         if cfg.method == "grpo_sft_gt":
             texts = [e.solution for e in batch]
         elif cfg.method == "expo" and cfg.explain_loss == "rkl":  # the rollouts themselves (variants/distill.py)
-            return distill.rollout_targets(roll, solved, cfg.explain_on), texts, counts
+            targets = distill.rollout_targets(roll, solved, cfg.explain_on)
         elif cfg.method == "expo":
             texts, counts = expo.self_explanation_targets(explanations.texts, [e.answer for e in batch],
                                                           explanations.truncated.tolist(),
                                                           solved if cfg.explain_on == "failed" else None,
                                                           cfg.drop_leaks, cfg.drop_truncated, cfg.drop_wrong, questions)
-        targets = rollout.encode_targets(self.tokenizer, [expo.solve_prompt(q) for q in questions], texts,
-                                         self.turn_end, self.device)  # scored after the answer-free prompt
-        return targets, texts, counts
+        targets = targets or rollout.encode_targets(self.tokenizer, [expo.solve_prompt(q) for q in questions], texts,
+                                                    self.turn_end, self.device)  # scored after the answer-free prompt
+        return targets, texts, counts, distill.teacher_view(self, batch, targets)  # fkl / rkl only; else None
 
     def scored_micro_batches(self, adv: torch.Tensor, lengths: list[int]) -> list[list[int]]:
         """The micro-batches of rollout rows the policy gradient scores (`micro_batches`, by length). Without a KL term
@@ -240,15 +244,13 @@ class Trainer(Run):
         cfg, sums = self.cfg, {}
         target_micro = [] if targets is None or not beta else \
             rollout.micro_batches(len(targets.texts), cfg.grad_accum, targets.completion_mask.sum(1).tolist())
-        tis_cap = cfg.tis_cap if self.sampler is not self.model else 0.0  # an fp32 sampler *is* the trainer
         for rows, target_rows in itertools.zip_longest(scored, target_micro, fillvalue=[]):
-            pg, entropy = self.rollout_inputs(roll, adv, frozen, rows)
+            pg, logged = self.rollout_inputs(roll, adv, frozen, rows)
             target = self.target_inputs(targets, teacher, target_rows)
             loss, stats = expo.microbatch_loss(**pg, **target, denominators=denominators, beta=beta,
-                                               clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef, norm=cfg.loss_norm,
-                                               tis_cap=tis_cap)
+                                               clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef, norm=cfg.loss_norm)
             loss.backward()
-            for key, value in {**stats, "entropy": entropy}.items():
+            for key, value in {**stats, **logged}.items():
                 sums[key] = max(sums.get(key, value), value) if key == "max_ratio" else sums.get(key, 0.0) + value
         return sums
 
@@ -264,11 +266,12 @@ class Trainer(Run):
         return dict(target_logp=logp, target_mask=part.completion_mask)
 
     def rollout_inputs(self, roll: rollout.Rollouts, adv: torch.Tensor, frozen: dict, rows: list[int]):
-        """(microbatch_loss's rollout arguments for these rows at their own width, all None without rows; entropy).
-        pi_old: the first epoch's log-probs, detached (a ratio of exactly 1), kept in `frozen` for later epochs."""
-        keys = ("logp", "old_logp", "ref_logp", "advantages", "mask", "sampler_logp")
+        """(microbatch_loss's rollout arguments for these rows at their own width, all None without rows; what the log
+        sums of them: entropy, a bf16 sampler's mismatch). pi_old: the first epoch's log-probs, detached (a ratio of
+        exactly 1), kept in `frozen` for later epochs. With --tis_cap, TIS's token weights (variants/tis.py)."""
+        keys = ("logp", "old_logp", "ref_logp", "advantages", "mask", "token_weights")
         if not rows:
-            return dict.fromkeys(keys), 0.0
+            return dict.fromkeys(keys), {}
         part, temperature = roll.select(rows), self.cfg.temperature
         with self.amp():
             logp, entropy = rollout.logprobs(self.model, part, temperature, with_entropy=True)  # [n, w] each
@@ -276,8 +279,10 @@ class Trainer(Run):
                 ref = self.reference_logprobs(part, temperature) if self.cfg.kl_coef > 0 else None  # engine/run.py
                 frozen[tuple(rows)] = (logp.detach(), ref)
         old, ref = frozen[tuple(rows)]
-        values = (logp, old, ref, adv[rows], part.completion_mask, part.sampler_logp)  # sampler_logp: None in tests
-        return dict(zip(keys, values)), float((entropy * part.completion_mask).sum())
+        cap = self.cfg.tis_cap if self.sampler is not self.model else 0.0  # an fp32 sampler *is* the trainer
+        weights, logged = tis.correction(old, part.sampler_logp, part.completion_mask, cap)  # variants/tis.py
+        values = (logp, old, ref, adv[rows], part.completion_mask, weights)
+        return dict(zip(keys, values)), {**logged, "entropy": float((entropy * part.completion_mask).sum())}
 
     def optimizer_step(self) -> float:
         """Sum the ranks' gradients, clip, apply AdamW, refresh the bf16 sampler (engine/run.py); returns the norm.

@@ -111,15 +111,16 @@ def _cache_kwarg(model) -> str:
 # ------------------------------------------------------------------------------------------------- the decode loop
 
 
-def pick(logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None,
+def pick(logits: torch.Tensor, temperature: float | torch.Tensor, generator: torch.Generator | None = None,
           u: torch.Tensor | None = None) -> torch.Tensor:
     """Next tokens [N] from last-position logits [N, V]: plain temperature sampling, argmax at temperature 0.
+    `temperature` is a number, or one per row [N, 1] (each > 0).
 
     Inverse-CDF sampling: one uniform number per row (`u` [N, 1] float64 if given, else drawn from `generator`),
     located in the cumulative distribution (float64, so rounding cannot favour any token). Same distribution as
     torch.multinomial, and ~20x faster on a CPU, where multinomial draws a random number per vocabulary entry.
     """
-    if temperature == 0:
+    if not torch.is_tensor(temperature) and temperature == 0:
         return logits.argmax(dim=-1)
     cdf = torch.softmax(logits.float() / temperature, dim=-1).double().cumsum(dim=-1)  # [N, V]
     if u is None:
@@ -129,13 +130,17 @@ def pick(logits: torch.Tensor, temperature: float, generator: torch.Generator | 
 
 @torch.no_grad()
 def generate(model, p_ids: torch.Tensor, p_mask: torch.Tensor, index: torch.Tensor, stop: list[int], pad_id: int,
-             max_new_tokens: int, temperature: float, seed: int | list[int], min_new_tokens: int = 0,
+             max_new_tokens: int, temperature: float | list[float], seed: int | list[int], min_new_tokens: int = 0,
              cuda_graph: bool | None = None, compact: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """`rollout.sample`'s one call into the engine: ([N, T] tokens, [N, T] the sampler's log-probs) for the rows
     `index` [N] of the left-padded prompts [B, P]. In eval mode (dropout off, and the KV cache on even under gradient
-    checkpointing), with the graphed decoder on a GPU that supports it, else the eager one; `seed` an int (one stream
-    for the batch) or one per prompt (`per_prompt_uniforms`)."""
+    checkpointing), with the graphed decoder on a GPU that supports it, else the eager one; `temperature` a number or
+    one per prompt; `seed` an int (one stream for the batch) or one per prompt (`per_prompt_uniforms`)."""
     device = p_ids.device
+    if not isinstance(temperature, (int, float)):  # one per prompt -> one per row [N]
+        if len(temperature) != len(p_ids) or min(temperature, default=1) <= 0:
+            raise ValueError(f"need a temperature > 0 for each of the {len(p_ids)} prompts, got {temperature}")
+        temperature = torch.tensor(temperature, dtype=torch.float32, device=device)[index]
     generator = per_prompt_uniforms(seed, index, max_new_tokens, device) if isinstance(seed, list) else \
         torch.Generator(device=device).manual_seed(seed)
     was_training = model.training
@@ -164,10 +169,11 @@ def per_prompt_uniforms(seeds: list[int], index: torch.Tensor, max_new_tokens: i
 COMPACT_AT = 0.25  # the eager decoder drops its finished rows once they are this share of its batch (bench.py)
 
 
-def decode(step, stop: list[int], pad_id: int, max_new_tokens: int, temperature: float,
+def decode(step, stop: list[int], pad_id: int, max_new_tokens: int, temperature: float | torch.Tensor,
             generator: torch.Generator | torch.Tensor, min_new_tokens: int = 0, compact: bool = True) -> torch.Tensor:
     """The decode loop: ([N, T] sampled tokens, pad after each row's first stop token, T <= max_new_tokens; [N, T]
-    the sampler's log-prob of each sampled token at `temperature`: 0 at greedy decoding, meaningless after the stop).
+    the sampler's log-prob of each sampled token at its row's `temperature` (a number, or one per row [N], each > 0):
+    0 at greedy decoding, meaningless after the stop).
 
     Finished rows leave the batch (`compact`, for a decoder with a `keep` method: EagerDecoder). On a CPU a decode
     step costs in proportion to its rows, and at a realistic budget most rows finish long before the longest one.
@@ -183,21 +189,23 @@ def decode(step, stop: list[int], pad_id: int, max_new_tokens: int, temperature:
     done = torch.zeros(n, dtype=torch.bool, device=device)  # [N]
     live = torch.arange(n, device=device)  # [M] the original row of each row of the decoder's batch
     compact = compact and hasattr(step, "keep")
+    greedy = not torch.is_tensor(temperature) and temperature == 0
     check_every = 8 if device.type == "cuda" else 1  # a GPU checks "all done?" every few steps: each check syncs
     for t in range(max_new_tokens):
         if t < min_new_tokens:
             logits[:, stop_t] = -float("inf")
-        if temperature == 0:
+        scale = temperature[live, None] if torch.is_tensor(temperature) else temperature  # [M, 1] or a number
+        if greedy:
             u = None
         elif isinstance(generator, torch.Tensor):
             u = generator[:, t : t + 1]  # [N, 1] drawn in advance
         else:
             u = torch.rand(n, 1, generator=generator, device=device, dtype=torch.float64)
         finished = done[live]  # [M] rows of the batch that stopped earlier (they emit padding)
-        nxt = torch.where(finished, pad_id, pick(logits, temperature, u=None if u is None else u[live]))  # [M]
+        nxt = torch.where(finished, pad_id, pick(logits, scale, u=None if u is None else u[live]))  # [M]
         tokens[live, t] = nxt
-        if temperature:
-            logps[live, t] = torch.log_softmax(logits.float() / temperature, -1).gather(1, nxt[:, None]).squeeze(1)
+        if not greedy:
+            logps[live, t] = torch.log_softmax(logits.float() / scale, -1).gather(1, nxt[:, None]).squeeze(1)
         finished = finished | torch.isin(nxt, stop_t)
         done[live] = finished
         if t + 1 == max_new_tokens or ((t + 1) % check_every == 0 and bool(done.all())):

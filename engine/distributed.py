@@ -91,7 +91,8 @@ def gather(obj, ranks: Ranks) -> list:
 # Per-rank values that are shares of a global total (the losses and token-weighted means carry global normalisers,
 # and counts) add up over ranks; every other statistic is averaged over the ranks that report it.
 SUMMED = ("loss_pg", "loss_sft", "loss_dpo", "clip_frac", "kl", "entropy", "targets", "pg_rows", "pairs",
-          "explain_dropped", "explain_dropped_truncated", "explain_dropped_wrong", "mismatch_log_ratio", "mismatch_k3")
+          "explain_dropped", "explain_dropped_truncated", "explain_dropped_wrong", "explanations", "explain_cut_off",
+          "explain_reached", "targets_finished", "explain_dropped_solved", "mismatch_log_ratio", "mismatch_k3")
 MAXED = ("mismatch_max_ratio",)  # the largest over ranks
 
 

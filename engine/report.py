@@ -59,13 +59,16 @@ def learnt(out: Path, cfg, before: dict | None, after: dict) -> str:
         lines.append(f"  GRPO's term was exactly zero in {no_signal} of {len(steps)} steps (every group all wrong: "
                      "advantage 0 on every rollout)")
     if cfg.method in ("expo", "grpo_sft_gt") and cfg.explain_loss == "nll":
-        kind = "self-explanation" if cfg.method == "expo" else "expert-solution"
-        targets = int(sum(s.get("targets", 0) for s in steps))
-        line = f"  {targets} {kind} targets trained on, beta = {cfg.beta}"
-        if cfg.method == "expo":
-            reached = sum(s.get("explain_correct", 0.0) * cfg.batch_size for s in steps)
-            line += f" ({reached:.0f} of the {len(steps) * cfg.batch_size} explanations reached the gold answer alone)"
-        lines.append(line)
+        total = {key: int(sum(s.get(key, 0) for s in steps)) for key in
+                 ("targets", "explanations", "explain_cut_off", "explain_reached", "targets_finished")}
+        if cfg.method == "expo":  # the mechanism's health: explanations that finish, and reach the gold alone
+            lines.append(f"  {total['explanations']} self-explanations sampled: {total['explain_cut_off']} cut off by "
+                         f"the budget, {total['explain_reached']} reached the gold answer alone")
+            lines.append(f"  {total['targets']} self-explanation targets trained on, beta = {cfg.beta}: "
+                         f"{total['targets_finished']} finished explanations, "
+                         f"{total['targets'] - total['targets_finished']} cut off and closed with the answer line")
+        else:
+            lines.append(f"  {total['targets']} expert-solution targets trained on, beta = {cfg.beta}")
     lines.append(f"  read the rollouts and targets of each step in {out / 'samples.md'}")
     return "\n".join(lines)
 

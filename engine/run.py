@@ -340,7 +340,7 @@ class Run:
             with self.sampling(self.sampler):
                 result = evaluate.evaluate(self.sampler, self.tokenizer, self.eval_set, cfg.eval_k,
                                            cfg.eval_temperature, cfg.eval_max_new_tokens or cfg.max_new_tokens,
-                                           seed=cfg.eval_seed + 10**6)
+                                           seed=cfg.eval_seed + evaluate.DRAWS)
             self.model.train()
             with open(self.out / "eval_samples.jsonl", "a") as f:  # every completion, to score again (--rescore)
                 f.writelines(json.dumps({"eval": label, "step": self.step, **r}) + "\n" for r in result["completions"])

@@ -88,7 +88,7 @@ def describe(nll: list[float], lengths: list[int], correct: list[float], truncat
 
 def measure(model, tokenizer, examples: list[data.Example], k: int = 4, max_new_tokens: int = 128,
             temperature: float = 0.7, seed: int = 0, drop_leaks: bool = True, drop_truncated: bool = False,
-            sampler=None) -> dict:
+            sampler=None, explain_hint: str = "brief", explain_temperature: float = 0.3) -> dict:
     """The three kinds of positive sample for `examples`, each described by `describe` (see the module docstring).
     Samples come from `sampler` (a bf16 copy, as in training) when given, else from `model`, never under the caller's
     autocast (which is for scoring, as --train_dtype: train.py samples by --sampler_dtype alone); NLLs are `model`'s."""
@@ -103,13 +103,14 @@ def measure(model, tokenizer, examples: list[data.Example], k: int = 4, max_new_
     result = {"own": describe(*sequence_nll(model, own), [reward.score(t, golds[i // k], examples[i // k].question)
                                                           for i, t in
                                                           enumerate(own.texts)], own.truncated.tolist())}
-    stops = stop_at_rollout_end(model, tokenizer, own, examples, k)
+    stops = stop_at_rollout_end(model, tokenizer, own, examples, k, explain_hint)
     if stops:
         result["stop_at_rollout_end"] = stops
 
-    explain = rollout.encode_prompts(tokenizer, [expo.explain_prompt(e.question, e.answer) for e in examples])
+    hinted_prompts = [expo.explain_prompt(e.question, e.answer, explain_hint) for e in examples]
     with torch.autocast(device.type, enabled=False):
-        raw = rollout.sample(sampler, tokenizer, explain, 1, max_new_tokens, temperature, seed=seed + 1)
+        raw = rollout.sample(sampler, tokenizer, rollout.encode_prompts(tokenizer, hinted_prompts), 1, max_new_tokens,
+                             explain_temperature, seed=seed + 1)
     targets, counts = expo.self_explanation_targets(raw.texts, golds, raw.truncated.tolist(), None, drop_leaks,
                                                     drop_truncated, questions=[e.question for e in examples])
     kept = [i for i, t in enumerate(targets) if t is not None]
@@ -121,8 +122,8 @@ def measure(model, tokenizer, examples: list[data.Example], k: int = 4, max_new_
                                               [bool(raw.truncated[i]) for i in kept])
         result["self_explanation"].update(dropped_leaks=counts["explain_dropped"],
                                           dropped_truncated=counts["explain_dropped_truncated"])
-        hinted = rollout.encode_targets(tokenizer, [expo.explain_prompt(examples[i].question, golds[i]) for i in kept],
-                                        [targets[i] for i in kept], turn_end)
+        hinted = rollout.encode_targets(tokenizer, [hinted_prompts[i] for i in kept], [targets[i] for i in kept],
+                                        turn_end)
         result["hint_reliance"] = hint_reliance(nll, sequence_nll(model, hinted.to(device))[0], lengths)
         result["stop_at_target_end"] = {name: sum(p) / len(p) for name, p in (
             ("answer_free", end_probability(model, batch)), ("hinted", end_probability(model, hinted.to(device))))}
@@ -138,7 +139,8 @@ def measure(model, tokenizer, examples: list[data.Example], k: int = 4, max_new_
     return result
 
 
-def stop_at_rollout_end(model, tokenizer, own: rollout.Rollouts, examples: list[data.Example], k: int) -> dict | None:
+def stop_at_rollout_end(model, tokenizer, own: rollout.Rollouts, examples: list[data.Example], k: int,
+                        explain_hint: str = "brief") -> dict | None:
     """Where the policy's own answer-free rollouts stop within the budget: p(stop) there, answer-free and with the
     answer in the prompt (`end_probability`), means over those rollouts; None if none stopped. The second is the
     teacher of --explain_loss rkl, which pulls the first toward it along every rollout, stops included."""
@@ -147,7 +149,8 @@ def stop_at_rollout_end(model, tokenizer, own: rollout.Rollouts, examples: list[
         return None
     part = own.select(ended)
     hinted = distill.with_prompts(tokenizer, part, [expo.explain_prompt(examples[i // k].question,
-                                                                        examples[i // k].answer) for i in ended])
+                                                                        examples[i // k].answer, explain_hint)
+                                                    for i in ended])
     return {name: sum(p) / len(p) for name, p in (("answer_free", end_probability(model, part)),
                                                   ("hinted", end_probability(model, hinted)))}
 
@@ -229,7 +232,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--n", type=int, default=16, help="questions (a fixed random subset)")
     parser.add_argument("--k", type=int, default=4, help="own rollouts per question")
     parser.add_argument("--max_new_tokens", type=int, default=128, help="budget of rollouts and self-explanations")
-    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (NLLs are at 1)")
+    parser.add_argument("--temperature", type=float, default=0.7, help="rollouts' sampling temperature (NLLs are at 1)")
+    parser.add_argument("--explain_temperature", type=float, default=0.3, help="the self-explanations', as train.py")
+    parser.add_argument("--explain_hint", default="brief", choices=list(expo.HINTS), help="the self-explanation "
+                        "prompt's hint, as train.py --explain_hint")
     parser.add_argument("--pass_k", type=int, default=0, help="also pass@k for k = 1, 2, 4, .. up to this many "
                         "answer-free samples per question (e.g. 64; costs that many samples per question)")
     parser.add_argument("--no_drop_leaks", action="store_true", help="keep explanations that mention the hint")
@@ -260,7 +266,8 @@ def main(argv=None) -> dict:
     # train.py's --train_dtype: the NLLs are scored under bf16 autocast where bf16 is native (log-softmax in fp32)
     with amp:
         result = measure(model, tokenizer, examples, args.k, args.max_new_tokens, args.temperature, args.seed,
-                         drop_leaks=not args.no_drop_leaks, drop_truncated=args.drop_truncated, sampler=sampler)
+                         drop_leaks=not args.no_drop_leaks, drop_truncated=args.drop_truncated, sampler=sampler,
+                         explain_hint=args.explain_hint, explain_temperature=args.explain_temperature)
     if args.pass_k:
         result["pass_at_k"] = pass_at_k_curve(sampler, tokenizer, examples, args.pass_k, args.max_new_tokens,
                                               args.temperature, args.seed + 2)

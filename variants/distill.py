@@ -78,7 +78,8 @@ def teacher_view(trainer, batch, targets: rollout.Rollouts | None) -> rollout.Ro
     answer (expo.explain_prompt), the privileged context the student's prompt lacks. None for nll."""
     if trainer.cfg.explain_loss == "nll" or targets is None:
         return None
-    hinted = [expo.explain_prompt(batch[i].question, batch[i].answer) for i in targets.prompt_index.tolist()]
+    hinted = [expo.explain_prompt(batch[i].question, batch[i].answer, trainer.cfg.explain_hint)
+              for i in targets.prompt_index.tolist()]
     return with_prompts(trainer.tokenizer, targets, hinted)
 
 

@@ -4,7 +4,8 @@ Rollouts drawn from a bf16 copy of the policy (engine/decode.py, `--sampler_dtyp
 the trainer, fp32 or under bf16 autocast (`--train_dtype`: another rounding than the copy's, so the mismatch does not
 vanish). `sampler_mismatch` measures by how much (logged every step as mismatch_*); `tis_weights`, with
 `--tis_cap C`, weights each rollout token's surrogate by min(pi_old / pi_sampler, C) to correct for it. Both join the
-step in one line, `correction`, in `expo.microbatch_loss`; a first reading skips this file.
+step in one line, `correction`, in `train.Trainer.rollout_inputs`, where the sampler's log-probs are at hand; its
+weights enter `expo.grpo_loss` as `token_weights`. A first reading skips this file.
 """
 from __future__ import annotations
 

@@ -68,14 +68,21 @@ def pair_batch(t, questions: tuple[str, ...], chosen: tuple[str, ...], rejected:
     return rollout.encode_targets(t.tokenizer, prompts, chosen + rejected, t.turn_end, t.device)
 
 
+def cache(t) -> dict[str, list]:
+    """ExP-DPO's chosen responses across steps, by question id: [the step that made it, the target or None]. It lives
+    in the run's `method_state`, which checkpoints keep and --resume restores unread (engine/run.py); checkpoints of
+    earlier versions named it "dpo_chosen"."""
+    return t.method_state.setdefault("cached", t.method_state.pop("dpo_chosen", {}))
+
+
 def chosen_responses(t, batch: list[data.Example]) -> tuple[list[str | None], dict]:
-    """dpo_gt: expert solutions. expo_dpo: self-explanations, cached per question in `t.cached` (checkpointed, so
+    """dpo_gt: expert solutions. expo_dpo: self-explanations, kept per question in `cache(t)` (checkpointed, so
     --resume keeps them) -- made once by the initial (reference) policy when offline, or by the current policy and
     renewed every --dpo_refresh steps."""
     if t.cfg.method == "dpo_gt":
         return [e.solution for e in batch], {}
-    cfg, stats, refresh = t.cfg, {}, t.cfg.dpo_refresh
-    stale = [e for e in batch if e.id not in t.cached or (refresh and t.step - t.cached[e.id][0] >= refresh)]
+    cfg, stats, refresh, cached = t.cfg, {}, t.cfg.dpo_refresh, cache(t)
+    stale = [e for e in batch if e.id not in cached or (refresh and t.step - cached[e.id][0] >= refresh)]
     if stale:
         with contextlib.nullcontext(t.model) if refresh else t.reference() as model, t.sampling(model):
             prompts = rollout.encode_prompts(t.tokenizer, [expo.explain_prompt(e.question, e.answer, cfg.explain_hint)
@@ -86,5 +93,5 @@ def chosen_responses(t, batch: list[data.Example]) -> tuple[list[str | None], di
                                                        sampled.truncated.tolist(), None, cfg.drop_leaks,
                                                        cfg.drop_truncated, cfg.drop_wrong, [e.question for e in stale])
         stats.update(report.explanation_stats(sampled))
-        t.cached.update({e.id: (t.step, text) for e, text in zip(stale, targets)})
-    return [t.cached[e.id][1] for e in batch], stats
+        cached.update({e.id: [t.step, text] for e, text in zip(stale, targets)})
+    return [cached[e.id][1] for e in batch], stats

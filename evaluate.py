@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 import data
-from engine import decode
+from backend import bf16
 import expo
 import reward
 import rollout
@@ -198,10 +198,10 @@ def main() -> None:
         return
     levels = data.parse_levels(args.dataset, args.levels)
     examples = data.load(args.dataset, args.split, levels=levels, limit=args.limit or None, seed=args.seed)
-    native = decode.bf16_is_native(torch.device(args.device))
+    native = bf16.is_native(torch.device(args.device))
     model, tokenizer = rollout.load_policy(args.model, args.device)
     if args.sampler_dtype == "bf16" or (args.sampler_dtype == "auto" and native):
-        model = decode.sampler_copy(model, torch.bfloat16)  # the bf16 copy a run samples from
+        model = bf16.sampler_copy(model, torch.bfloat16)  # the bf16 copy a run samples from
     result = evaluate(model, tokenizer, examples, args.k, args.temperature, args.max_new_tokens, args.batch_size,
                       args.seed + DRAWS + args.draws * 10**5)
     print(table(result, None, args.k))

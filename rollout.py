@@ -15,7 +15,7 @@ bugs live, so each one is stated (and tested in test_expo.py):
   Logits are computed only for completion positions (`logits_to_keep`), never for the prompt.
 
 Reading order: the contracts above, then `completion_mask`, `sample` and `token_logprobs`. How `sample` is made fast
-(the decode loop, KV-cache decoders, row compaction, the bf16 sampler copy) is engine/decode.py's, behind one call
+(the decode loop, KV-cache decoders, row compaction, the bf16 sampler copy) is backend/decode.py's, behind one call
 (`decode.generate`); a first reading skips it.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from engine import assets, decode, memory
+from backend import assets, decode, memory
 
 # ---------------------------------------------------------------------------------------------------------- loading
 
@@ -156,7 +156,7 @@ def sample(model, tokenizer, prompts: list[list[int]], group_size: int | list[in
     """Sample `group_size` completions of each prompt (token ids: `encode_prompts`) at `temperature`, or `group_size[i]`
     at `temperature[i]` for prompt i: ExP-GRPO draws G rollouts and one cooler self-explanation a question in one call.
 
-    How this is fast (engine/decode.py: a shared prefill, CUDA graphs, finished rows dropped) changes no token
+    How this is fast (backend/decode.py: a shared prefill, CUDA graphs, finished rows dropped) changes no token
     (tested). One `seed`: the tokens depend on the whole batch; a list, one per prompt: a prompt's completions are the
     same in any batch (evaluation). `min_new_tokens` forbids stopping earlier (fixed-length benchmarks only)."""
     device = next(model.parameters()).device
@@ -183,7 +183,7 @@ def token_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, c
     """fp32 log pi(token | prefix) [N, T] of each completion token at the sampling temperature (with `with_entropy`,
     also the per-token entropy [N, T], no gradient, for the log); with or without gradients. Prompt [N, P] left-padded,
     completion [N, T] right-padded; entries past a row's first EOS are meaningless: mask them. `chunk_logprobs` is the
-    math, run a few rows at a time (engine/memory.py) so its fp32 [rows, T, V] tensors stay small."""
+    math, run a few rows at a time (backend/memory.py) so its fp32 [rows, T, V] tensors stay small."""
     if temperature <= 0:
         raise ValueError("scoring needs temperature > 0")
     logits = completion_logits(model, prompt_ids, prompt_mask, completion_ids)  # [N, T, V] in the model's dtype

@@ -767,7 +767,7 @@ def test_leak_filter_keeps_ordinary_reasoning(text):
 
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from engine import assets, decode  # noqa: E402
+from backend import assets, bf16, decode  # noqa: E402
 import rollout  # noqa: E402
 
 
@@ -1721,9 +1721,13 @@ def test_expo_dpo_resume_keeps_its_cached_self_explanations(tiny_dir, tmp_path, 
     train.main([*args, "--steps", "1"])
     cached = json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())["cached"]
     assert cached, "the checkpoint holds no self-explanations"
+    state_file = tmp_path / "checkpoint" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**state, "dpo_chosen": state.pop("cached")}))  # as an earlier version saved it
     t = train.Trainer(train.parse_args([*args, "--steps", "2", "--resume"]))
     try:
-        assert t.cached == {k: tuple(v) for k, v in cached.items()}, "--resume forgot the cached self-explanations"
+        assert dpo.cache(t) == cached, "--resume forgot the cached self-explanations (saved under their older name)"
+        assert t.checkpoint_state()["cached"] == cached and "dpo_chosen" not in t.checkpoint_state()
         asked = []
         monkeypatch.setattr(rollout, "sample", lambda model, tok, prompts, *a, **kw: asked.extend(prompts))
         done = [e for e in t.train_set if e.id in cached]
@@ -2058,37 +2062,27 @@ def test_the_readmes_size_promise_is_the_counted_one():
     assert all(sizes[f] <= limits[f] for f in limits), sizes
 
 
-def test_no_import_cycle_and_the_engine_and_lab_use_only_public_names():
-    """The import graph of the project's modules has no cycle, and nothing in engine/, lab/ or variants/ imports train
-    or dpo (the lab calls train.py's public entry points by name: `main`, `parse_args`, `Trainer`, `METHODS`)."""
-    import ast
-    modules = {p.relative_to(HERE).with_suffix("").as_posix().replace("/", "."): p
-               for p in [*HERE.glob("*.py"), *HERE.glob("engine/*.py"), *HERE.glob("lab/*.py"),
-                         *HERE.glob("variants/*.py")] if not p.name.startswith(("test_", "conftest", "__init__"))}
-    graph = {}
-    for name, path in modules.items():
-        tree, found = ast.parse(path.read_text()), set()
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                found |= {a.name for a in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
-        graph[name] = found & set(modules)
-    for name, deps in graph.items():
-        if name.split(".")[0] in ("engine", "variants"):
-            assert not deps & {"train", "dpo"}, f"{name} imports {deps & {'train', 'dpo'}}: the engine reaches up"
-    state = {}
+# The house's floors, from the bottom: a module imports only from its own floor or the floors beneath it.
+FLOORS = [("reward", "data"), ("backend",), ("expo", "rollout"), ("evaluate",), ("engine",), ("variants",),
+          ("dpo", "train"), ("lab",)]
 
-    def visit(name, path):
-        state[name] = "open"
-        for dep in graph[name]:
-            assert state.get(dep) != "open", f"import cycle: {' -> '.join(path + [dep])}"
-            if dep not in state:
-                visit(dep, path + [dep])
-        state[name] = "done"
-    for name in graph:
-        if name not in state:
-            visit(name, [name])
+
+def test_imports_only_go_down_the_floors_and_the_lab_uses_only_public_names():
+    """No import climbs back up a floor (FLOORS: the checker and data; backend/, fast sampling and loading beneath
+    rollout.py; the concepts; evaluation; engine/, the run around the step; variants/; the trainers; lab/), so there
+    is no import cycle between rooms, and the lab calls train.py only by its public names."""
+    import ast
+    floor = {name: i for i, names in enumerate(FLOORS) for name in names}
+    modules = {p.relative_to(HERE).with_suffix("").as_posix().replace("/", "."): p
+               for p in [*HERE.glob("*.py"), *HERE.glob("*/*.py")] if p.parent.name not in ("tests", "docs", "runs")
+               and not p.name.startswith(("test_", "conftest", "__init__"))}
+    assert {m.split(".")[0] for m in modules} == set(floor), "a module outside the floors: add it to FLOORS"
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            found = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            for dep in {f.split(".")[0] for f in found} & set(floor):
+                assert floor[dep] <= floor[name.split(".")[0]], f"{name} imports {dep}: an arrow back up the floors"
     public = {"main", "parse_args", "Trainer", "METHODS", "Config", "reward", "rollout", "data", "expo"}
     for path in HERE.glob("lab/*.py"):
         used = set(re.findall(r"\btrain\.(?!py\b)(\w+)", path.read_text()))
@@ -2651,7 +2645,7 @@ def test_bf16_sampler_is_seeded_and_close_to_the_policy(tokenizer):
     """A bf16 copy: bf16 parameters, fp32 buffers; a seed gives the same tokens twice; its log-probs are within bf16
     rounding of the fp32 policy's."""
     model = tiny_llama(tokenizer)
-    sampler = decode.sampler_copy(model)
+    sampler = bf16.sampler_copy(model)
     assert all(p.dtype == torch.bfloat16 for p in sampler.parameters())
     assert all(b.dtype == torch.float32 for b in sampler.buffers() if b.is_floating_point())
     runs = [rollout.sample(sampler, tokenizer, [[1, 400, 401], [1, 500]], 4, 8, temperature=1.0, seed=5) for _ in "ab"]
@@ -2664,15 +2658,15 @@ def test_bf16_sampler_is_seeded_and_close_to_the_policy(tokenizer):
     assert 0 < gap.max() < 0.1, f"bf16 sampler vs fp32 policy: largest log-prob gap {gap.max():.4f}"
 
 
-@pytest.mark.skipif(not (decode.bf16_is_native(torch.device("cpu")) and decode.PackedLinear.available()),
+@pytest.mark.skipif(not (bf16.is_native(torch.device("cpu")) and bf16.PackedLinear.available()),
                     reason="pre-packed bf16 linears are used only on a CPU with native bf16 matmuls")
 def test_packed_linears_compute_what_the_bf16_weights_do_after_every_refresh():
     """On this CPU the bf16 sampler's linear layers are PackedLinears: bit for bit F.linear of their bf16 weights
     (with and without bias, 3-D input), again after refresh_sampler changes the weights, and in a deep copy."""
     import copy
     policy = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.Linear(48, 16, bias=False))
-    sampler = decode.sampler_copy(policy)
-    assert all(type(m) is decode.PackedLinear for m in sampler)
+    sampler = bf16.sampler_copy(policy)
+    assert all(type(m) is bf16.PackedLinear for m in sampler)
     x = torch.randn(3, 5, 32).bfloat16()
 
     def plain(model):
@@ -2682,13 +2676,13 @@ def test_packed_linears_compute_what_the_bf16_weights_do_after_every_refresh():
     assert torch.equal(sampler(x), before) and torch.equal(copy.deepcopy(sampler)(x), before)
     with torch.no_grad():
         policy[0].weight.mul_(-2)
-    decode.refresh_sampler(sampler, policy)
+    bf16.refresh_sampler(sampler, policy)
     assert not torch.equal(plain(sampler), before) and torch.equal(sampler(x), plain(sampler))
 
 
 def test_auto_sampler_dtype_follows_the_devices_bf16_support(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": False, "amx_bf16": False})
-    assert not decode.bf16_is_native(torch.device("cpu"))
+    assert not bf16.is_native(torch.device("cpu"))
     t = train.Trainer(train.parse_args(_args(tiny_dir, tmp_path / "no", "--sampler_dtype", "auto")))
     assert t.sampler is t.model, "auto chose a bf16 sampler on a CPU without bf16 matmuls"
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": False, "amx_bf16": True})
@@ -2708,7 +2702,7 @@ def test_bf16_sampler_is_the_policy_cast_after_every_update(tiny_dir, tmp_path, 
         checks.append(when)
         assert all(torch.equal(s, c) for s, c in zip(t.sampler.parameters(), cast, strict=True)), f"stale at {when}"
         ids = torch.tensor([[1, 400, 401, 402]])  # and it computes what a fresh copy does (no stale packed weight)
-        assert torch.equal(t.sampler(ids).logits, decode.sampler_copy(t.model)(ids).logits), f"stale at {when}"
+        assert torch.equal(t.sampler(ids).logits, bf16.sampler_copy(t.model)(ids).logits), f"stale at {when}"
     real_step, real_loop = train.Trainer.optimizer_step, train.Trainer.loop
     monkeypatch.setattr(train.Trainer, "optimizer_step", lambda t: (real_step(t), check(t, f"step {t.step}"))[0])
     monkeypatch.setattr(train.Trainer, "loop", lambda t: (check(t, "start"), real_loop(t))[1])
@@ -2737,7 +2731,7 @@ def test_bf16_autocast_training_is_within_bf16_rounding_of_fp32(tiny_dir, tmp_pa
     significant bits; the tiny random model's logits are near 0, so each rounds by ~1e-4 and the token-mean NLL moves
     by ~1e-5 relative (1.3e-5 measured on an AVX2 CPU; cosine 1 - 1e-6, norm 4e-5). 1e-3 (cosine 0.9999, norm 0.5%)
     leaves 100x room across CPUs, while a log-softmax taken in bf16 (logsumexp ~10.8 rounds in steps of 1/16) or a
-    gradient kept in bf16 misses it. `auto` follows bf16_is_native, as --sampler_dtype does."""
+    gradient kept in bf16 misses it. `auto` follows bf16.is_native, as --sampler_dtype does."""
     fp32, grad32, t32 = _step_loss_and_grad(tiny_dir, tmp_path / "fp32", "fp32")
     bf16, grad16, t16 = _step_loss_and_grad(tiny_dir, tmp_path / "bf16", "bf16")
     assert t32.amp is contextlib.nullcontext and t16.amp is not contextlib.nullcontext
@@ -2811,7 +2805,7 @@ def test_tis_weight_is_exactly_one_when_the_sampler_is_the_trainer(tiny_dir, tmp
     assert "sampling from the fp32 policy, training in fp32," in capsys.readouterr().out
     train.main(_args(tiny_dir, tmp_path / "bf16", *flags, "--sampler_dtype", "bf16"))
     assert all(s["mismatch_k3"] > 0 and s["mismatch_max_ratio"] > 1 for s in _steps(tmp_path / "bf16"))
-    emulated = "" if decode.bf16_is_native(torch.device("cpu")) else " (bf16 emulated on this CPU: slower than fp32)"
+    emulated = "" if bf16.is_native(torch.device("cpu")) else " (bf16 emulated on this CPU: slower than fp32)"
     assert f"sampling from a bf16 copy of the policy{emulated}, training in fp32," in capsys.readouterr().out
 
 

@@ -44,107 +44,6 @@ from variants import distill, tis
 METHODS = ("expo", "grpo", "grpo_sft_gt", "expo_dpo", "dpo_gt")
 
 
-@dataclass
-class Config:
-    method: str = option("expo", "expo = ExP-GRPO; grpo; grpo_sft_gt = GRPO + SFT on expert solutions; expo_dpo; "
-                         "dpo_gt = DPO with expert solutions", METHODS, section="the method and the paper's settings")
-    model: str | None = option(None, "hub id or local folder (default: the embedded SmolLM2-135M-Instruct)")
-    dataset: str = option("arith", "gsm8k | math | math500 | arith | path/to/file.jsonl")
-    levels: list[str] | None = option(None, "difficulty levels (default: arith's 2, all of others; 'all' for all)")
-    expert_style: str = option("worded", "arith: its expert solutions' style (the distance experiment)",
-                               tuple(data.EXPERT_STYLES))
-    num_generations: int = option(4, "G: answer-free rollouts sampled per question")
-    batch_size: int = option(8, "questions per step, over all ranks under torchrun (each takes its share)")
-    beta: float = option(0.04, "weight of the self-explanation (expo) or expert-solution (grpo_sft_gt) term")
-    learning_rate: float = option(1e-5, "AdamW learning rate (with --lora_rank, use ~10x the full fine-tuning rate)")
-    steps: int = option(6, "training steps")
-    kl_coef: float = option(0.0, "weight of the k3 KL penalty to the frozen initial policy (0 = no reference model)",
-                            section="the objective")
-    clip_eps: float = option(0.2, "PPO clipping range of the token ratio")
-    loss_norm: str = option("seq", "seq (DeepSeekMath), token (DAPO) or constant (Dr. GRPO)", expo.LOSS_NORMS)
-    adv_scale: str = option("std", "std: (r - mean) / std; none: r - mean (Dr. GRPO)", ("std", "none"))
-    beta_schedule: str = option("constant", "constant beta, or linear decay to 0 over --steps", ("constant", "linear"))
-    ppo_epochs: int = option(1, "optimizer steps on each batch of rollouts (1 = on-policy, no old-policy pass)")
-    max_grad_norm: float = option(1.0, "gradient norm clipping")
-    dpo_beta: float = option(0.1, "DPO temperature")
-    tis_cap: float = option(0.0, "TIS for a bf16 sampler: weight each rollout token by min(pi_old / pi_sampler, C)")
-    lora_rank: int = option(0, "train rank-R LoRA adapters on every linear layer instead of all weights (0: off)")
-    lora_alpha: float = option(32.0, "LoRA scale: the update is lora_alpha / lora_rank * B A")
-    explain_hint: str = option("brief", "what the self-explanation prompt asks for: brief = a short solution ending in "
-                               "\\boxed{answer}, step_by_step = the hint of the runs recorded before it (most of its "
-                               "explanations hit a 128-token budget)", tuple(expo.HINTS),
-                               section="the self-explanations: prompt, temperature, filters and ablations")
-    explain_temperature: float = option(0.3, "sampling temperature of the self-explanations (rollouts: --temperature): "
-                                        "a target is not a rollout (no ratio, no advantage), and a cooler draw is "
-                                        "likelier under the policy and finishes more often")
-    explain_on: str = option("all", "self-explain every question (all, the paper) or only all-wrong groups",
-                             ("all", "failed"))
-    drop_leaks: bool = option(True, "drop self-explanations that mention being given the answer")
-    drop_truncated: bool = option(False, "drop self-explanations cut off by the budget (else: answer pasted after)")
-    drop_wrong: bool = option(False, "drop self-explanations that miss the gold answer (else it replaces theirs)")
-    dpo_refresh: int = option(0, "expo_dpo: 0 = offline (explanations of the initial model), N = renew every N steps")
-    explain_loss: str = option("nll", "expo's self-explanation term: nll = -log pi(e~ | q), the paper's; fkl = the "
-                               "full-vocabulary KL from the teacher to the policy along e~; rkl = the KL from the "
-                               "policy to the teacher along the policy's own rollouts (no self-explanation is sampled)",
-                               distill.EXPLAIN_LOSSES, section="ExPO's relatives: the term as self-distillation")
-    teacher: str = option("current", "fkl / rkl: the policy shown the answer, current (detached) or initial (frozen)",
-                          ("current", "initial"))
-    max_new_tokens: int = option(128, "generation budget of rollouts and self-explanations",
-                                 section="sampling and evaluation")
-    temperature: float = option(0.7, "sampling temperature; the policy-gradient log-probs are scored at the same "
-                                     "temperature, the likelihood terms (self-explanation, expert SFT, DPO) at T = 1")
-    sampler_dtype: str = option("auto", "what rollouts, self-explanations and evaluations are sampled from: bf16 = a "
-                                "bf16 copy of the policy refreshed after every update, fp32 = the policy itself in "
-                                "fp32 (whatever --train_dtype), auto = bf16 where bf16 matmuls are native (CUDA, a CPU "
-                                "with AMX / AVX512-BF16)", ("auto", "fp32", "bf16"))
-    eval_every: int = option(0, "evaluate every N steps (0 = only before and after training)")
-    eval_before: bool = option(True, "evaluate before training (compare.py does it once for all runs)")
-    eval_k: int = option(4, "samples per eval question: reports pass@1 and pass@k")
-    eval_temperature: float = option(0.7, "sampling temperature of evaluation (the paper: 0.7)")
-    eval_limit: int | None = option(48, "evaluate a fixed random subset of this many test questions ('all')")
-    eval_max_new_tokens: int | None = option(None, "generation budget of evaluation (default: --max_new_tokens)")
-    eval_seed: int = option(0, "seed of the evaluation's questions and draws (never the training seed's)")
-    seed: int = option(0, "seed of the training run: question order and sampling (never the evaluation)",
-                       section="the run")
-    grad_accum: int = option(4, "micro-batches per optimizer step (same gradient, less memory)")
-    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
-    save_every: int = option(0, "write a checkpoint every N steps (0: only by time, at the end, and when stopped)")
-    save_every_minutes: float = option(30.0, "also checkpoint when this many minutes passed (0: off): a kill's loss")
-    output_dir: str | None = option(None, "the run's folder (default: runs/METHOD-DATASET)")
-    resume: bool = option(False, "continue the run in output_dir from its newest checkpoint, as if uninterrupted")
-    overwrite: bool = option(False, "start afresh in an output_dir that holds a run, deleting that run's files")
-    device: str = option("auto", "auto | cpu | cuda | cuda:N")
-    train_dtype: str = option("auto", "the trainer's forward passes: bf16 = under bf16 autocast (weights, gradients "
-                              "and AdamW stay fp32, log-softmax and losses fp32), fp32, auto = bf16 where bf16 matmuls "
-                              "are native (CUDA, a CPU with AMX / AVX512-BF16), as --sampler_dtype",
-                              ("auto", "fp32", "bf16"))
-
-
-def parse_args(argv=None) -> Config:
-    parser = parser_for(Config, __doc__.split("\n\n")[0])
-    cfg = Config(**vars(parser.parse_args(argv)))
-    try:
-        cfg.levels = data.parse_levels(cfg.dataset, cfg.levels)
-    except data.DataError as e:
-        parser.error(f"--{e}")
-    cfg.output_dir = cfg.output_dir or f"runs/{cfg.method}-{Path(cfg.dataset).stem}"
-    problems = [msg for bad, msg in [
-        (cfg.num_generations < 2, "--num_generations must be at least 2 (advantages compare rollouts in a group)"),
-        (min(cfg.batch_size, cfg.steps, cfg.ppo_epochs, cfg.grad_accum) < 1, "--batch_size, --steps, --ppo_epochs, "
-         "--grad_accum must be >= 1"),
-        (cfg.beta < 0 or cfg.kl_coef < 0, "--beta and --kl_coef must be >= 0"),
-        (not 0 < cfg.clip_eps < 1, "--clip_eps must be in (0, 1)"),
-        (min(cfg.temperature, cfg.eval_temperature, cfg.explain_temperature) <= 0, "temperatures must be > 0"),
-        (cfg.learning_rate <= 0 or cfg.max_new_tokens < 1, "--learning_rate must be > 0, --max_new_tokens >= 1"),
-        (cfg.save_every_minutes < 0, "--save_every_minutes must be >= 0"),
-        (cfg.resume and cfg.overwrite, "--resume continues a run and --overwrite replaces it: choose one"),
-        (cfg.explain_loss != "nll" and cfg.method != "expo", "--explain_loss fkl / rkl is a form of --method expo"),
-    ] if bad]
-    if problems:
-        parser.error(problems[0])
-    return cfg
-
-
 # ------------------------------------------------------------------------------------------------------ the trainer
 
 
@@ -294,6 +193,107 @@ class Trainer(Run):
 
 
 # --------------------------------------------------------------------------------------------------------- the CLI
+
+
+@dataclass
+class Config:
+    method: str = option("expo", "expo = ExP-GRPO; grpo; grpo_sft_gt = GRPO + SFT on expert solutions; expo_dpo; "
+                         "dpo_gt = DPO with expert solutions", METHODS, section="the method and the paper's settings")
+    model: str | None = option(None, "hub id or local folder (default: the embedded SmolLM2-135M-Instruct)")
+    dataset: str = option("arith", "gsm8k | math | math500 | arith | path/to/file.jsonl")
+    levels: list[str] | None = option(None, "difficulty levels (default: arith's 2, all of others; 'all' for all)")
+    expert_style: str = option("worded", "arith: its expert solutions' style (the distance experiment)",
+                               tuple(data.EXPERT_STYLES))
+    num_generations: int = option(4, "G: answer-free rollouts sampled per question")
+    batch_size: int = option(8, "questions per step, over all ranks under torchrun (each takes its share)")
+    beta: float = option(0.04, "weight of the self-explanation (expo) or expert-solution (grpo_sft_gt) term")
+    learning_rate: float = option(1e-5, "AdamW learning rate (with --lora_rank, use ~10x the full fine-tuning rate)")
+    steps: int = option(6, "training steps")
+    kl_coef: float = option(0.0, "weight of the k3 KL penalty to the frozen initial policy (0 = no reference model)",
+                            section="the objective")
+    clip_eps: float = option(0.2, "PPO clipping range of the token ratio")
+    loss_norm: str = option("seq", "seq (DeepSeekMath), token (DAPO) or constant (Dr. GRPO)", expo.LOSS_NORMS)
+    adv_scale: str = option("std", "std: (r - mean) / std; none: r - mean (Dr. GRPO)", ("std", "none"))
+    beta_schedule: str = option("constant", "constant beta, or linear decay to 0 over --steps", ("constant", "linear"))
+    ppo_epochs: int = option(1, "optimizer steps on each batch of rollouts (1 = on-policy, no old-policy pass)")
+    max_grad_norm: float = option(1.0, "gradient norm clipping")
+    dpo_beta: float = option(0.1, "DPO temperature")
+    tis_cap: float = option(0.0, "TIS for a bf16 sampler: weight each rollout token by min(pi_old / pi_sampler, C)")
+    lora_rank: int = option(0, "train rank-R LoRA adapters on every linear layer instead of all weights (0: off)")
+    lora_alpha: float = option(32.0, "LoRA scale: the update is lora_alpha / lora_rank * B A")
+    explain_hint: str = option("brief", "what the self-explanation prompt asks for: brief = a short solution ending in "
+                               "\\boxed{answer}, step_by_step = the hint of the runs recorded before it (most of its "
+                               "explanations hit a 128-token budget)", tuple(expo.HINTS),
+                               section="the self-explanations: prompt, temperature, filters and ablations")
+    explain_temperature: float = option(0.3, "sampling temperature of the self-explanations (rollouts: --temperature): "
+                                        "a target is not a rollout (no ratio, no advantage), and a cooler draw is "
+                                        "likelier under the policy and finishes more often")
+    explain_on: str = option("all", "self-explain every question (all, the paper) or only all-wrong groups",
+                             ("all", "failed"))
+    drop_leaks: bool = option(True, "drop self-explanations that mention being given the answer")
+    drop_truncated: bool = option(False, "drop self-explanations cut off by the budget (else: answer pasted after)")
+    drop_wrong: bool = option(False, "drop self-explanations that miss the gold answer (else it replaces theirs)")
+    dpo_refresh: int = option(0, "expo_dpo: 0 = offline (explanations of the initial model), N = renew every N steps")
+    explain_loss: str = option("nll", "expo's self-explanation term: nll = -log pi(e~ | q), the paper's; fkl = the "
+                               "full-vocabulary KL from the teacher to the policy along e~; rkl = the KL from the "
+                               "policy to the teacher along the policy's own rollouts (no self-explanation is sampled)",
+                               distill.EXPLAIN_LOSSES, section="ExPO's relatives: the term as self-distillation")
+    teacher: str = option("current", "fkl / rkl: the policy shown the answer, current (detached) or initial (frozen)",
+                          ("current", "initial"))
+    max_new_tokens: int = option(128, "generation budget of rollouts and self-explanations",
+                                 section="sampling and evaluation")
+    temperature: float = option(0.7, "sampling temperature; the policy-gradient log-probs are scored at the same "
+                                     "temperature, the likelihood terms (self-explanation, expert SFT, DPO) at T = 1")
+    sampler_dtype: str = option("auto", "what rollouts, self-explanations and evaluations are sampled from: bf16 = a "
+                                "bf16 copy of the policy refreshed after every update, fp32 = the policy itself in "
+                                "fp32 (whatever --train_dtype), auto = bf16 where bf16 matmuls are native (CUDA, a CPU "
+                                "with AMX / AVX512-BF16)", ("auto", "fp32", "bf16"))
+    eval_every: int = option(0, "evaluate every N steps (0 = only before and after training)")
+    eval_before: bool = option(True, "evaluate before training (lab/compare.py does it once for all runs)")
+    eval_k: int = option(4, "samples per eval question: reports pass@1 and pass@k")
+    eval_temperature: float = option(0.7, "sampling temperature of evaluation (the paper: 0.7)")
+    eval_limit: int | None = option(48, "evaluate a fixed random subset of this many test questions ('all')")
+    eval_max_new_tokens: int | None = option(None, "generation budget of evaluation (default: --max_new_tokens)")
+    eval_seed: int = option(0, "seed of the evaluation's questions and draws (never the training seed's)")
+    seed: int = option(0, "seed of the training run: question order and sampling (never the evaluation)",
+                       section="the run")
+    grad_accum: int = option(4, "micro-batches per optimizer step (same gradient, less memory)")
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
+    save_every: int = option(0, "write a checkpoint every N steps (0: only by time, at the end, and when stopped)")
+    save_every_minutes: float = option(30.0, "also checkpoint when this many minutes passed (0: off): a kill's loss")
+    output_dir: str | None = option(None, "the run's folder (default: runs/METHOD-DATASET)")
+    resume: bool = option(False, "continue the run in output_dir from its newest checkpoint, as if uninterrupted")
+    overwrite: bool = option(False, "start afresh in an output_dir that holds a run, deleting that run's files")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N")
+    train_dtype: str = option("auto", "the trainer's forward passes: bf16 = under bf16 autocast (weights, gradients "
+                              "and AdamW stay fp32, log-softmax and losses fp32), fp32, auto = bf16 where bf16 matmuls "
+                              "are native (CUDA, a CPU with AMX / AVX512-BF16), as --sampler_dtype",
+                              ("auto", "fp32", "bf16"))
+
+
+def parse_args(argv=None) -> Config:
+    parser = parser_for(Config, __doc__.split("\n\n")[0])
+    cfg = Config(**vars(parser.parse_args(argv)))
+    try:
+        cfg.levels = data.parse_levels(cfg.dataset, cfg.levels)
+    except data.DataError as e:
+        parser.error(f"--{e}")
+    cfg.output_dir = cfg.output_dir or f"runs/{cfg.method}-{Path(cfg.dataset).stem}"
+    problems = [msg for bad, msg in [
+        (cfg.num_generations < 2, "--num_generations must be at least 2 (advantages compare rollouts in a group)"),
+        (min(cfg.batch_size, cfg.steps, cfg.ppo_epochs, cfg.grad_accum) < 1, "--batch_size, --steps, --ppo_epochs, "
+         "--grad_accum must be >= 1"),
+        (cfg.beta < 0 or cfg.kl_coef < 0, "--beta and --kl_coef must be >= 0"),
+        (not 0 < cfg.clip_eps < 1, "--clip_eps must be in (0, 1)"),
+        (min(cfg.temperature, cfg.eval_temperature, cfg.explain_temperature) <= 0, "temperatures must be > 0"),
+        (cfg.learning_rate <= 0 or cfg.max_new_tokens < 1, "--learning_rate must be > 0, --max_new_tokens >= 1"),
+        (cfg.save_every_minutes < 0, "--save_every_minutes must be >= 0"),
+        (cfg.resume and cfg.overwrite, "--resume continues a run and --overwrite replaces it: choose one"),
+        (cfg.explain_loss != "nll" and cfg.method != "expo", "--explain_loss fkl / rkl is a form of --method expo"),
+    ] if bad]
+    if problems:
+        parser.error(problems[0])
+    return cfg
 
 
 def main(argv=None) -> None:

@@ -32,15 +32,15 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from engine import checkpoint
 import data
-from engine import decode
-from engine import distributed
 import evaluate
-from engine import lora
-from engine import report
 import reward
 import rollout
+from backend import bf16
+from engine import checkpoint, distributed, lora, report
+
+
+ENGINE_STATE = ("step", "skipped_updates", "config")  # what a checkpoint's trainer_state.json holds for the engine
 
 
 def step_seed(seed: int, step: int, salt: int = 0, rank: int = 0) -> int:
@@ -89,7 +89,7 @@ class Run:
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
                                            lr=cfg.learning_rate, betas=(0.9, 0.99), weight_decay=0.0)
         self.step, self.skipped = 0, 0
-        self.cached: dict[str, tuple[int, str]] = {}  # targets kept across steps (ExP-DPO's): id -> (step, text)
+        self.method_state: dict[str, dict] = {}  # the method's own, kept by checkpoints unread (`checkpoint_state`)
         self.signals = checkpoint.StopSignals(abandon=self.ranks.world == 1)  # installed while `train` runs
         if start:
             self.restore(start, state)
@@ -105,8 +105,8 @@ class Run:
         ranks = distributed.init(use_cuda)
         local = f"cuda:{ranks.local_rank}" if use_cuda else "cpu"  # under torchrun: this rank's GPU
         device = torch.device(local if cfg.device in ("auto", "cuda") else cfg.device)
-        use_bf16 = cfg.train_dtype == "bf16" or (cfg.train_dtype == "auto" and decode.bf16_is_native(device))
-        amp = (lambda: decode.bf16_autocast(device)) if use_bf16 else contextlib.nullcontext
+        use_bf16 = cfg.train_dtype == "bf16" or (cfg.train_dtype == "auto" and bf16.is_native(device))
+        amp = (lambda: bf16.autocast(device)) if use_bf16 else contextlib.nullcontext
         return ranks, device, amp
 
     def claim_folder(self) -> None:
@@ -149,20 +149,20 @@ class Run:
         policy itself. The trainer's log-probs, losses and optimizer stay fp32 either way. With LoRA the copy holds the
         adapters too, and the refresh copies them."""
         want = self.cfg.sampler_dtype
-        if want == "bf16" or (want == "auto" and decode.bf16_is_native(self.device)):
-            return decode.sampler_copy(self.model, torch.bfloat16)
+        if want == "bf16" or (want == "auto" and bf16.is_native(self.device)):
+            return bf16.sampler_copy(self.model, torch.bfloat16)
         return self.model
 
     def refresh_sampler(self) -> None:
         if self.sampler is not self.model:
-            decode.refresh_sampler(self.sampler, self.model)
+            bf16.refresh_sampler(self.sampler, self.model)
 
     def sampling(self, model=None):
         """The context to sample `model` (default: the sampler) in, by --sampler_dtype and never --train_dtype: none
         for the bf16 copy or an fp32 sampler; bf16 autocast for an fp32 model (DPO's reference) when sampling bf16."""
         model = model or self.sampler
         fp32_model_bf16_run = next(model.parameters()).dtype != torch.bfloat16 and self.sampler is not self.model
-        return decode.bf16_autocast(self.device) if fp32_model_bf16_run else contextlib.nullcontext()
+        return bf16.autocast(self.device) if fp32_model_bf16_run else contextlib.nullcontext()
 
     def apply_gradients(self) -> float:
         """Sum the ranks' gradients, clip, and apply, unless the norm is not finite (then nothing changes). The norm
@@ -205,7 +205,7 @@ class Run:
     def restore(self, start: Path, state: dict) -> None:
         """Continue from a checkpoint: its step and optimizer state; the logs are cut back to it."""
         self.step, self.skipped = state["step"], state.get("skipped_updates", 0)
-        self.cached = {k: tuple(v) for k, v in state.get("cached", state.get("dpo_chosen", {})).items()}
+        self.method_state = {k: v for k, v in state.items() if k not in ENGINE_STATE}  # the method's (unread)
         checkpoint.load_optimizer(start, self.optimizer, state)
         if self.ranks.main:  # the steps after the checkpoint are replayed, not repeated
             checkpoint.truncate_logs(self.out, self.step)
@@ -236,10 +236,10 @@ class Run:
         """Evaluate, train --steps steps, evaluate again; print what was learnt. A stop signal saves and exits."""
         cfg, main = self.cfg, self.ranks.main
         levels = "all levels" if cfg.levels is None else "level " + ",".join(map(str, cfg.levels))
-        bf16 = self.amp is not contextlib.nullcontext  # --train_dtype: the trainer's forward passes under autocast
-        emulated = "" if decode.bf16_is_native(self.device) else " (bf16 emulated on this CPU: slower than fp32)"
+        autocast = self.amp is not contextlib.nullcontext  # --train_dtype: the trainer's forward passes under autocast
+        emulated = "" if bf16.is_native(self.device) else " (bf16 emulated on this CPU: slower than fp32)"
         sampler = "a bf16 copy of the policy" + emulated if self.sampler is not self.model else "the fp32 policy"
-        trainer = "under bf16 autocast" + emulated if bf16 else "in fp32"
+        trainer = "under bf16 autocast" + emulated if autocast else "in fp32"
         if main:
             print(f"{cfg.method} on {cfg.dataset}, {levels}: {len(self.train_set)} train / {len(self.eval_set)} eval "
                   f"questions, device {self.device}, {self.ranks.world} process(es) of {torch.get_num_threads()} "
@@ -350,10 +350,12 @@ class Run:
         return result
 
     def checkpoint_state(self) -> dict:
-        """What a checkpoint keeps besides weights and optimizer: the step, the skipped updates, the flags, and every
-        rank's cached targets (each rank caches its own share of the questions; rank 0 saves them all)."""
-        cached = {k: v for part in distributed.gather(self.cached, self.ranks) for k, v in part.items()}
-        return {"step": self.step, "skipped_updates": self.skipped, "config": asdict(self.cfg), "cached": cached}
+        """What a checkpoint keeps besides weights and optimizer: the step, the skipped updates, the flags (ENGINE_STATE),
+        and the method's own state, read by the method alone: `method_state`, named dicts of which each rank holds its
+        own share (e.g. ExP-DPO's cached chosen responses, one per question, dpo.py); rank 0 saves their union."""
+        parts = distributed.gather(self.method_state, self.ranks)
+        method = {name: {k: v for part in parts for k, v in part.get(name, {}).items()} for part in parts for name in part}
+        return {**method, "step": self.step, "skipped_updates": self.skipped, "config": asdict(self.cfg)}
 
     def save(self) -> Path:
         """The checkpoint of the completed steps, written by rank 0 (every rank calls it, at the same step)."""

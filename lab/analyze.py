@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 import data
-from engine import decode
+from backend import bf16
 import evaluate
 import expo
 import reward
@@ -258,11 +258,11 @@ def main(argv=None) -> dict:
     except (OSError, data.DataError) as e:
         raise SystemExit(f"error: {e}")
     model.eval()
-    native = decode.bf16_is_native(model.device)
-    bf16 = args.sampler_dtype == "bf16" or (args.sampler_dtype == "auto" and native)
-    sampler = decode.sampler_copy(model) if bf16 else model
+    native = bf16.is_native(model.device)
+    sampling_bf16 = args.sampler_dtype == "bf16" or (args.sampler_dtype == "auto" and native)
+    sampler = bf16.sampler_copy(model) if sampling_bf16 else model
     scoring_bf16 = args.train_dtype == "bf16" or (args.train_dtype == "auto" and native)
-    amp = decode.bf16_autocast(model.device) if scoring_bf16 else contextlib.nullcontext()  # as
+    amp = bf16.autocast(model.device) if scoring_bf16 else contextlib.nullcontext()  # as
     # train.py's --train_dtype: the NLLs are scored under bf16 autocast where bf16 is native (log-softmax in fp32)
     with amp:
         result = measure(model, tokenizer, examples, args.k, args.max_new_tokens, args.temperature, args.seed,

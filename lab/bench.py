@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
 
-from engine import assets, decode
+from backend import assets, bf16, decode
 import rollout
 import train
 from variants import tis
@@ -155,7 +155,7 @@ def bench_natural(args) -> list[dict]:
     budgets, and how far the bf16 sampler's distribution is from the trainer's on the tokens it drew, with the trainer
     in fp32 and under bf16 autocast (--train_dtype)."""
     model, tokenizer = rollout.load_policy(None)
-    copy = decode.sampler_copy(model)
+    copy = bf16.sampler_copy(model)
     questions = train.data.load("arith", "test", levels=args.levels, limit=args.prompts, seed=0)
     texts = [train.expo.solve_prompt(e.question) for e in questions]
     texts += [train.expo.explain_prompt(e.question, e.answer) for e in questions]
@@ -168,7 +168,7 @@ def bench_natural(args) -> list[dict]:
             seconds[name] = min(_timed(lambda: runs.__setitem__(name, rollout.sample(
                 sampler, tokenizer, prompts, counts, budget, 0.7, seed=1)), model.device) for _ in range(args.repeats))
         out, mismatch = runs["bf16 copy"], {}
-        for trainer, amp in (("fp32", contextlib.nullcontext()), ("bf16 autocast", decode.bf16_autocast(model.device))):
+        for trainer, amp in (("fp32", contextlib.nullcontext()), ("bf16 autocast", bf16.autocast(model.device))):
             with torch.no_grad(), amp:  # [N, T] the trainer's log-probs of the bf16 copy's tokens
                 logp = rollout.token_logprobs(model, out.prompt_ids, out.prompt_mask, out.completion_ids, 0.7)
             mismatch[trainer] = tis.sampler_mismatch(logp, out.sampler_logp, out.completion_mask)
@@ -214,8 +214,8 @@ def natural_step(args) -> dict:
     out = {}
     for name, (bf16_sampler, bf16_train) in STEP_CONFIGS.items():
         trainer.model.load_state_dict(weights)
-        trainer.sampler = decode.sampler_copy(trainer.model) if bf16_sampler else trainer.model
-        trainer.amp = functools.partial(decode.bf16_autocast, trainer.device) if bf16_train else contextlib.nullcontext
+        trainer.sampler = bf16.sampler_copy(trainer.model) if bf16_sampler else trainer.model
+        trainer.amp = functools.partial(bf16.autocast, trainer.device) if bf16_train else contextlib.nullcontext
         start = time.perf_counter()
         stats = trainer.grpo_step(batch)
         out[name] = {"step_s": round(time.perf_counter() - start, 1), "sample_s": round(stats["t_sample"], 1),
@@ -227,7 +227,7 @@ def natural_step(args) -> dict:
         print(f"one ExP-GRPO step, budget {args.budgets[-1]}, sampling / training {name}: step {row['step_s']} s "
               f"({row['step_x']}x), sampling {row['sample_s']} s, update {row['update_s']} s ({row['update_x']}x; "
               f"{row['rows']} rollouts, {row['targets']} targets)", flush=True)
-    return {"step": out, "bf16_native": decode.bf16_is_native(trainer.device)}
+    return {"step": out, "bf16_native": bf16.is_native(trainer.device)}
 
 
 def bench_train(args, device: torch.device) -> list[dict]:

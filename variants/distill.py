@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 import expo
 import rollout
-from engine import memory
+from backend import memory
 
 EXPLAIN_LOSSES = ("nll", "fkl", "rkl")  # --explain_loss: nll is the paper's term
 
@@ -45,7 +45,7 @@ def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, reverse
     logits [N, T, V] over the same completion tokens: KL(teacher || student) (forward), or with `reverse`
     KL(student || teacher). The teacher's logits must carry no gradient (compute them under no_grad).
 
-    Computed a few rows at a time (engine/memory.py), as rollout.token_logprobs is."""
+    Computed a few rows at a time (backend/memory.py), as rollout.token_logprobs is."""
     pair = (student_logits, teacher_logits) if reverse else (teacher_logits, student_logits)
     return memory.by_rows(vocab_kl, pair, rows_per_chunk=rows_per_chunk)  # [N, T]
 

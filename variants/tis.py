@@ -1,6 +1,6 @@
 """Truncated importance sampling (TIS) for a bf16 sampler: a research add-on beside the paper's step.
 
-Rollouts drawn from a bf16 copy of the policy (engine/decode.py, `--sampler_dtype bf16`) are slightly off-policy for
+Rollouts drawn from a bf16 copy of the policy (backend/decode.py, `--sampler_dtype bf16`) are slightly off-policy for
 the trainer, fp32 or under bf16 autocast (`--train_dtype`: another rounding than the copy's, so the mismatch does not
 vanish). `sampler_mismatch` measures by how much (logged every step as mismatch_*); `tis_weights`, with
 `--tis_cap C`, weights each rollout token's surrogate by min(pi_old / pi_sampler, C) to correct for it. Both join the

@@ -11,97 +11,19 @@ position); this file is how it is made fast, and a first reading may skip it. Th
   3. on a CPU, drop finished rows from the batch as they finish (`decode`, `COMPACT_AT`): a CPU decode step costs in
      proportion to its rows, and most rows stop long before the longest (a GPU step costs about the same for 8 or 72
      rows, so the graphed decoder keeps its static shapes);
-  4. stop as soon as every row has emitted a stop token (checked every few steps on a GPU to avoid syncs);
-  5. sample from a bf16 copy of the fp32 policy where bf16 matmuls are native (`bf16_is_native`, `sampler_copy`,
-     `refresh_sampler`), as RL stacks sample from a low-precision inference engine: this one does change the
-     distribution slightly, and train.py measures by how much (expo.sampler_mismatch). On a CPU its linear layers
-     keep their weights pre-packed for oneDNN (`PackedLinear`), which gives the same products faster at a decode
-     step's shapes (a prefill's many rows at two or more threads may round otherwise: other tokens, same distribution).
-1-4 do not change what is sampled: the same seed gives the same tokens with or without them (tested; a batch of
+  4. stop as soon as every row has emitted a stop token (checked every few steps on a GPU to avoid syncs).
+None of them changes what is sampled: the same seed gives the same tokens with or without them (tested; a batch of
 another shape may round a logit differently, which moves a token only when its uniform number falls within rounding
-of a boundary of the cumulative distribution). Tokens are drawn by inverse-CDF sampling (`pick`).
+of a boundary of the cumulative distribution). Tokens are drawn by inverse-CDF sampling (`pick`). Sampling from a
+bf16 copy of the policy, which does change the distribution slightly, is backend/bf16.py's.
 """
 from __future__ import annotations
 
-import copy
 import inspect
 
 import torch
 from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import DynamicLayer
-
-# -------------------------------------------------------------------------------------------- the bf16 sampler copy
-
-
-def bf16_is_native(device: torch.device) -> bool:
-    """Does `device` multiply bf16 matrices in hardware: CUDA with bf16, or a CPU with AMX-BF16 or AVX512-BF16?"""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
-    return bool(caps.get("amx_bf16") or caps.get("avx512_bf16"))
-
-
-def bf16_autocast(device: torch.device):
-    """The bf16 autocast context of --train_dtype bf16 (and of sampling an fp32 model the bf16 way), without autocast's
-    weight cache: the weights change after every step."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
-
-
-def sampler_copy(model, dtype: torch.dtype = torch.bfloat16):
-    """A copy of the policy to sample from, its parameters in `dtype` (buffers such as RoPE frequencies stay fp32),
-    as RL stacks sample from a low-precision inference engine, its linear layers `PackedLinear`s on a CPU with bf16
-    matmuls. `refresh_sampler` keeps it equal to the policy."""
-    sampler = copy.deepcopy(model).eval().requires_grad_(False)
-    for p in sampler.parameters():
-        p.data = p.data.to(dtype)
-    device = next(sampler.parameters()).device
-    if dtype == torch.bfloat16 and device.type == "cpu" and bf16_is_native(device) and PackedLinear.available():
-        for m in sampler.modules():
-            if type(m) is torch.nn.Linear:
-                m.__class__ = PackedLinear  # the same module and parameters, another forward
-                m.pack()
-    return sampler
-
-
-@torch.no_grad()
-def refresh_sampler(sampler, model) -> None:
-    """Copy the policy's (fp32) weights into the sampler, cast to its dtype: after every optimizer step."""
-    for s, p in zip(sampler.parameters(), model.parameters(), strict=True):
-        s.copy_(p)
-    for m in sampler.modules():
-        if isinstance(m, PackedLinear):
-            m.pack()
-
-
-class PackedLinear(torch.nn.Linear):
-    """A linear layer of the CPU bf16 sampler that also holds its weight pre-packed in oneDNN's layout (`pack`, after
-    every change of the weight), about 2x faster at a decode step's few rows, where F.linear reorders the weight at
-    every call (SmolLM2-135M's [32, 576] x [576, 1536] at one thread: 306 -> 166 us). The products are F.linear's bit
-    for bit at one thread and at a decode step's rows (tested); a prefill's thousands of rows at two threads can be
-    split otherwise and round differently ([32 x 60, 576] x [576, 1536]: last-bit differences), so the tokens sampled
-    there depend on the thread count. The packed weight is opaque to torch: copies and pickles leave it out and pack
-    again."""
-
-    @staticmethod
-    def available() -> bool:
-        """oneDNN is built in, has these (private, inductor's) ops, and says this CPU runs its bf16 kernels."""
-        ops = torch.ops.mkldnn
-        return (torch.backends.mkldnn.is_available() and hasattr(ops, "_reorder_linear_weight")
-                and hasattr(ops, "_is_mkldnn_bf16_supported") and ops._is_mkldnn_bf16_supported())
-
-    def pack(self) -> None:
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-
-    def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k != "packed"}
-
-    def __setstate__(self, state) -> None:
-        super().__setstate__(state)
-        self.pack()
-
 
 def _cache_kwarg(model) -> str:
     """transformers renamed `past_key_values` to `cache` during 5.x; use whichever this model's forward takes."""

@@ -1,54 +1,164 @@
-"""The verifier: pull the committed final answer out of a completion and decide whether it equals the gold answer.
+r"""The verifier: read the answer a completion commits to, and decide whether it is the gold answer.
 
-The 0/1 verdict of `score` is the only learning signal of GRPO and ExPO and decides every pass@k we report, so this
-file is strict in both directions:
+`score` is the only learning signal of GRPO and ExPO and decides every pass@k, and a policy will find any string that
+scores. So the checker reads an answer as a grader does, into an expression tree, and compares trees: by value, then
+by the form the question asks for; and it refuses the ways to score without answering, each a named rule (RULES).
 
-* `extract_answer` takes only an answer the text *commits* to -- the last `\\boxed{}`, else a GSM8K `####` line, else
-  an "answer is ..." phrase -- and never falls back to "the last number in the text" (that turns `\\frac{1}{2}` into 2).
-* `is_equiv` normalises LaTeX surface forms, then compares values. Plain numbers compare exactly as rationals
-  (`fractions.Fraction`), so `0.5 == \\frac{1}{2}` but `0.67 != \\frac{2}{3}`. Anything with `\\sqrt`, `\\pi`, powers or
-  variables goes through a small recursive-descent evaluator (no `eval`, no sympy) and is compared numerically to a
-  relative tolerance of 1e-9, at several fixed points when it has variables. An integer directly followed by a
-  `\\frac` of two integers is a mixed number (`3\\frac{1}{2}` = 7/2); any other juxtaposition is a product
-  (`2\\frac{\\pi}{3}`, `2\\sqrt{3}`). Tuples and intervals compare element-wise keeping their brackets; `\\{...\\}` sets and
-  bare comma lists ("enter all the solutions, separated by commas") compare as multisets, in any order. Anything
-  else is compared as text.
-* A plain number (`4536`, `-0.5`, `\\frac{3}{4}`, `3\\frac{1}{2}`) equals only a plain number: an answer that still
-  has arithmetic to do (`81 \\times 56`, `2^{10}`, `\\sqrt{4}`, `23+\\frac{45}{1}`) is not an answer to "What is 81 x
-  56?" but the question restated, and a policy rewarded for it learns to restate (a levels 4-5 run did, in 15 steps).
-  A mixed number is one only when 0 < numerator < denominator (`23\\frac{45}{1}` is a product).
-* Given the question (`score(completion, gold, question)`, as every caller does), an answer that restates it scores
-  0 (`restates`): one of its math spans, or a rewrite of one with the same integers (`(x+5)(x+2)` for "Expand
-  (x+2)(x+5)", `\\frac{3}{20}` for "Write 3/20 as a decimal"), unless it is the gold's own spelling. Before this rule
-  boxing a span of the question scored 1 on 129 MATH train, 87 MATH test and 14 MATH-500 questions.
-* Hedges commit to nothing: two different values joined by "or" (two boxes, or "the answer is $a$ or $b$") give no
-  answer. Only known units (`UNITS`) are dropped after a value, so "4536 or more" and `4536 \\text{ is not the
-  answer}` are unreadable, not 4536. A lone variable's `x =` (or `f(x) =`, `x \\in`) is dropped unless the gold names
-  another variable; a list of them (`x = 1, x = 2`, `x = 1 \\text{ or } x = 2`) is the list of values. A true chain
-  `81 \\times 56 = 4536` reads as its last side; a decimal inside an expression is exact, like a bare one.
+    score(completion, gold, question)
+      1. extract_answer   the last \boxed{} (else a `####` line, else the last "answer is"); a hedge commits to nothing
+      2. parse            the answer, the gold and the question's math spans, into trees, by one grammar (below)
+      3. RULES            refuse if one holds: restates the question, offers two values, ...
+      4. same_value       exact rationals where it can, else numerically, at sample points when there are variables
+      5. in_form          the form the question asks for (lowest terms, a decimal, ...), and the gold's kind of number
 
-Model output is untrusted text, so nothing here can raise or run long: answers longer than `MAX_ANSWER_CHARS` are
-compared as plain strings, the parser caps tokens and nesting depth, exact powers are size-checked before they are
-computed and any exact value past `MAX_EXACT_DIGITS` goes on as a float, and the regexes have no nested quantifiers
-that could backtrack.
+The grammar (`parse`, after `clean` has dropped LaTeX spacing and sizing, mapped Unicode math to LaTeX, joined
+thousands separators, and kept whitespace as a separator, so `2 \cdot x` never becomes `\cdotx`):
+
+    answer  := chain ("," chain)* | chain ("or" chain)+   a list: the solutions, in any order; "or": the same, or a hedge
+    chain   := [label ("=" | "\in")] union ("=" union)*   a label names the answer: `x =`, `f(3) =`, `a_5 =`, `AB =`;
+                                                          a true chain of numbers reads as its last side
+    union   := sum ("\cup" sum)*                          in any order
+    sum     := term (("+" | "-" | "\pm" | "\mp") term)*  `a \pm b` is the list a + b, a - b
+    term    := factor (("\cdot" | "\times" | "/" | "\div" | nothing) factor)*
+    factor  := ("-" | "+") factor | atom ("^" factor | "!" | "%" | "^\circ" | unit)*
+    atom    := number | number_base | letter[_index] | \pi | \infty | \frac{a}{b} | \sqrt[n]{a} | \binom{a}{b}
+             | function atom | ( answer ) | [ answer ) | \{ answer \} | matrix | \text{...}
+
+A mixed number is an integer followed by \frac{p}{q} with 0 < p < q; `1.2 \times 10^{6}` is a number; `1011_2` a number
+in base 2; a unit is a word of UNITS, or words in \text / \mbox / \mathrm after a value that claim nothing of it (not
+NOT_UNITS); a single letter is always a variable, never a unit. Anything else is text, compared as text.
+
+Model output is untrusted: nothing here raises, runs `eval`, or runs long. Each call spends at most WORK_BUDGET units
+of counted work (a token, a tree node evaluated, 64 bits of exact arithmetic), and an exact value past MAX_EXACT_BITS
+goes on as a float; `last_work()` reports what the latest call spent.
 """
 from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from collections import Counter
 from fractions import Fraction
 
-MAX_ANSWER_CHARS = 1000  # longer "answers" are compared as plain strings: no real answer is that long
-MAX_TOKENS = 300  # the evaluator gives up (text comparison) on longer expressions
-MAX_DEPTH = 40  # nesting depth the recursive-descent parser accepts
-MAX_EXACT_DIGITS = 5000  # an exact value with more digits goes on in floats (and may overflow): bounded time
-MAX_SET_PAIRING = 16  # set elements left to match pairwise after identical ones pair off
+# ---------------------------------------------------------------------------------------------------- the rules
+# Each refuses an answer that would otherwise score, because a policy rewarded for it learns it instead of answering.
+# A rule is a predicate on (answer tree, gold tree, question text); the predicates are defined below `score`.
+RULES = {
+    "restates the question": (lambda p, g, q: restates(p, g, q),  # e.g. \boxed{(x+6)(x-2) \cdot 1} for "Expand ..."
+                              "the question copied, padded (x 1, + 0, 06, 275.0) or reordered, is not its answer"),
+    "offers two values": (lambda p, g, q: offers_two_values(p, g),
+                          "`69 or 68` (two boxes, \\text{ or }, `$68$ (or $69$)`) hedges between candidates"),
+    "contradicts the gold's left side": (lambda p, g, q: contradicts_label(p, g),
+                                         "`x = 2x + 3` for `y = 2x + 3` names another quantity"),
+    "a percent only on the answer's side": (lambda p, g, q: percent_only_in_answer(p, g, q),
+                                            "`0.25\\%` is 0.0025, not the probability 0.25 (unless a percent is asked)"),
+}
+
+MAX_ANSWER_CHARS = 1000  # a longer "answer" is compared as a plain string: no real answer is that long
+MAX_DEPTH = 40  # nesting the parser accepts
+MAX_EXACT_BITS = 16_000  # an exact value with more bits (~5,000 digits) goes on as a float
+WORK_BUDGET = 200_000  # units of counted work per call (measured: a real answer spends well under 1%)
 REL_TOL = 1e-9
 # where expressions in variables are compared: spread out, so that domains like x >= 2 still leave several points
 SAMPLE_POINTS = (0.5377, 1.8339, 2.2588, 0.8622, 1.3188, 3.5784, 4.7131, 6.2832, 9.4247, 12.5664, 25.1327)
 
-# ----------------------------------------------------------------------------------------------------- extraction
+
+def score(completion: str, gold: str, question: str | None = None) -> float:
+    """1.0 when the answer `completion` commits to is `gold` (by value and form) and no rule refuses it; else 0.0.
+    Without the `question`, the rules and forms that need it are skipped (every caller in training passes it)."""
+    return 1.0 if verdict(completion, gold, question) == "right" else 0.0
+
+
+def verdict(completion: str, gold: str, question: str | None = None) -> str:
+    """"right", "no answer", "wrong", "wrong form", or the name of the rule (RULES) that refused the answer."""
+    pred = extract_answer(completion)
+    return "no answer" if pred is None else _judge(pred, gold, question or "", rules=True)
+
+
+def is_equiv(pred: str, gold: str) -> bool:
+    """Do two answer strings denote the same answer, by value and the gold's kind of number (no question, no rule but
+    the left side's)?"""
+    return isinstance(pred, str) and _judge(pred, gold, "", rules=False) == "right"
+
+
+def refused(completion: str, gold: str, question: str) -> str | None:
+    """The rule that refused `completion`, or None: logged and marked in samples.md, so that a learner can watch a
+    policy try."""
+    name = verdict(completion, gold, question)
+    return name if name in RULES else None
+
+
+def _judge(pred: str, gold: str, question: str, rules: bool) -> str:
+    """Steps 2-5 of `score` on an extracted answer, within the work budget."""
+    _WORK.start()
+    try:
+        if not isinstance(gold, str) or not pred.strip() or not gold.strip():
+            return "no answer"
+        if max(len(pred), len(gold)) > MAX_ANSWER_CHARS:
+            return "right" if isinstance(gold, str) and pred.strip() == gold.strip() != "" else "wrong"
+        p, g = parse(pred), parse(gold)
+        checks = RULES.items() if rules else [("contradicts the gold's left side", RULES[
+            "contradicts the gold's left side"])]
+        refusal = next((name for name, (holds, _) in checks if holds(p, g, question)), None)
+        if refusal:
+            return refusal
+        if not same_value(p, g):
+            return "wrong"
+        return "right" if in_form(p, g, question) else "wrong form"
+    except Exception:  # untrusted text never crashes a run: any surprise (the budget spent included) is "wrong"
+        return "wrong"
+
+
+def last_work() -> tuple[int, int]:
+    """What the latest call spent: (units of work, at most WORK_BUDGET; bits of the largest exact value it held)."""
+    return _WORK.spent, _WORK.largest
+
+
+class _Budget:
+    """The work a call may spend: `spend` raises once WORK_BUDGET is gone (the call then scores 0)."""
+
+    def __init__(self):
+        self.spent = self.largest = 0
+
+    def start(self) -> None:
+        self.spent = self.largest = 0
+
+    def spend(self, units: int = 1) -> None:
+        self.spent += units
+        if self.spent > WORK_BUDGET:
+            raise _OutOfWork
+
+
+class _OutOfWork(Exception):
+    pass
+
+
+_WORK = _Budget()
+
+# ---------------------------------------------------------------------------------------------------- extraction
+
+
+def extract_answer(text: str, trusted: bool = False) -> str | None:
+    r"""The final answer `text` commits to, or None: the last `\boxed{...}` / `\fbox{...}` (balanced braces, or
+    `\boxed 5`), else what follows the last `####`, else what follows the last "answer is" ("The answer is $18." reads
+    18). Two boxes joined by "or", or "the answer is $a$ (or $b$)", offer two values: they come back as "a \text{ or }
+    b" (the rule "offers two values" refuses them), or as the last one when `trusted` (a dataset's own solution).
+    An empty or unbalanced box, or no committed answer, gives None."""
+    if not isinstance(text, str):
+        return None
+    last = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if last >= 0:
+        answer, _ = _box(text, last, len(text))
+        before = max(text.rfind("\\boxed", 0, last), text.rfind("\\fbox", 0, last))
+        if answer and before >= 0 and not trusted:
+            other, end = _box(text, before, last)
+            between = re.sub(r"\\text\s*\{|\\[()\[\]]|[\s$.,;:*(){}]", "", text[end:last]).lower()
+            if other and between in ("or", "otherwise"):
+                return f"{other} \\text{{ or }} {answer}"
+        return answer
+    if "####" in text:
+        return _clean_answer(text[text.rfind("####") + 4 :].lstrip().split("\n", 1)[0])
+    return _after_phrase(text)
 
 
 def boxed_span(text: str) -> tuple[int, int] | None:
@@ -74,276 +184,546 @@ def boxed_span(text: str) -> tuple[int, int] | None:
     return None  # the braces never close
 
 
-def _last_boxed(text: str) -> str | None:
-    span = boxed_span(text)
+def _box(text: str, start: int, end: int) -> tuple[str | None, int]:
+    """(content, where it ends) of the box at `start`, the last in text[start:end]: balanced braces, or `\\boxed 5`
+    (one token); the content is None when empty or unbalanced."""
+    span = boxed_span(text[start:end])
     if span is not None:
-        return text[span[0] : span[1]]
-    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+        return text[start + span[0] : start + span[1]].strip() or None, start + span[1] + 1
     i = start + (6 if text.startswith("\\boxed", start) else 5)
-    m = re.match(r"[ \t]+([^\s$]+)", text[i : i + 200])  # `\boxed 5`: a single token
-    return m.group(1) if m else None
-
-
-def _two_boxes_or(text: str) -> bool:
-    """Is the last box joined to the one before it by "or", with another value (a hedge between two answers)? The same
-    value twice (`\\boxed{15\\frac{39}{40}}, or \\boxed{\\frac{639}{40}}`) is one answer."""
-    last = boxed_span(text)
-    if last is None:
-        return False
-    head = text[: max(text.rfind("\\boxed", 0, last[0]), text.rfind("\\fbox", 0, last[0]))]
-    before = boxed_span(head)
-    between = head[before[1] + 1 :] if before else ""
-    joined = before is not None and re.fullmatch(r"[\s$.,)\\]*\b(?:or|otherwise)\b[\s$(\\]*", between)
-    return bool(joined) and not is_equiv(head[before[0] : before[1]], text[last[0] : last[1]])  # two *values*
-
-
-def _clean(answer: str) -> str | None:
-    answer = answer.strip().strip("*").strip()
-    answer = re.sub(r"^\\?\$\s*", "", answer)  # `#### $18`
-    answer = answer.rstrip(".").strip().strip("$").strip()
-    return answer or None
-
-
-def _after_hashes(text: str) -> str | None:
-    line = text[text.rfind("####") + 4 :].lstrip().split("\n", 1)[0]
-    return _clean(line)
+    m = re.match(r"[ \t]+([^\s$]+)", text[i : min(end, i + 200)])
+    return (m.group(1).rstrip(".,") or None, i + m.end()) if m else (None, end)
 
 
 _PHRASE = re.compile(r"answer is\s*:?", re.IGNORECASE)
+_HEDGE = re.compile(r"\s*(?:,\s*)?\(?\s*(?:or|otherwise)\b", re.IGNORECASE)  # "or $b$", "(or $b$)", "or so"
 
 
 def _after_phrase(text: str) -> str | None:
+    """What follows the last "answer is": a math span's content, a currency amount, or the rest of the sentence;
+    with "or" after it (another value, "or so", "or more"), the two values it offers."""
     last = None
     for last in _PHRASE.finditer(text):
         pass
     if last is None:
         return None
     rest = text[last.end() : last.end() + 500].lstrip().lstrip("*").lstrip()
+    money = re.match(r"\\?\$\s*(\d[\d,]*(?:\.\d+)?)(?=[.,;!]?(?:\s|$))", rest)
+    if money:  # "The answer is $18." (GSM8K's money): a currency amount, not a math span
+        return money.group(1)
     for left, right in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
-        if rest.startswith(left):  # a math span: take exactly its content, unless "or" offers another value
-            end = rest.find(right, len(left))
-            if end < 0:
-                return None
-            answer, after = _clean(rest[len(left) : end]), rest[end + len(right) :]
-            other = re.match(r"\s*(?:,\s*)?(?:or|otherwise)\s*\$([^$]*)\$", after)  # "$a$ or $b$": a hedge
-
-            if other or re.match(r"\s*(?:,\s*)?(?:or|otherwise)\b", after):
-                return answer if other and is_equiv(other.group(1), answer or "") else None
+        end = rest.find(right, len(left)) if rest.startswith(left) else -1
+        if end >= 0 and "\n" not in rest[:end]:  # a math span on the line: exactly its content
+            answer, after = _clean_answer(rest[len(left) : end]), rest[end + len(right) :]
+            if _HEDGE.match(after):  # "$a$ or $b$", "$68$ (or $69$)", "$68$ or so": two values, or a hedge
+                other = re.match(r"[^$\n]*?\$([^$\n]*)\$", after)
+                return f"{answer} \\text{{ or }} {other.group(1) if other else '?'}"
             return answer
-    rest = rest.split("\n", 1)[0]
-    rest = re.split(r"\.(?:\s|$)", rest, maxsplit=1)[0]  # end of the sentence (a decimal point is not followed by space)
-    return _clean(rest)
+    sentence = re.split(r"\.(?:\s|$)", rest.split("\n", 1)[0], maxsplit=1)[0]  # a decimal point is not followed by space
+    return _clean_answer(sentence)
 
 
-def extract_answer(text: str, trusted: bool = False) -> str | None:
-    """The final answer `text` commits to, or None. `trusted` (a dataset's own solution, not a policy's output): two
-    boxes joined by "or" give the last one, as the dataset means it, instead of no answer.
+def _clean_answer(answer: str) -> str | None:
+    answer = answer.strip().strip("*").strip()
+    answer = re.sub(r"^\\?\$\s*", "", answer)  # `#### $18`, "is $18."
+    answer = answer.rstrip(".").strip().strip("$").strip()
+    return answer or None
 
-    Order: the last `\\boxed{...}` / `\\fbox{...}` (balanced braces, or `\\boxed 5`); else what follows the last
-    `####`; else what follows the last "answer is" ("The answer is 42.", "The final answer is $\\frac12$").
-    An empty or unbalanced box, or text with no committed answer, gives None.
-    """
-    if not isinstance(text, str):
-        return None
-    if "\\boxed" in text or "\\fbox" in text:
-        if not trusted and _two_boxes_or(text):
-            return None  # "\boxed{4537} or \boxed{4536}": a hedge commits to no answer
-        boxed = _last_boxed(text)
-        return boxed.strip() or None if boxed is not None else None
-    if "####" in text:
-        return _after_hashes(text)
-    return _after_phrase(text)
+# ------------------------------------------------------------------------------------------------------- parsing
 
-
-# -------------------------------------------------------------------------------------------------- normalisation
-
-_UNWRAP = re.compile(r"\\(?:text|textbf|textit|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")
-_DROP = re.compile(r"\\left|\\right|\\!|\\,|\\;|\\:|\\displaystyle|\\\$|\$|~|\\%|%|\{,\}")
-_DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|°|\\degree")
-_UNITS = re.compile(  # trailing words after a number or a closing brace: `5 cm^2`, `18 dollars`, `\frac12 cup`, `18 m`
-    r"(?<=[\d})])\s*(?:[A-Za-z]+\.?(?:\s+|$|(?=\^)))+(?:\^\s*\{?\d\}?\s*)?$"
-)
-_ASSIGN = re.compile(r"^\s*(?:[A-Za-z]|\\[a-z]+)(?:\([A-Za-z]\))?\s*(?:=(?!=)|\\in\b)")  # `x =`, `f(x) =`, `x \in`
-_THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
-# a thousands-separated integer that can only be one number: a denominator `/(5,525)`, or a whole `{5,525}` group
-_THOUSANDS_INSIDE = re.compile(r"(?<=/\()\d{1,3}(?:,\d{3})+(?=\))|(?<=\{)\d{1,3}(?:,\d{3})+(?=\})")
-# an integer directly followed by \frac{integer}{integer}, not part of a number, power, index or command before it
-_MIXED = re.compile(r"(?<![\w.^_}\\])(\d+)\\frac\{(\d+)\}\{(\d+)\}")
-# the words dropped after a value (`5 cm`, `\text{ square units}`); any other trailing words make an answer unreadable,
-# so "4536 or more" or "4536 \text{ is not the answer}" never reads as 4536
-UNITS = frozenset("""unit units square sq cubic cm mm km m meter meters metre metres centimeter centimeters inch inches in
-    ft foot feet yd yard yards mile miles mi mph kg g gram grams lb lbs pound pounds oz ounce ounces l liter liters ml
-    gallon gallons cup cups second seconds sec s minute minutes min hour hours hr hrs day days week weeks month months
-    year years degree degrees dollar dollars cent cents percent""".split())
-# Unicode a model (or `arith`'s own questions) may write for the LaTeX operators and plain spaces we parse
-_UNICODE = str.maketrans({"×": " \\times ", "·": " \\cdot ", "⋅": " \\cdot ", "÷": " \\div ", "−": "-",
-                          "\u00a0": " ", "\u2009": " ", "\u202f": " ", "\u200a": " ", "\u2002": " ", "\u2003": " "})
+# Unicode a model may write for the LaTeX we parse (full-width forms go through NFKC afterwards)
+_UNICODE = str.maketrans({"×": " \\times ", "·": " \\cdot ", "⋅": " \\cdot ", "÷": " \\div ", "−": "-", "–": "-",
+                          "—": "-", "π": "\\pi ", "√": "\\sqrt ", "∞": "\\infty ", "±": "\\pm ", "∓": "\\mp ",
+                          "∪": "\\cup ", "∈": "\\in ", "°": "^\\circ ", "≤": "\\le ", "≥": "\\ge ",
+                          **{c: f"^{{{d}}}" for c, d in zip("⁰¹²³⁴⁵⁶⁷⁸⁹", "0123456789")},
+                          **{c: f"\\frac{{{f.numerator}}}{{{f.denominator}}}" for c, f in
+                             (("½", Fraction(1, 2)), ("⅓", Fraction(1, 3)), ("⅔", Fraction(2, 3)), ("¼", Fraction(1, 4)),
+                              ("¾", Fraction(3, 4)), ("⅕", Fraction(1, 5)), ("⅛", Fraction(1, 8)))}})
+_NOISE = re.compile(r"\\(?:left|right)\.|\\(?:left|right|[Bb]igg?[lrm]?|displaystyle|textstyle|limits|!)(?![A-Za-z])"
+                    r"|\\\$|\$|\\(?:mathbf|boldsymbol|bm|mathit|mathsf|mathbb|mathcal)(?![A-Za-z])")
+_SPACE = re.compile(r"\\[,;: ]|\\q?quad(?![A-Za-z])|~")
+_TEXT = re.compile(r"\\(?:text|textbf|textit|textrm|textnormal|mbox|mathrm|operatorname)\s*(?=\{)")
+_THOUSANDS = re.compile(r"(?<=\d)(?:\{,\}|,\\!\s*|\\[,!]|[\u00a0\u2009\u202f])(?=\d{3}(?!\d))")  # 2{,}500
+_THOUSANDS_GROUP = re.compile(r"(?<=[{(])\d{1,3}(?:,\d{3})+(?=[)}])")  # 12/(5,525), \frac{1}{5,525}: one number
+_MATRIX = re.compile(r"\\(begin|end)\{[pbBvV]?matrix\}")
 
 
-def normalize(answer: str) -> str:
-    """A canonical spelling of an answer string (LaTeX noise, units, `x =` and separators removed)."""
-    s = answer.translate(_UNICODE).strip()
-    s = re.sub(r"\\[dtc]frac", r"\\frac", s)
-    for _ in range(3):  # nested wrappers: \text{\textbf{C}}
-        s = _UNWRAP.sub(r"\1", s)
-    s = re.sub(r",\\!\s*", ",", s)  # `11,\! 111` is a thousands separator, never a list
-    s = _DEGREES.sub("", _DROP.sub("", s))
-    s = s.replace("\\le", "\\le ").replace("\\ge", "\\ge ")  # keep `\le5` from reading as a command `\le5`
-    s = s.strip().rstrip(".").strip()
-    m = _UNITS.search(s)
-    if m and all(w.lower() in UNITS for w in re.findall(r"[A-Za-z]+", m.group(0))):
-        s = s[: m.start()]
-    parts = re.split(r",|\bor\b", s) if re.search(r",|\bor\b", s) else [s]
-    if len(parts) > 1 and all(_ASSIGN.match(p) and p.count("=") <= 1 for p in parts):  # x = 1, x = 2 / x = 1 or x = 2
-        s = ",".join(_ASSIGN.sub("", p) for p in parts)
-    elif s.count("=") == 1 or (s.count("=") == 0 and "\\in" in s):
-        s = _ASSIGN.sub("", s)
-    s = s.strip()
-    if _THOUSANDS.fullmatch(s):  # `2,500` but not `1, 2` or `(1,234)`: decided before spaces go
-        s = s.replace(",", "")
-    s = re.sub(r"\s+", "", s)
-    s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)  # \frac12
-    s = re.sub(r"\\frac(\d)\{", r"\\frac{\1}{", s)  # \frac1{2}
-    s = re.sub(r"\\frac\{([^{}]*)\}(\d)", r"\\frac{\1}{\2}", s)  # \frac{1}2
-    s = re.sub(r"\\sqrt(\d)", r"\\sqrt{\1}", s)  # \sqrt2
-    s = _THOUSANDS_INSIDE.sub(lambda m: m.group(0).replace(",", ""), s)  # 12/(5,525)
-    s = _MIXED.sub(_improper, s)  # 3\frac{1}{2} -> \frac{7}{2}; 23\frac{45}{1} stays a product (not a mixed number)
+def clean(answer: str) -> str:
+    """An answer string as the tokenizer reads it: Unicode math as LaTeX, full-width forms as ASCII, LaTeX's sizing,
+    spacing and font macros gone (a space left where they separated), `\\dfrac` as `\\frac`, `\\frac12` as
+    `\\frac{1}{2}`, degrees as `°`, thousands separators joined ("2,500", "2{,}500", "2\\,500" are 2500)."""
+    s = answer.translate(_UNICODE)
+    if not s.isascii():
+        s = unicodedata.normalize("NFKC", s)
+    s = _MATRIX.sub(lambda m: " ⟦ " if m.group(1) == "begin" else " ⟧ ", s).replace("\\\\", " ⏎ ")  # before `\ `
+    s = _THOUSANDS_GROUP.sub(lambda m: m.group(0).replace(",", ""), _THOUSANDS.sub("", s))
+    s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|\\degree", "°", s)
+    s = _SPACE.sub(" ", _NOISE.sub(" ", s)).replace("\\%", "%")
+    s = _TEXT.sub("\\\\text", s)
+    s = re.sub(r"\\[dt](frac|binom)", r"\\\1", s)
+    s = re.sub(r"\\(frac|binom)\s*(\d)\s*(\d)", r"\\\1{\2}{\3}", s)  # \frac12
+    s = re.sub(r"\\(frac|binom)\s*(\d)\s*\{", r"\\\1{\2}{", s)  # \frac1{2}
+    s = re.sub(r"\\(frac|binom)\s*(\{[^{}]*\})\s*(\d)", r"\\\1\2{\3}", s)  # \frac{1}2
+    s = s.replace("\\lbrace", "\\{").replace("\\rbrace", "\\}").replace("\\emptyset", "\\{\\}")
+    s = s.replace("\\varnothing", "\\{\\}").strip().rstrip(".").strip()
+    one = re.fullmatch(r"([A-Za-z]\s*=\s*)?([+-]?\d{1,3}(?:[, ]\d{3})+(?:\.\d+)?)", s)
+    if one:  # "2,500", "x = 61,328" or "2 500" is one number; "1, 2" is two
+        s = (one.group(1) or "") + one.group(2).replace(",", "").replace(" ", "")
     return s
 
 
-def _improper(m: re.Match) -> str:
-    """A mixed number as one fraction, when it is one: 0 < numerator < denominator; else the text as it was."""
-    whole, num, den = (int(g) for g in m.groups())
-    return f"\\frac{{{whole * den + num}}}{{{den}}}" if 0 < num < den else m.group(0)
-
-
-# ------------------------------------------------------------------------------------------------------ evaluator
+_TOKEN = re.compile(r"\d+(?:\.\d+)?|\.\d+|\\text\{[^{}]*\}|\\[A-Za-z]+|\\[{}]|[A-Za-z]+|\S")
+_FUNCTIONS = {"\\sin": math.sin, "\\cos": math.cos, "\\tan": math.tan, "\\sec": lambda x: 1 / math.cos(x),
+              "\\csc": lambda x: 1 / math.sin(x), "\\cot": lambda x: 1 / math.tan(x), "\\arcsin": math.asin,
+              "\\arccos": math.acos, "\\arctan": math.atan, "\\ln": math.log, "\\log": math.log10, "\\exp": math.exp}
+_GREEK = frozenset("alpha beta gamma delta epsilon theta lambda mu phi psi omega sigma tau rho".split())
+_OPERATORS = {"\\cdot": "*", "\\times": "*", "\\ast": "*", "\\div": "/", "\\cup": "∪", "\\in": "=", "\\pm": "±",
+              "\\mp": "∓"}
+# the words dropped after a value (`5 cm`, `18 \text{ dollars}`); a bare word outside this list makes an answer text,
+# so "4536 or more" never reads as 4536
+UNITS = frozenset("""unit units square sq cubic cm mm km m meter meters metre metres centimeter centimeters kilometer
+    kilometers kilometre kilometres millimeter millimeters inch inches in ft foot feet yd yard yards mile miles mi mph
+    kph kg g gram grams kilogram kilograms mg lb lbs pound pounds oz ounce ounces ton tons tonne tonnes l liter liters
+    litre litres ml gallon gallons quart quarts pint pints cup cups second seconds sec secs s minute minutes min mins
+    hour hours hr hrs h day days week weeks month months year years degree degrees dollar dollars cent cents percent
+    per acre acres hectare hectares radian radians""".split())
+# words in \text after a value that make it a claim about the value, not a unit: `68 \text{ is not the answer}`
+NOT_UNITS = frozenset("""is isn't not or and than more less least most about approximately roughly nearly over under
+    answer wrong incorrect maybe perhaps either neither no none if""".split())
 
 
 class _ParseError(Exception):
     pass
 
 
-_TOKEN = re.compile(r"\d+\.?\d*|\.\d+|\\[A-Za-z]+|\\\{|\\\}|[A-Za-z]|\S")
-_FUNCS = {"\\sin": math.sin, "\\cos": math.cos, "\\tan": math.tan, "\\ln": math.log, "\\log": math.log10,
-          "\\exp": math.exp}
-_OPERATORS = {"\\cdot": "*", "\\times": "*", "\\div": "/"}
+def parse(answer: str) -> tuple:
+    """An answer's tree (the grammar in the module docstring), or ("text", its cleaned string) when it is not math."""
+    s = clean(answer)
+    try:
+        return _settle(_Parser(_tokenize(s)).parse())
+    except (_ParseError, ValueError, ZeroDivisionError, RecursionError, OverflowError):
+        return ("text", re.sub(r"\s+", " ", re.sub(r"\\text\{([^{}]*)\}", r"\1", s)).strip().lower())
 
 
 def _tokenize(s: str) -> list[str]:
-    if re.search(r"[A-Za-z]{2,}", re.sub(r"\\[A-Za-z]+", " ", s)):
-        raise _ParseError  # a word that is not a LaTeX command means text ("Tuesday"), not a product of variables
-    tokens = _TOKEN.findall(s)
-    if len(tokens) > MAX_TOKENS:
-        raise _ParseError
-    return [_OPERATORS.get(t, t) for t in tokens]
+    tokens = []
+    for tok in _TOKEN.finditer(s):
+        _WORK.spend()
+        tok = tok.group(0)
+        if tok.startswith("\\text{") and tok[6:-1].strip().lower() in ("or", "and"):
+            tok = tok[6:-1].strip().lower()
+        tokens.append(_OPERATORS.get(tok, tok))
+    return tokens
 
 
 class _Parser:
-    """Recursive descent over tokens -> a tiny AST of tuples:  ('num', Fraction) ('var', 'x') ('pi',) ('inf',)
-    ('neg', a) ('+', a, b) ('-', a, b) ('*', a, b) ('/', a, b) ('^', a, b) ('sqrt', a, n) ('fn', name, a)."""
+    """Recursive descent over the tokens -> a tree of tuples: ("n", Fraction, "int" | "dec"), ("v", name), ("c", "pi" |
+    "inf"), ("neg", a), ("+" | "-" | "*" | "/" | "^" | "±", a, b), ("root", a, n), ("f", name, a), ("!", a),
+    ("binom", a, b), ("mixed", whole, p, q), ("base", digits, b), ("%" | "°", a), ("unit", a, words), ("label",
+    name, a), ("eq" | "list" | "or" | "set" | "∪", items), ("tuple", brackets, items), ("matrix", rows), ("text", s)."""
 
     def __init__(self, tokens: list[str]):
         self.toks, self.i, self.depth = tokens, 0, 0
 
-    def peek(self) -> str | None:
-        return self.toks[self.i] if self.i < len(self.toks) else None
+    def peek(self, ahead: int = 0) -> str | None:
+        return self.toks[self.i + ahead] if self.i + ahead < len(self.toks) else None
 
-    def take(self, expected: str | None = None) -> str:
+    def take(self, *expected: str) -> str:
         tok = self.peek()
-        if tok is None or (expected is not None and tok != expected):
+        if tok is None or (expected and tok not in expected):
             raise _ParseError
         self.i += 1
         return tok
 
-    def parse(self):
-        tree = self.expr()
+    def parse(self) -> tuple:
+        tree = self.answer()
         if self.peek() is not None:
             raise _ParseError
         return tree
 
-    def expr(self):
+    def answer(self) -> tuple:
         self.depth += 1
         if self.depth > MAX_DEPTH:
             raise _ParseError
-        tree = self.term()
-        while self.peek() in ("+", "-"):
-            op = self.take()
-            tree = (op, tree, self.term())
+        items, seps = [self.chain()], []
+        while self.peek() in (",", ";", "or", "and"):
+            seps.append(self.take())
+            items.append(self.chain())
         self.depth -= 1
+        return items[0] if len(items) == 1 else ("or" if set(seps) == {"or"} else "list", tuple(items))
+
+    def chain(self) -> tuple:
+        label = self.label()
+        sides = [self.with_unit(self.union())]
+        while self.peek() == "=":
+            self.take()
+            sides.append(self.with_unit(self.union()))
+        tree = sides[0] if len(sides) == 1 else ("eq", tuple(sides))
+        return ("label", label, tree) if label else tree
+
+    def label(self) -> str | None:
+        """`x =`, `a_5 =`, `f(3) =`, `AB =`, `\\angle ABC =`, `x \\in` before the next top-level `=`: read, and named."""
+        depth, j = 0, self.i
+        while j < len(self.toks) and j - self.i < 12:
+            tok = self.toks[j]
+            depth += tok in ("(", "[", "{") and 1 or tok in (")", "]", "}") and -1 or 0
+            if depth == 0 and tok == "=":
+                name = "".join(self.toks[self.i : j])
+                if re.fullmatch(r"[A-Za-z](?:_\{?\w+\}?)?(?:\([^()=]*\))?|[A-Z]{2,4}|(?:m)?\\angle[A-Z]{1,3}|"
+                                r"\\overline\{[A-Z]{2}\}|\\[a-z]+", name) and self.toks[j + 1 : j + 2] != ["="]:
+                    self.i = j + 1
+                    return name
+                return None
+            if depth < 0 or tok in (",", ";"):
+                return None
+            j += 1
+        return None
+
+    def union(self) -> tuple:
+        items = [self.sum()]
+        while self.peek() == "∪":
+            self.take()
+            items.append(self.sum())
+        return items[0] if len(items) == 1 else ("∪", tuple(items))
+
+    def sum(self) -> tuple:
+        tree = self.term()
+        while self.peek() in ("+", "-", "±", "∓"):
+            op = self.take()
+            tree = ("±", tree, self.term()) if op in ("±", "∓") else (op, tree, self.term())
         return tree
 
-    def term(self):
-        tree = self.unary()
+    def term(self) -> tuple:
+        if self.peek() in ("-", "+", "±"):  # a sign applies to the whole product: -2\frac{1}{4} is -(2 1/4)
+            sign = self.take()
+            inner = self.term()
+            return ("neg", inner) if sign == "-" else ("±", ("n", Fraction(0), "int"), inner) if sign == "±" else inner
+        tree = self.factor()
         while True:
             tok = self.peek()
             if tok in ("*", "/"):
                 self.take()
-                tree = (tok, tree, self.unary())
-            elif tok is not None and self.starts_atom(tok):  # implicit product: 2\sqrt{3}, 3x, (x+1)(x-1)
-                tree = ("*", tree, self.power())
+                tree = (tok, tree, self.factor())
+            elif tok == "\\frac" and tree[0] == "n" and tree[2] == "int" and self.mixed(tree):
+                tree = self.mixed(tree, take=True)
+            elif tok is not None and self.starts_atom(tok):  # juxtaposition: 2\sqrt{3}, 3x, (x+1)(x-1)
+                tree = ("*", tree, self.factor())
             else:
                 return tree
 
-    def unary(self):
-        if self.peek() in ("+", "-"):
+    def mixed(self, whole: tuple, take: bool = False):
+        """A mixed number `3\\frac{1}{2}`: an integer, then \\frac{p}{q} of integers with 0 < p < q (else a product)."""
+        t = self.toks[self.i : self.i + 8]
+        if len(t) < 7 or t[1] != "{" or t[3:5] != ["}", "{"] or t[6] != "}" or not (t[2] + t[5]).isdigit():
+            return None
+        p, q = int(t[2]), int(t[5])
+        if not 0 < p < q:
+            return None
+        if take:
+            self.i += 7
+        return ("mixed", whole[1], p, q)
+
+    def starts_atom(self, tok: str) -> bool:
+        return tok[0].isdigit() or tok[0] == "." or (tok.isalpha() and tok.lower() not in UNITS | NOT_UNITS) \
+            or tok in ("(", "{", "\\frac", "\\sqrt", "\\pi", "\\binom") or tok in _FUNCTIONS or tok[1:] in _GREEK
+
+    def factor(self) -> tuple:
+        tree = self.atom()
+        while True:
+            tok = self.peek()
+            if tok == "^":
+                self.take()
+                tree = ("^", tree, self.exponent())
+            elif tok in ("!", "%", "°"):
+                tree = (self.take(), tree)
+            else:
+                return tree
+
+    def exponent(self) -> tuple:
+        if self.peek() in ("-", "+"):
             sign = self.take()
-            operand = self.unary()
-            return ("neg", operand) if sign == "-" else operand
-        return self.power()
+            return ("neg", self.exponent()) if sign == "-" else self.exponent()
+        return self.group()
 
-    def power(self):
-        base = self.atom()
-        if self.peek() == "^":
-            self.take()
-            return ("^", base, self.unary() if self.peek() in ("+", "-") else self.power())
-        return base
+    def with_unit(self, tree: tuple) -> tuple:
+        tok = self.peek()
+        if tok is not None and (tok.isalpha() and len(tok) > 1 and tok not in ("or", "and") or tok[:6] == "\\text{"):
+            return ("unit", tree, self.unit())
+        return tree
 
-    @staticmethod
-    def starts_atom(tok: str) -> bool:
-        return tok[0].isdigit() or tok[0] == "." or tok.isalpha() or tok in ("(", "{", "\\frac", "\\sqrt", "\\pi") \
-            or tok in _FUNCS
+    def unit(self) -> str:
+        """Words after a value: every bare word a unit (UNITS), or words in \\text that claim nothing (NOT_UNITS)."""
+        words = []
+        while self.peek() is not None and (self.peek().isalpha() and len(self.peek()) > 1 or
+                                           self.peek().startswith("\\text{") or
+                                           (words and self.peek() in ("/", "^") and self.peek(1) is not None)):
+            tok = self.take()
+            if tok in ("/", "^"):
+                words.append(tok + self.take())
+                continue
+            inside = tok.startswith("\\text{")
+            for word in re.findall(r"[A-Za-z']+", tok[6:-1] if inside else tok):
+                if word.lower() in NOT_UNITS or (not inside and word.lower() not in UNITS):
+                    raise _ParseError  # "4536 or more", `68 \text{ is not the answer}`: no unit, no answer
+                words.append(word.lower())
+        return " ".join(words)
 
-    def group(self):
-        """A braced group, or a single token (`\\sqrt x`, `\\frac{1}x`)."""
+    def group(self) -> tuple:
+        """A braced group, or a single atom (`\\sqrt x`, `x^2`)."""
         if self.peek() == "{":
             self.take()
-            tree = self.expr()
+            tree = self.answer()
             self.take("}")
             return tree
         return self.atom()
 
-    def atom(self):
+    def atom(self) -> tuple:
+        _WORK.spend()
         tok = self.take()
-        if tok in ("\\pi", "\\infty"):
-            return (tok[1:],)
         if tok[0].isdigit() or tok[0] == ".":
-            return ("num", Fraction(tok))
-        if tok.isalpha() and len(tok) == 1:
-            return ("var", tok)
-        if tok in ("(", "{", "["):
-            tree = self.expr()
-            self.take({"(": ")", "{": "}", "[": "]"}[tok])
-            return tree
-        if tok == "\\frac":
-            return ("/", self.group(), self.group())
+            if self.peek() == "_" and re.fullmatch(r"\d+", tok):  # 1011_2, 1011_{2}: a number in base b
+                self.take()
+                base = self.group()
+                if base[0] != "n" or not 2 <= base[1] <= 36 or any(int(d, 36) >= base[1] for d in tok):
+                    raise _ParseError
+                return ("base", tok.lstrip("0") or "0", int(base[1]))
+            return ("n", Fraction(tok), "dec" if "." in tok else "int")
+        if tok in ("\\pi", "\\infty"):
+            return ("c", tok[1:3])
+        if tok.isalpha() or tok[1:] in _GREEK:
+            if len(tok) > 1 and tok[1:] not in _GREEK:  # `xy`: a product of one-letter variables (words are text)
+                if len(tok) > 3 or tok.lower() in UNITS | NOT_UNITS:
+                    raise _ParseError
+                return self.product([("v", c) for c in tok])
+            if self.peek() == "_":  # x_1, a_{10}
+                self.take()
+                index = self.take()
+                if index == "{":
+                    index = "".join(self.toks[self.i : self.toks.index("}", self.i)])
+                    self.i = self.toks.index("}", self.i) + 1
+                return ("v", f"{tok}_{index}")
+            return ("v", tok)
+        if tok in ("(", "["):  # a parenthesis, or a tuple / interval: (1, 2], [0, 5)
+            inner = self.answer()
+            close = self.take(")", "]")
+            if inner[0] == "list":
+                return ("tuple", tok + close, inner[1])
+            if tok + close != "()" and tok + close != "[]":
+                raise _ParseError
+            return inner
+        if tok == "{":
+            inner = self.answer()
+            self.take("}")
+            return inner
+        if tok == "\\{":
+            inner = ("list", ()) if self.peek() == "\\}" else self.answer()
+            self.take("\\}")
+            return ("set", inner[1] if inner[0] in ("list", "or") else (inner,))
+        if tok in ("\\frac", "\\binom"):
+            return ("/" if tok == "\\frac" else "binom", self.group(), self.group())
         if tok == "\\sqrt":
-            index = ("num", Fraction(2))
+            index = ("n", Fraction(2), "int")
             if self.peek() == "[":
                 self.take()
-                index = self.expr()
+                index = self.answer()
                 self.take("]")
-            return ("sqrt", self.group(), index)
-        if tok in _FUNCS:
-            return ("fn", tok, self.power())
+            return ("root", self.group(), index)
+        if tok in _FUNCTIONS:
+            return ("f", tok, self.factor())
+        if tok == "⟦":  # a matrix: rows of `&`-separated entries
+            rows, row = [], [self.sum()]
+            while self.peek() in ("&", "⏎"):
+                if self.take() == "⏎":
+                    rows.append(tuple(row))
+                    row = []
+                if self.peek() == "⟧":
+                    break
+                row.append(self.sum())
+            self.take("⟧")
+            return ("matrix", tuple(rows + ([tuple(row)] if row else [])))
+        if tok.startswith("\\text{"):  # \text{(C)}, \text{5}: math inside; else the answer is text
+            inner = _Parser(_tokenize(clean(tok[6:-1])))
+            return inner.parse()
         raise _ParseError
+
+    @staticmethod
+    def product(factors: list[tuple]) -> tuple:
+        tree = factors[0]
+        for f in factors[1:]:
+            tree = ("*", tree, f)
+        return tree
+
+
+def _settle(tree: tuple) -> tuple:
+    """Chains of numbers read as their last side when every side is equal (`81 \\times 56 = 4536` -> 4536), and as
+    nothing when not; an equation in variables stays one."""
+    if tree[0] in ("list", "or", "set", "∪", "tuple"):
+        return (tree[0], tree[1], tuple(_settle(t) for t in tree[2])) if tree[0] == "tuple" else \
+            (tree[0], tuple(_settle(t) for t in tree[1]))
+    if tree[0] == "label":
+        return ("label", tree[1], _settle(tree[2]))
+    if tree[0] != "eq" or any(_variables(side) for side in tree[1]):
+        return tree
+    first = tree[1][0]
+    return tree[1][-1] if all(_equal_values(first, side) for side in tree[1][1:]) else ("text", "a false chain")
+
+# -------------------------------------------------------------------------------------------------------- values
+
+
+def same_value(p: tuple, g: tuple) -> bool:
+    """Do two trees have the same value? Labels, units, degrees and percent signs aside (the rules judge them); numbers
+    exactly as rationals (a decimal never equals an irrational), expressions in variables at sample points, lists and
+    sets in any order (`a \\pm b` is the list a + b, a - b), unions in any order, tuples, intervals and matrices entry
+    by entry, equations up to a constant factor, text as text."""
+    return _same(_core(p), _core(g))
+
+
+def _core(t: tuple) -> tuple:
+    """The value a tree names: without its label, unit, degree or percent sign; `a \\pm b` expanded to a list; two
+    values offered with "or" that are one value, that value."""
+    while t[0] in ("label", "unit", "°", "%"):
+        t = t[2] if t[0] == "label" else t[1]
+    if t[0] in ("list", "or", "set"):
+        items = tuple(_core(x) for x in t[1])
+        if t[0] == "or" and all(_same(items[0], x) for x in items[1:]):
+            return items[-1]
+        return ("set" if t[0] == "set" else "list", items)
+    options = _expand_pm(t)
+    return options[0] if len(options) == 1 else ("list", tuple(options))
+
+
+def _expand_pm(t: tuple) -> list[tuple]:
+    """The trees `t` names when each ± is read both ways (at most 4)."""
+    if t[0] == "±":
+        return [(op, x, y) for x in _expand_pm(t[1]) for y in _expand_pm(t[2]) for op in "+-"][:4]
+    if t[0] in ("+", "-", "*", "/", "^", "root", "binom"):
+        return [(t[0], x, y) for x in _expand_pm(t[1]) for y in _expand_pm(t[2])][:4]
+    if t[0] in ("neg", "!", "f"):
+        return [t[:-1] + (x,) for x in _expand_pm(t[-1])]
+    return [t]
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    _WORK.spend()
+    kinds = {a[0], b[0]}
+    if kinds & {"list", "set", "∪"}:
+        return (len(kinds) == 1 or kinds == {"list", "set"}) and _same_multiset(a[1], b[1])
+    if kinds & {"tuple", "matrix", "eq", "text"}:
+        if len(kinds) > 1:
+            return False
+        if a[0] == "tuple":  # (3, -1), [0, 5): the same brackets, the same entries in order
+            return a[1] == b[1] and len(a[2]) == len(b[2]) and all(map(_same, a[2], b[2]))
+        if a[0] == "matrix":
+            return [len(r) for r in a[1]] == [len(r) for r in b[1]] and all(
+                _same(x, y) for ra, rb in zip(a[1], b[1]) for x, y in zip(ra, rb))
+        if a[0] == "eq":  # 2x + 3y = 6 and 4x + 6y = 12: the sides' differences in a constant ratio
+            return len(a[1]) == len(b[1]) == 2 and _equal_values(("-", *a[1]), ("-", *b[1]), ratio=True)
+        return a[1] == b[1]
+    if "base" in kinds:  # 1011_2 is answered by 1011_2, 1011_{2} or its digits 1011, never by its value 11
+        other = b if a[0] == "base" else a
+        mine = a if a[0] == "base" else b
+        return mine[1:] == other[1:] if other[0] == "base" else other[0] == "n" and str(other[1]) == mine[1]
+    return _equal_values(a, b)
+
+
+def _same_multiset(xs: tuple, ys: tuple) -> bool:
+    """Order-free matching: identical trees pair off first, the rest pairwise (at most 16 left: bounded)."""
+    if len(xs) != len(ys):
+        return False
+    left_x, left_y = Counter(xs), Counter(ys)
+    common = left_x & left_y
+    left_x, left_y = list((left_x - common).elements()), list((left_y - common).elements())
+    if len(left_x) > 16:
+        return False
+    for x in left_x:
+        hit = next((i for i, y in enumerate(left_y) if _same(x, y)), None)
+        if hit is None:
+            return False
+        left_y.pop(hit)
+    return True
+
+
+_NO_VALUE = (ValueError, ZeroDivisionError, OverflowError, KeyError, TypeError, RecursionError)
+
+
+def _equal_values(a: tuple, b: tuple, ratio: bool = False) -> bool:
+    """Constants: exactly (or to REL_TOL when one is irrational; never a decimal literal against an irrational).
+    In variables: at SAMPLE_POINTS, at least 3 inside both domains, all agreeing (with `ratio`: in a constant ratio)."""
+    names = sorted(_variables(a) | _variables(b))
+    if not names:
+        try:
+            va, vb = _value(a, {}), _value(b, {})
+        except _NO_VALUE:
+            return False  # no value (1/0) equals nothing
+        if a == b:
+            return True  # the same tree: \frac{1}{2004!} is \frac{1}{2004!}, whatever its float
+        if isinstance(va, Fraction) != isinstance(vb, Fraction) and _decimal_in(a, b):
+            return False  # `1.4142135624 \cdot 1` is not \sqrt{2}: a decimal is exact
+        return _close(va / vb, 1) if ratio and vb else _close(va, vb)
+    values = []
+    for k in range(len(SAMPLE_POINTS)):
+        env = {name: SAMPLE_POINTS[(k + 2 * j) % len(SAMPLE_POINTS)] for j, name in enumerate(names)}
+        try:
+            va, vb = float(_value(a, env)), float(_value(b, env))
+            values.append(va / vb if ratio else (va, vb))
+        except _NO_VALUE:
+            continue  # outside one side's domain (the log of a negative, say): the next point
+    if ratio:
+        return len(values) >= 3 and values[0] != 0 and all(_close(v, values[0]) for v in values)
+    return len(values) >= 3 and all(abs(x - y) <= REL_TOL * max(1.0, abs(x), abs(y)) for x, y in values)
+
+
+def _close(a, b) -> bool:
+    if isinstance(a, Fraction) and isinstance(b, Fraction):
+        return a == b
+    a, b = float(a), float(b)
+    if not (math.isfinite(a) and math.isfinite(b)):
+        return a == b
+    return abs(a - b) <= REL_TOL * max(abs(a), abs(b)) + 1e-12
+
+
+def _value(t: tuple, env: dict):
+    """The value of an arithmetic tree: a Fraction while every step is exact, else a float; raises for no value."""
+    _WORK.spend()
+    kind = t[0]
+    if kind == "n":
+        return t[1]
+    if kind == "v":
+        return env[t[1]]
+    if kind in ("c", "mixed", "base"):
+        return {"pi": math.pi, "in": math.inf}[t[1]] if kind == "c" else t[1] + Fraction(t[2], t[3]) \
+            if kind == "mixed" else Fraction(int(t[1], t[2]))
+    if kind == "neg":
+        return -_value(t[1], env)
+    if kind in ("°", "%", "unit"):  # a marker, not a value: the rules judge a percent sign
+        return _value(t[1], env)
+    if kind == "!":
+        n = _value(t[1], env)
+        if not (isinstance(n, Fraction) and n.denominator == 1 and n >= 0):
+            raise ValueError("factorial")
+        if math.lgamma(n + 1) / math.log(2) > MAX_EXACT_BITS:  # 2004!: a float (inf), as any value that large
+            return math.inf
+        return _bounded(Fraction(math.factorial(int(n))))
+    if kind == "f":
+        return _FUNCTIONS[t[1]](float(_value(t[2], env)))
+    if kind not in ("+", "-", "*", "/", "^", "root", "binom"):
+        raise TypeError(kind)  # a list, a tuple, text...: no single value
+    a, b = _value(t[1], env), _value(t[2], env)
+    if kind == "binom":
+        if not all(isinstance(x, Fraction) and x.denominator == 1 and 0 <= x <= 10_000 for x in (a, b)):
+            raise ValueError("binomial")
+        return _bounded(Fraction(math.comb(int(a), int(b))))
+    if kind == "root":
+        return _bounded(_root(a, b))
+    if kind == "^":
+        return _bounded(_pow(a, b))
+    return _bounded(a + b if kind == "+" else a - b if kind == "-" else a * b if kind == "*" else a / b)
 
 
 def _pow(base, exp):
     if isinstance(base, Fraction) and isinstance(exp, Fraction) and exp.denominator == 1:
-        size = max(abs(base.numerator), base.denominator).bit_length() * abs(exp.numerator)
-        if size * 0.302 <= MAX_EXACT_DIGITS:  # exact, when the result has a sane number of digits
-            return base ** int(exp)
+        if max(abs(base.numerator), base.denominator).bit_length() * abs(exp.numerator) <= MAX_EXACT_BITS:
+            return base ** int(exp)  # exact, when the result has a sane size
     result = float(base) ** float(exp)  # may raise OverflowError or ZeroDivisionError: both mean "no value"
     if isinstance(result, complex):
         raise ValueError("complex power")
@@ -360,282 +740,232 @@ def _root(x, n):
     return float(x) ** (1 / float(n))
 
 
-def _evaluate(tree, env: dict[str, float]):
-    """The value of an AST: a Fraction while every step is exact, else a float. Raises on division by zero etc."""
-    kind = tree[0]
-    if kind == "num":
-        return tree[1]
-    if kind == "var":
-        return env[tree[1]]
-    if kind == "pi":
-        return math.pi
-    if kind == "infty":
-        return math.inf
-    if kind == "neg":
-        return -_evaluate(tree[1], env)
-    if kind == "fn":
-        return _FUNCS[tree[1]](float(_evaluate(tree[2], env)))
-    a, b = _evaluate(tree[1], env), _evaluate(tree[2], env)
-    if kind == "sqrt":
-        return _bounded(_root(a, b))
-    if kind == "^":
-        return _bounded(_pow(a, b))
-    return _bounded({"+": lambda: a + b, "-": lambda: a - b, "*": lambda: a * b, "/": lambda: a / b}[kind]())
-
-
 def _bounded(x):
-    """An exact value with more than MAX_EXACT_DIGITS digits goes on as a float (inf if it overflows): exact
-    arithmetic on huge rationals is what an adversarial string would use to make a call run long."""
-    if isinstance(x, Fraction) and max(abs(x.numerator), x.denominator).bit_length() > 3.33 * MAX_EXACT_DIGITS:
-        try:
-            return float(x)
-        except OverflowError:
-            return math.inf if x > 0 else -math.inf
+    """Exact arithmetic costs work by its size; past MAX_EXACT_BITS it goes on as a float (inf if it overflows)."""
+    if isinstance(x, Fraction):
+        bits = x.numerator.bit_length() + x.denominator.bit_length()
+        _WORK.spend(bits // 64)
+        _WORK.largest = max(_WORK.largest, bits)
+        if bits > MAX_EXACT_BITS:
+            try:
+                return float(x)
+            except OverflowError:
+                return math.inf if x > 0 else -math.inf
     return x
 
 
-def _variables(tree) -> set[str]:
-    if tree[0] == "var":
-        return {tree[1]}
-    return set().union(*(_variables(t) for t in tree[1:] if isinstance(t, tuple)))
+def _walk(t):
+    """Every subtree of `t`, `t` first."""
+    if isinstance(t, tuple) and t and isinstance(t[0], str):
+        yield t
+        t = t[1:]
+    for x in t if isinstance(t, tuple) else ():
+        if isinstance(x, tuple):
+            yield from _walk(x)
 
 
-def _parse(s: str):
+def _variables(t: tuple) -> set[str]:
+    return {x[1] for x in _walk(t) if x[0] == "v"}
+
+
+def _decimal_in(*trees) -> bool:
+    return any(x[0] == "n" and x[2] == "dec" for t in trees for x in _walk(t))
+
+# ---------------------------------------------------------------------------------------------------------- form
+
+# What a question's words ask of its answer's form, read from its wording.
+_ASKS = {"lowest terms": r"lowest terms|simplest form|common fraction|reduced fraction|\bsimplify",
+         "decimal": r"\bdecimal|nearest (?:tenth|hundredth|thousandth)", "rationalized": r"rationali[sz]e",
+         "radical": r"simplest radical form|\bsimplify", "expanded": r"\bexpand", "factored": r"\bfactor\b(?! of)"}
+
+
+def in_form(p: tuple, g: tuple, question: str) -> bool:
+    """Is the answer in the gold's kind of number and the form the question asks for? A number is answered by a
+    number (`81 \\times 56` restates "What is 81 x 56?"); fractions in lowest terms where the gold's are, or where
+    the question asks; a decimal, a rationalised denominator, the simplest radical form, an expanded or a completely
+    factored polynomial where the question asks (half the work is not the answer: \\frac{28}{49} for "Simplify
+    56/98")."""
+    a, b = _core(p), _core(g)
+    items_a, items_b = (a[1], b[1]) if a[0] in ("list", "set") and b[0] in ("list", "set") else ((a,), (b,))
+    if all(map(_is_number, items_b)) != all(map(_is_number, items_a)):  # a number equals only a number
+        return False
+    asked = {form for form, words in _ASKS.items() if re.search(words, question, re.IGNORECASE)}
+    fractions_b = [f for f in _walk(b) if _is_fraction(f)]
+    if ("lowest terms" in asked or (fractions_b and all(map(_reduced, fractions_b)))) and \
+            not all(_reduced(f) for f in _walk(a) if _is_fraction(f)):
+        return False
+    roots = [x for x in _walk(a) if x[0] == "root"]
+    has_vars = bool(_variables(b))
+    return not (("decimal" in asked and b[0] == "n" and a[0] != "n")
+                or ({"rationalized", "radical"} & asked and any(_denominator_root(x) for x in _walk(a)))
+                or ("radical" in asked and not all(map(_simplest_root, roots)))
+                or ("expanded" in asked and has_vars and not _expanded(a))
+                or ("factored" in asked and has_vars and _factor_count(a) < _factor_count(b)))
+
+
+def _is_number(t: tuple) -> bool:
+    """A number written as one: an integer or decimal, a fraction of two integers, a mixed number, 1.2 \\times 10^{6},
+    a base-b number, with any sign; not `81 \\times 56`, `2^{10}`, `\\sqrt{4}` or `23+\\frac{45}{1}`."""
+    while t[0] == "neg":
+        t = t[1]
+    if t[0] in ("n", "mixed", "base"):
+        return True
+    if t[0] == "/":
+        return all(_is_number(x) and x[0] != "/" for x in t[1:])
+    ten = ("^", ("n", Fraction(10), "int"))
+    return t[0] == "*" and t[1][0] == "n" and t[2][:2] == ten and _is_number(t[2][2]) and t[2][2][0] != "/"
+
+
+def _is_fraction(t: tuple) -> bool:
+    return (t[0] == "/" and all(x[0] == "n" and x[2] == "int" for x in t[1:])) or t[0] == "mixed"
+
+
+def _reduced(t: tuple) -> bool:
+    p, q = (t[1][1], t[2][1]) if t[0] == "/" else (t[2], t[3])
+    return q > 1 and math.gcd(int(p), int(q)) == 1
+
+
+def _denominator_root(t: tuple) -> bool:
+    return (t[0] == "/" and any(x[0] == "root" for x in _walk(t[2]))) or (
+        t[0] == "^" and t[1][0] == "root" and t[2][0] == "neg")
+
+
+def _simplest_root(t: tuple) -> bool:
+    """\\sqrt{n} with no square factor (\\sqrt[3]{n}: no cube factor); a root of anything else passes."""
+    if t[1][0] != "n" or t[2][0] != "n" or t[1][1].denominator != 1 or not 1 < t[1][1] < 10**9:
+        return t[1] != ("n", Fraction(1), "int")
+    n, k = int(t[1][1]), int(t[2][1])
+    return all(n % d**k for d in range(2, int(round(n ** (1 / k))) + 2))
+
+
+def _expanded(t: tuple) -> bool:
+    """No product or power of a sum in variables: `x^2 + 7x + 10`, not `(x+2)(x+5)`."""
+    sums = ("+", "-")
+    return not any((x[0] == "*" and any(y[0] in sums and _variables(y) for y in x[1:3])) or
+                   (x[0] == "^" and x[1][0] in sums and _variables(x[1])) for x in _walk(t))
+
+
+def _factor_count(t: tuple) -> int:
+    """Factors in variables of a product, a power counted by its exponent: 3(x-5)(x+5) has 2, 3(x^2-25) has 1."""
+    while t[0] == "neg":
+        t = t[1]
+    if t[0] == "*":
+        return _factor_count(t[1]) + _factor_count(t[2])
+    if t[0] == "^" and t[2][0] == "n" and t[2][1].denominator == 1:
+        return _factor_count(t[1]) * int(t[2][1])
+    return 1 if _variables(t) else 0
+
+# ---------------------------------------------------------------------------------------------------------- rules
+
+
+def restates(p: tuple, g: tuple, question: str) -> bool:
+    """Is the answer one of the question's math spans, padding aside (`_canon`), and not the gold's own form?"""
+    if not question:
+        return False
+    mine = _canon(p)
+    return mine != _canon(g) and mine in _question_forms(question)
+
+
+def offers_two_values(p: tuple, g: tuple) -> bool:
+    """Two different values joined by "or" where the gold is one value (a list of solutions may say "or")."""
+    while p[0] == "label":
+        p = p[2]
+    return p[0] == "or" and _core(p)[0] == "list" and _core(g)[0] not in ("list", "set")
+
+
+def contradicts_label(p: tuple, g: tuple) -> bool:
+    """The answer names another variable than the gold: `x = 2x + 3` for `y = 2x + 3` (`f(x) =` passes)."""
+    names = [t[1] for t in (p, g) if t[0] == "label" and re.fullmatch(r"[A-Za-z](?:_\w+)?", t[1])]
+    return len(names) == 2 and names[0] != names[1]
+
+
+def percent_only_in_answer(p: tuple, g: tuple, question: str) -> bool:
+    """`0.25\\%` for a gold 0.25: the percent sign divides by 100 unless the question asks for a percent."""
+    while p[0] in ("label", "unit"):
+        p = p[2] if p[0] == "label" else p[1]
+    return p[0] == "%" and bool(question) and not re.search(r"percent|%", question, re.IGNORECASE) and \
+        not any(x[0] == "%" for x in _walk(g))
+
+
+def canonical(answer: str) -> tuple:
+    """An answer string's canonical tree (`_canon`): two spellings that differ only by padding have the same."""
+    _WORK.start()
+    return _canon(parse(answer))
+
+
+def _canon(t: tuple) -> tuple:
+    """A tree without what pads a copy: numbers by value (06, 6.0 and ６ are 6), factors of value 1 and terms of value
+    0 in any spelling (\\cdot 1, + 0, \\frac{3}{3}), ^1, labels and units dropped; sums and products flattened and
+    sorted, and a product in variables with its constant factors folded into one (\\frac{2(x+1)}{2} is x + 1)."""
+    _WORK.spend()
+    while t[0] in ("label", "unit", "°", "%"):
+        t = t[2] if t[0] == "label" else t[1]
+    kind = t[0]
+    if kind == "n":
+        return ("n", t[1])
+    if kind == "neg":
+        inner = _canon(t[1])
+        return inner[1] if inner[0] == "neg" else ("n", -inner[1]) if inner[0] == "n" else ("neg", inner)
+    if kind in ("+", "-", "*", "/"):  # sums and products: flattened, identities dropped, rational constants folded
+        op, identity = ("+", 0) if kind in ("+", "-") else ("*", 1)
+        parts = [x for x in _split(t, op) if not _is_constant(x, identity)]
+        flat = [y for x in map(_canon, parts) for y in (x[1] if x[0] == op else (x,))]
+        if any(_variables(x) for x in flat):  # x + 4 - 2 is x + 2; 2(x+1)/2 is x + 1
+            numbers = [x[1] for x in flat if x[0] == "n"]
+            folded = (sum if op == "+" else math.prod)(numbers, start=Fraction(identity))
+            flat = [x for x in flat if x[0] != "n"] + ([("n", folded)] if folded != identity else [])
+        return (op, tuple(sorted(flat, key=repr))) if len(flat) > 1 else flat[0] if flat else ("n", Fraction(identity))
+    if kind == "^" and _is_constant(t[2], 1):
+        return _canon(t[1])
+    if kind in ("list", "or", "set", "∪"):
+        return (kind, tuple(sorted(map(_canon, t[1]), key=repr)))
+    return tuple(_canon(x) if isinstance(x, tuple) and x and isinstance(x[0], str) else
+                 tuple(map(_canon, x)) if isinstance(x, tuple) else x for x in t)
+
+
+def _split(t: tuple, op: str) -> list[tuple]:
+    """The terms of a sum (a - b: a, -b) or the factors of a product (a / b: a, b^-1)."""
+    if op == "+" and t[0] in ("+", "-"):
+        return _split(t[1], op) + (_split(t[2], op) if t[0] == "+" else [("neg", t[2])])
+    if op == "*" and t[0] in ("*", "/"):
+        return _split(t[1], op) + (_split(t[2], op) if t[0] == "*" else [("^", t[2], ("n", Fraction(-1), "int"))])
+    return [t]
+
+
+def _is_constant(t: tuple, value: int) -> bool:
+    return not _variables(t) and _value_or_none(t) == value
+
+
+def _value_or_none(t: tuple):
     try:
-        return _Parser(_tokenize(s)).parse()
-    except (_ParseError, ValueError, ZeroDivisionError, RecursionError):
-        return None
-
-
-def _close(a, b) -> bool:
-    if isinstance(a, Fraction) and isinstance(b, Fraction):
-        return a == b
-    a, b = float(a), float(b)
-    if math.isinf(a) or math.isinf(b) or math.isnan(a) or math.isnan(b):
-        return a == b
-    return abs(a - b) <= REL_TOL * max(abs(a), abs(b)) + 1e-12
-
-
-_NO_VALUE = (ValueError, ZeroDivisionError, OverflowError, KeyError, TypeError, RecursionError)
-
-
-def _equal_values(ta, tb) -> bool:
-    """Compare two ASTs: exactly/numerically for constants, at SAMPLE_POINTS when they have variables."""
-    names = sorted(_variables(ta) | _variables(tb))
-    if not names:
-        try:
-            return _close(_evaluate(ta, {}), _evaluate(tb, {}))
-        except _NO_VALUE:
-            return False  # division by zero (or no value at all) equals nothing
-    agreed = 0
-    for k in range(len(SAMPLE_POINTS)):
-        env = {name: SAMPLE_POINTS[(k + 2 * j) % len(SAMPLE_POINTS)] for j, name in enumerate(names)}
-        try:
-            va, vb = float(_evaluate(ta, env)), float(_evaluate(tb, env))
-        except _NO_VALUE:
-            continue  # outside the domain of one side (log of a negative, say): try the next point
-        if not abs(va - vb) <= REL_TOL * max(1.0, abs(va), abs(vb)):
-            return False
-        agreed += 1
-    return agreed >= 3
-
-
-# ------------------------------------------------------------------------------------------------ equivalence
-
-
-def _split_top(s: str, sep: str) -> list[str]:
-    """Split on `sep` where it is outside every (), [], {} pair."""
-    parts, depth, start, i = [], 0, 0, 0
-    while i < len(s):
-        if s[i] in "([{":
-            depth += 1
-        elif s[i] in ")]}":
-            depth -= 1
-        elif depth == 0 and s.startswith(sep, i):
-            parts.append(s[start:i])
-            start = i + len(sep)
-            i = start
-            continue
-        i += 1
-    return parts + [s[start:]]
-
-
-def _closing_index(s: str) -> int:
-    """Index of the bracket closing the one at s[0] (any bracket type), or -1."""
-    depth = 0
-    for i, c in enumerate(s):
-        depth += c in "([{"
-        depth -= c in ")]}"
-        if depth == 0:
-            return i
-    return -1
-
-
-# a number written as one: an integer or decimal, a fraction of two integers, or a mixed number (as `_MIXED` writes it)
-_PLAIN_NUMBER = re.compile(r"(?:\d+\.?\d*|\.\d+)(?:/\(?\d+\)?)?|\\frac\{-?\d+\}\{-?\d+\}")
-
-
-def _is_plain_number(s: str) -> bool:
-    """Is normalised `s` a number written as a number, with any sign and enclosing parentheses? `-\\frac{7}{2}`,
-    `(5)`, `12/(5525)` are; `81\\times56`, `2^{10}`, `\\sqrt{4}`, `\\pi`, `23+\\frac{45}{1}` are not."""
-    s = s.lstrip("+-")
-    while s.startswith("(") and _closing_index(s) == len(s) - 1:
-        s = s[1:-1].lstrip("+-")
-    return _PLAIN_NUMBER.fullmatch(s) is not None
-
-
-def _equiv_norm(a: str, b: str) -> bool:
-    if not a or not b:
-        return False
-    a, b = _last_side(a), _last_side(b)
-    if a.startswith("\\{") and a.endswith("\\}") and "\\{" not in b:  # a set of solutions against a bare list
-        a = a[2:-2]
-    if b.startswith("\\{") and b.endswith("\\}") and "\\{" not in a:
-        b = b[2:-2]
-    pa, pb = _split_top(a, "\\cup"), _split_top(b, "\\cup")  # unions of intervals, in order
-    if len(pa) > 1 or len(pb) > 1:
-        return len(pa) == len(pb) and all(_equiv_norm(x, y) for x, y in zip(pa, pb))
-    pa, pb = _split_top(a, ","), _split_top(b, ",")  # a bare list: the solutions, in any order
-    if len(pa) > 1 or len(pb) > 1:
-        return _equiv_sets(pa, pb)
-    if a.startswith("\\{") and a.endswith("\\}") and b.startswith("\\{") and b.endswith("\\}"):
-        return _equiv_sets(_split_top(a[2:-2], ","), _split_top(b[2:-2], ","))
-    ta, tb = _tuple(a), _tuple(b)
-    if ta or tb:  # (3,-1), [0,5): same bracket types, same elements in order
-        return bool(ta and tb) and ta[0] == tb[0] and len(ta[1]) == len(tb[1]) and all(
-            _equiv_norm(x, y) for x, y in zip(ta[1], tb[1]))
-    if a == b:  # the same spelling is the same answer, unless it is a constant with no value (`1/0`)
-        tree = _parse(a)
-        return tree is None or bool(_variables(tree)) or _equal_values(tree, tree)
-    letter_a, letter_b = re.fullmatch(r"\(?([A-Za-z])\)?", a), re.fullmatch(r"\(?([A-Za-z])\)?", b)
-    if letter_a or letter_b:  # multiple choice: C == (C)
-        return bool(letter_a and letter_b) and letter_a.group(1).upper() == letter_b.group(1).upper()
-    if _is_plain_number(a) != _is_plain_number(b):  # `81\times56` is not an answer to "What is 81 x 56?"
-        return False
-    tree_a, tree_b = _parse(a), _parse(b)
-    if tree_a is not None and tree_b is not None:
-        if re.search(r"\d\.\d", a + b) and _exact_against_irrational(tree_a, tree_b):
-            return False  # `1.4142135624 \cdot 1` is not \sqrt{2}: a decimal is exact, inside an expression too
-        return _equal_values(tree_a, tree_b)
-    return a.lower() == b.lower()  # text answers
-
-
-def _last_side(s: str) -> str:
-    """`81\\times56=4536` -> `4536`: a chain of equal values reads as its last side (a false chain as nothing); one
-    with a variable (an equation to solve, `y=2x+3`) stays as it is."""
-    sides = _split_top(s, "=")
-    if len(sides) < 2 or any(not side for side in sides):
-        return s
-    trees = [_parse(side) for side in sides]
-    if any(t is None or _variables(t) for t in trees):
-        return s
-    return sides[-1] if all(_equal_values(trees[0], t) for t in trees[1:]) else "\\text{false chain}"
-
-
-def _exact_against_irrational(ta, tb) -> bool:
-    """Is one constant exact (a Fraction) and the other not (a float: a root, pi, ...)?"""
-    if _variables(ta) or _variables(tb):
-        return False
-    try:
-        return isinstance(_evaluate(ta, {}), Fraction) != isinstance(_evaluate(tb, {}), Fraction)
+        return _value(t, {})
     except _NO_VALUE:
-        return False
-
-
-def _is_bracketed(s: str) -> bool:
-    return len(s) >= 2 and s[0] in "([" and s[-1] in ")]" and _closing_index(s) == len(s) - 1
-
-
-def _tuple(s: str):
-    """('()' or '(]' ..., [elements]) when s is a bracketed comma list, else None."""
-    if not _is_bracketed(s):
         return None
-    items = _split_top(s[1:-1], ",")
-    return (s[0] + s[-1], items) if len(items) > 1 else None
 
 
-def _equiv_sets(xs: list[str], ys: list[str]) -> bool:
-    """Order-free matching: identical spellings pair off first, the few left are matched pairwise."""
-    if len(xs) != len(ys):
-        return False
-    left_x, left_y = Counter(xs), Counter(ys)
-    common = left_x & left_y
-    left_x, left_y = list((left_x - common).elements()), list((left_y - common).elements())
-    if len(left_x) > MAX_SET_PAIRING:  # pairing is quadratic: refuse rather than run long on hostile input
-        return False
-    for x in left_x:
-        hit = next((i for i, y in enumerate(left_y) if _equiv_norm(x, y)), None)
-        if hit is None:
-            return False
-        left_y.pop(hit)
-    return True
+_QUESTION_FORMS: dict[str, frozenset] = {}
 
 
-def is_equiv(pred: str, gold: str) -> bool:
-    """Do two answer strings denote the same answer? Never raises; False for empty or non-string input."""
-    if not isinstance(pred, str) or not isinstance(gold, str):
-        return False
-    if len(pred) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS:
-        return pred.strip() == gold.strip() != ""  # no real answer is this long: do no work on it
-    try:
-        if _contradicting_sides(pred, gold):
-            return False
-        return _equiv_norm(normalize(pred), normalize(gold))
-    except Exception:  # untrusted text must never crash a training run: any surprise is "not equal"
-        return False
-
-
-_LONE_SIDE = re.compile(r"^\s*([A-Za-z])\s*=(?!=)(.*)$", re.DOTALL)
-
-
-def _contradicting_sides(pred: str, gold: str) -> bool:
-    """`normalize` drops a lone variable's `x =`; not when the gold names another variable (`x = 2x+3` for
-    `y = 2x+3`: an answer may name the variable the gold names, or none)."""
-    mp, mg = _LONE_SIDE.match(pred), _LONE_SIDE.match(gold)
-    return bool(mp and mg and mp.group(1) != mg.group(1))
-
-
-def score(completion: str, gold: str, question: str | None = None) -> float:
-    """1.0 when the answer `completion` commits to is equivalent to `gold` and, given the `question`, does not restate
-    it (`restates`); else 0.0. Without a question, only the first test."""
-    pred = extract_answer(completion)
-    if pred is None or not is_equiv(pred, gold):
-        return 0.0
-    return 0.0 if question is not None and restates(pred, gold, question) else 1.0
+def _question_forms(question: str) -> frozenset:
+    """The canonical trees of a question's math spans (`question_spans`), kept for the question's next rollouts."""
+    if question not in _QUESTION_FORMS:
+        if len(_QUESTION_FORMS) > 256:
+            _QUESTION_FORMS.clear()
+        _QUESTION_FORMS[question] = frozenset(_canon(parse(span)) for span in question_spans(question))
+    return _QUESTION_FORMS[question]
 
 
 # A math span of the question: $...$, \(...\), \[...\], and in plain text an arithmetic expression ("81 × 56").
 _MATH_SPAN = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.DOTALL)
 _ARITHMETIC = re.compile(r"[\d(][\d\s.,()]*(?:[-+*/×÷^][\d\s.,()]*)+[\d)]")
-_INTEGERS = re.compile(r"\d+")
-
-
-def refused(completion: str, gold: str, question: str) -> bool:
-    """Would `completion` have scored without its question, and is it refused for restating it? (Logged and marked, so
-    a learner can watch a policy try.)"""
-    pred = extract_answer(completion)
-    return pred is not None and is_equiv(pred, gold) and restates(pred, gold, question)
 
 
 def question_spans(question: str) -> list[str]:
     """The math spans of a question, each also split at a top-level `=` (both sides are spans): what an answer
-    restating the question would copy. At most 40, each at most MAX_ANSWER_CHARS long (bounded time)."""
+    restating the question would copy. At most 40, each at most MAX_ANSWER_CHARS long (bounded work)."""
     spans = [next(g for g in m.groups() if g is not None) for m in _MATH_SPAN.finditer(question)]
     spans += _ARITHMETIC.findall(_MATH_SPAN.sub(" ", question))
     out = []
     for span in spans:
-        out += [span] + (_split_top(span, "=") if "=" in span else [])
+        out += [span] + [side for side in span.split("=") if "=" in span]
     return [s.strip() for s in out if s.strip() and len(s) <= MAX_ANSWER_CHARS][:40]
-
-
-def restates(answer: str, gold: str, question: str) -> bool:
-    """Does `answer` restate the question instead of answering it? The rule: it is not the gold's own spelling, and it
-    equals one of the question's math spans in value *and* is written with the same integers (`\\frac{3}{20}` for
-    "Write 3/20 as a decimal", `(x+5)(x+2)` for "Expand (x+2)(x+5)"). Why: a policy rewarded for copying the question
-    learns to copy it; an answer that merely has the span's value in another form (`0.5` for "Simplify 2/4") is an
-    answer. (`81 \\times 56` for "What is 81 x 56?" is refused earlier: a plain number equals only a plain number.)"""
-    if normalize(answer) == normalize(gold):
-        return False
-    mine = Counter(_INTEGERS.findall(normalize(answer)))
-    return any(Counter(_INTEGERS.findall(normalize(span))) == mine and is_equiv(answer, span)
-               for span in question_spans(question))

@@ -117,7 +117,7 @@ def sampling_stats(roll, rewards: torch.Tensor, explanations, group_size: int, t
              "completion_len": float(roll.completion_mask.sum(1).float().mean()),
              "truncated": float(roll.truncated.float().mean()), "gen_tok_s": drawn / max(t_sample, 1e-9)}
     if batch:
-        stats["restated"] = sum(reward.refused(text, batch[i].answer, batch[i].question)
+        stats["restated"] = sum(reward.refused(text, batch[i].answer, batch[i].question) == "restates the question"
                                 for text, i in zip(roll.texts, roll.prompt_index.tolist()))
     return stats if explanations is None else {**stats, **explanation_stats(explanations)}
 

@@ -313,8 +313,8 @@ class Run:
             f.write(f"\n## step {self.step}\n\n**Question** ({example.id}, gold `{example.answer}`): "
                     f"{example.question}\n\n")
             for text, r in zip(texts[:3], rewards):
-                refused = reward.refused(text, example.answer, example.question)
-                refused = " (refused: restates the question)" if refused else ""
+                refused = reward.refused(text, example.answer, example.question)  # the rule's name, or None
+                refused = f" (refused: {refused})" if refused else ""
                 f.write(f"- reward {r:.0f}{refused}: {text.strip()[:600]!r}\n")
             if explanation:
                 f.write(f"\n**Training target (self-explanation or expert solution):** {explanation.strip()[:800]!r}\n")

@@ -1,8 +1,8 @@
 """The teaching kit: a student copy of this repository, with the bodies of the functions that carry the method cut out.
 
     python -m lab.exercises ../expo-student                       # write the copy, then, inside it:
-    python -m pytest -q test_expo.py -m exercise1             # grade one exercise
-    python -m pytest -q test_expo.py                          # the whole suite
+    python -m pytest -q -m exercise1                          # grade one exercise
+    python -m pytest -q                                       # the whole suite
 
 A function body that starts with a one-line comment `# exercise N: title` is an exercise. In the copy, everything from
 that comment to the end of the function becomes `raise NotImplementedError("exercise N: title, see EXERCISES.md")`;
@@ -95,7 +95,7 @@ def main(argv=None) -> None:
     print(f"student copy in {args.out}: {len({e.number for e in exercises})} exercises")
     for e in exercises:
         print(f"  exercise {e.number:>2}  {e.file}:{e.function:<22} {e.title}")
-    print(f"grade one:  cd {args.out} && python -m pytest -q test_expo.py -m exercise1")
+    print(f"grade one:  cd {args.out} && python -m pytest -q -m exercise1")
 
 
 if __name__ == "__main__":

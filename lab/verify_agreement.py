@@ -3,17 +3,19 @@
     pip install math-verify                                   # reference 1: Math-Verify (sympy + an ANTLR parser)
     pip install math-verify pylatexenc latex2sympy2_extended  # reference 2 also needs these, and its file:
     python -m lab.verify_agreement --pairs 3000 --drgrpo path/to/drgrpo_grader.py
+    python -m lab.verify_agreement --scan        # the restatement scan: padded copies of every question, every split
 
 Reference 2 is the Dr. GRPO grader that Stanford CS336's assignment 5 ships (stanford-cs336/assignment5-alignment,
 `cs336_alignment/drgrpo_grader.py`, public; it is loaded from the path you give and never copied here); it judges
 with `question_only_reward_fn(completion, gold, fast=False)`, i.e. its string/sympy rules and then Math-Verify.
 
 Pairs come from the MATH test set: each gold answer is rewritten into an equivalent form a model might write
-(a positive: `\\dfrac` for `\\frac`, `a/b`, an unreduced `\\frac{2a}{2b}`, a decimal for a terminating fraction,
-`2\\sqrt{3}` as `\\sqrt{12}`, `x = ...`, extra spaces and `\\left(`, a unit word, thousands separators, a mixed number
-as an improper fraction and back, a list of solutions in another order), turned into a near miss (a negative: a
-4-digit rounding of a non-terminating fraction, the integer + 1, a swapped pair, flipped interval brackets, a mixed
-number read as a product), or replaced by another problem's answer (a negative). Each completion is "... so the answer
+(a positive: `\\dfrac` for `\\frac`, `a/b`, a decimal for a terminating fraction, `2\\sqrt{3}` as `\\sqrt{12}`,
+`x = ...`, extra spaces and `\\left(`, a unit word, thousands separators, a mixed number as an improper fraction and
+back, a list of solutions in another order), turned into a near miss (a negative: a 4-digit rounding of a
+non-terminating fraction, the integer + 1, a swapped pair, flipped interval brackets, a mixed number read as a
+product, an unreduced `\\frac{2a}{2b}` for a reduced gold: half the work, which the checker refuses on purpose and
+Math-Verify accepts), or replaced by another problem's answer (a negative). Each completion is "... so the answer
 is $\\boxed{...}$." and every grader judges it against the original gold. Since each pair's truth is known by
 construction, the script prints each grader's accuracy as well as their agreement, the disagreements by kind with
 who is right, and the worst time per call of reward.score. Math-Verify runs with its own timeouts disabled.
@@ -21,9 +23,11 @@ who is right, and the worst time per call of reward.score. Math-Verify runs with
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import re
 import time
+import warnings
 from collections import Counter
 from fractions import Fraction
 
@@ -54,7 +58,6 @@ def rewrites(gold: str) -> list[tuple[str, str]]:
     if gold.startswith("(") and gold.endswith(")"):
         out.append(("left_right", "\\left" + gold[:-1] + "\\right)"))
     if m:
-        out.append(("scaled_frac", f"{sign}\\frac{{{2 * int(a)}}}{{{2 * int(b)}}}"))
         if int(a) > int(b) and int(a) % int(b):
             whole, rest = divmod(int(a), int(b))
             out.append(("improper_to_mixed", f"{sign}{whole}\\frac{{{rest}}}{{{b}}}"))
@@ -78,6 +81,8 @@ def near_misses(gold: str) -> list[tuple[str, str]]:
     if m and not all(p in (2, 5) for p in _primes(int(m.group(3)))):
         value = int(m.group(2)) / int(m.group(3)) * (-1 if m.group(1) else 1)
         out.append(("rounded_decimal", f"{value:.4f}"))  # 0.3333 for 1/3: a rounding, not the answer
+    if m and math.gcd(int(m.group(2)), int(m.group(3))) == 1:  # half the work: an unreduced fraction (issue 53)
+        out.append(("unreduced_frac", f"{m.group(1)}\\frac{{{2 * int(m.group(2))}}}{{{2 * int(m.group(3))}}}"))
     if re.fullmatch(r"-?\d+", gold):
         out.append(("off_by_one", str(int(gold) + 1)))
     t = re.fullmatch(r"\((-?\d+),\s*(-?\d+)\)", gold)
@@ -150,6 +155,46 @@ def make_pairs(n: int, seed: int) -> list[tuple[str, str, str, bool]]:
 TARGETED = ("mixed_to_improper", "improper_to_mixed", "reordered_list", "mixed_as_product")
 
 
+# ------------------------------------------------------------------------------- the restatement scan (--scan)
+
+# A math span of a question, as a policy would copy it: $...$, $$...$$, \(...\), or an arithmetic expression
+SPANS = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|[\d(][\d\s.,()]*(?:[-+*/×÷^][\d\s.,()]*)+[\d)]", re.DOTALL)
+_FULL_WIDTH = str.maketrans("0123456789", "０１２３４５６７８９")
+
+
+def padded(span: str) -> list[str]:
+    """A span and its padded copies: what a policy refused for copying the question tries next."""
+    return [span, span + " \\cdot 1", span + " + 0", re.sub(r"(?<![\d.])(\d+)", r"0\1", span, count=1),
+            re.sub(r"(?<![\d.])(\d+)(?![\d.])", r"\1.0", span, count=1), span.translate(_FULL_WIDTH)]
+
+
+def restatement_scan(names=("arith", "gsm8k", "math", "math500"), every: int = 1, timing: dict | None = None) -> dict:
+    """{(dataset, split): (questions scanned, [(id, boxed copy, gold) that scored 1])}: every `every`-th question of
+    every split, each of its math spans boxed as it is and padded (`padded`), the gold's own form excepted (a span
+    whose canonical tree is the gold's). `timing`, when given, gets the worst seconds of one `reward.score` call."""
+    out = {}
+    for name in names:
+        for split in ("train", "test") if name != "math500" else ("test",):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                examples = data.load(name, split, levels=[1, 2, 3, 4, 5] if name == "arith" else None)[::every]
+            copied = []
+            for e in examples:
+                gold = reward.canonical(e.answer)
+                for m in SPANS.finditer(e.question):
+                    span = next((g for g in m.groups() if g is not None), m.group(0))
+                    if reward.canonical(span) == gold:
+                        continue
+                    for copy in padded(span):
+                        start = time.perf_counter()
+                        if reward.score(f"\\boxed{{{copy}}}", e.answer, e.question) == 1.0:
+                            copied.append((e.id, copy, e.answer))
+                        if timing is not None:
+                            timing["worst"] = max(timing.get("worst", 0.0), time.perf_counter() - start)
+            out[(name, split)] = (len(examples), copied)
+    return out
+
+
 def references(drgrpo_path: str | None) -> dict:
     """The independent graders, each a function (completion, gold) -> bool; imported here: dev-only dependencies."""
     from math_verify import parse, verify
@@ -171,7 +216,16 @@ def main() -> None:
     parser.add_argument("--drgrpo", default=None, help="path to drgrpo_grader.py, the second reference")
     parser.add_argument("--show", type=int, default=30, help="disagreements to print per reference")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scan", action="store_true", help="instead: the restatement scan of every question of every "
+                        "split, padded copies included (no reference grader needed)")
     args = parser.parse_args()
+    if args.scan:
+        timing = {}
+        for (name, split), (n, copied) in restatement_scan(timing=timing).items():
+            print(f"{name} {split}: {n} questions, {len({c[0] for c in copied})} answered by a (padded) copy "
+                  f"{copied[:3]}")
+        print(f"worst reward.score time in the scan: {timing['worst'] * 1000:.1f} ms")
+        return
     pairs = make_pairs(args.pairs, args.seed)
     graders = references(args.drgrpo)
 

@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 import data
-from backend import bf16
+from backend import bf16, threads
 import expo
 import reward
 import rollout
@@ -208,4 +208,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    threads.use_this_process_cpus()  # its CPU affinity's, or OMP_NUM_THREADS
     main()

@@ -899,6 +899,43 @@ def test_seeds_vary_training_and_never_evaluation(tiny_dir, tmp_path, monkeypatc
                          "1", "--resume"))
 
 
+@pytest.mark.exercise2
+def test_the_logged_entropy_is_the_mean_over_the_scored_completion_tokens(tiny_dir, tmp_path):
+    """metrics.jsonl's `entropy`: the sampling distribution's entropy (at T) averaged over the completion tokens of the
+    rollouts the policy gradient scored -- never the padding after an EOS, nor divided by rows it did not score."""
+    t = train.Trainer(train.parse_args(_args(tiny_dir, tmp_path, "--method", "grpo", "--temperature", "0.5",
+                                             "--grad_accum", "1")))  # one micro-batch: its rows share a width
+    fixed_rollouts(t, TWO_TEXTS, [[1, 0], [0, 0]])  # question 0 mixed: its rows are scored; question 1 all wrong: not
+    part = t.rollouts(t.train_set[:2])[0].select([0, 1])  # rows of unequal length: padding after the shorter's EOS
+    with torch.no_grad():
+        logits = rollout.completion_logits(t.model, part.prompt_ids, part.prompt_mask, part.completion_ids) / 0.5
+        entropy = torch.logsumexp(logits, -1) - (logits.softmax(-1) * logits).sum(-1)  # [2, T]
+    expected = float((entropy * part.completion_mask).sum() / part.completion_mask.sum())
+    assert t.grpo_step(t.train_set[:2])["entropy"] == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.exercise7
+def test_every_score_of_a_completion_gets_its_question(tiny_dir, tmp_path, monkeypatch):
+    """Wherever a completion is scored -- training rewards, self-explanations, samples.md, DPO's pairs, evaluation's
+    pass@k, lab.analyze -- the checker is given the question, so a restated question scores 0 everywhere (dropped at
+    one call site, "the answer is 81 \\times 56" earns reward again there)."""
+    from lab import analyze
+    seen, real_score, real_refused = [], reward.score, reward.refused
+    monkeypatch.setattr(reward, "score", lambda text, gold, question=None: seen.append(question) or
+                        real_score(text, gold, question))
+    monkeypatch.setattr(reward, "refused", lambda text, gold, question=None: seen.append(question) or
+                        real_refused(text, gold, question))
+    for method in ("expo", "expo_dpo"):
+        t = train.Trainer(train.parse_args(_args(tiny_dir, tmp_path / method, "--method", method)))
+        t.update(t.train_set[:2])
+        t.evaluate("before")
+        questions = {e.question for e in t.train_set[:2] + t.eval_set}
+    analyze.measure(t.model, t.tokenizer, t.train_set[:2], k=2, max_new_tokens=4)
+    analyze.pass_at_k_curve(t.model, t.tokenizer, t.train_set[:2], 2, 4, 0.7, 0)
+    questions |= {e.question for e in t.train_set[:2]}
+    assert seen and all(q in questions for q in seen), f"scored without its question: {[q for q in seen if q is None]}"
+
+
 def test_the_papers_settings_are_the_defaults():
     """Where each default comes from; a change here changes what `python train.py` reproduces."""
     cfg = train.parse_args([])

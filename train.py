@@ -24,7 +24,6 @@ Design choices, each for a reason:
 from __future__ import annotations
 
 import itertools
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ import dpo
 import expo
 import reward
 import rollout
+from backend import threads
 from engine import checkpoint, distributed, report
 from engine.cli import option, parser_for
 from engine.run import Run, timed
@@ -314,6 +314,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    if "OMP_NUM_THREADS" not in os.environ:  # set it (e.g. to 1) to share the CPU with another job
-        torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    threads.use_this_process_cpus()  # its CPU affinity's, or OMP_NUM_THREADS
     main()

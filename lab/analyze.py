@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 import data
-from backend import bf16
+from backend import bf16, threads
 import evaluate
 import expo
 import reward
@@ -281,6 +281,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    if "OMP_NUM_THREADS" not in __import__("os").environ:  # set it (e.g. to 1) to share the CPU
-        torch.set_num_threads(max(1, __import__("os").cpu_count() or 1))
+    threads.use_this_process_cpus()  # its CPU affinity's, or OMP_NUM_THREADS
     main()

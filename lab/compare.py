@@ -34,6 +34,7 @@ import math
 from dataclasses import asdict
 from pathlib import Path
 
+from backend import threads
 from engine import checkpoint
 import train
 
@@ -267,9 +268,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    import os
-
-    import torch
-    if "OMP_NUM_THREADS" not in os.environ:  # set it (e.g. to 1) to share the CPU with another job
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    threads.use_this_process_cpus()  # its CPU affinity's, or OMP_NUM_THREADS
     main()

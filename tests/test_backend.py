@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 
 import pytest
 import torch
@@ -10,8 +11,8 @@ import torch
 import expo
 import rollout
 import train
-from backend import bf16, decode
-from conftest import TWO_TEXTS, _args, _steps, fixed_rollouts, tiny_llama
+from backend import bf16, decode, memory, threads
+from conftest import HERE, TWO_TEXTS, _args, _steps, fixed_rollouts, tiny_llama
 from variants import tis
 
 
@@ -289,3 +290,54 @@ def test_tis_weight_is_exactly_one_when_the_sampler_is_the_trainer(tiny_dir, tmp
     assert all(s["mismatch_k3"] > 0 and s["mismatch_max_ratio"] > 1 for s in _steps(tmp_path / "bf16"))
     emulated = "" if bf16.is_native(torch.device("cpu")) else " (bf16 emulated on this CPU: slower than fp32)"
     assert f"sampling from a bf16 copy of the policy{emulated}, training in fp32," in capsys.readouterr().out
+
+
+@pytest.mark.exercise10
+@pytest.mark.parametrize("train_dtype", ["bf16", "fp32"])
+def test_every_trainer_forward_pass_runs_under_the_trainers_autocast(tiny_dir, tmp_path, monkeypatch, train_dtype):
+    """With --train_dtype bf16 every forward pass of an update -- the policy gradient's log-probs, the self-explanation
+    targets', the KL's frozen reference, ExP-DPO's policy and reference, the fkl teacher -- runs under bf16 autocast,
+    and with fp32 none does: a pass scored outside the autocast mixes two roundings in one loss."""
+    seen, real = [], rollout.completion_logits
+    monkeypatch.setattr(rollout, "completion_logits", lambda *a, **kw: seen.append(
+        torch.is_autocast_enabled("cpu")) or real(*a, **kw))
+    for method, flags in (("expo", ["--kl_coef", "0.1"]), ("expo_dpo", []), ("expo", ["--explain_loss", "fkl"])):
+        t = train.Trainer(train.parse_args(_args(tiny_dir, tmp_path / f"{method}{flags}", "--method", method,
+                                                 "--train_dtype", train_dtype, *flags)))
+        fixed_rollouts(t, TWO_TEXTS, [[1, 0], [0, 1]])  # mixed groups: a policy gradient, targets, pairs
+        t.update(t.train_set[:2])
+    assert len(seen) >= 8 and set(seen) == {train_dtype == "bf16"}, seen
+
+
+def test_row_chunked_scoring_recomputes_when_any_input_needs_a_gradient(monkeypatch):
+    """memory.by_rows keeps a chunk's fp32 intermediates for backward only through activation checkpointing, and
+    decides it on *any* input needing a gradient: fkl's (teacher, student) pair has its gradient in the second."""
+    calls, real = [], memory.checkpoint
+    monkeypatch.setattr(memory, "checkpoint", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    teacher, student = torch.randn(6, 3, 5), torch.randn(6, 3, 5, requires_grad=True)  # [rows, T, V]
+    out = memory.by_rows(lambda t, s: (t.softmax(-1) * s.log_softmax(-1)).sum(-1), (teacher, student), rows_per_chunk=2)
+    out.sum().backward()
+    assert len(calls) == 3 and student.grad is not None, "a chunk kept its intermediates, or lost its gradient"
+    calls.clear()
+    memory.by_rows(lambda t, s: t + s, (teacher, student.detach()), rows_per_chunk=2)
+    assert not calls, "recomputed although nothing needs a gradient"
+
+
+def test_torch_threads_follow_the_process_cpu_affinity_not_the_machine(monkeypatch):
+    """A 2-core slot of a 64-core machine runs 2 threads (os.cpu_count() would give 64 threads fighting over 2 cores),
+    and every command line sets them through backend/threads.py: no other file counts the machine's CPUs."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: 64)
+    before = torch.get_num_threads()
+    try:
+        threads.use_this_process_cpus()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    sources = {p: p.read_text() for p in [*HERE.glob("*.py"), *HERE.glob("*/*.py")]
+               if p.parent.name not in ("tests", "docs") and not p.name.startswith(("test_", "conftest"))}
+    assert not [p.name for p, text in sources.items() if re.search(r"cpu_count\(|set_num_threads\(", text)
+                and p.name != "threads.py"], "a command line counts the machine's CPUs itself"
+    for name in ("train.py", "evaluate.py", "lab/analyze.py", "lab/compare.py"):
+        assert "threads.use_this_process_cpus()" in (HERE / name).read_text().split('if __name__ == "__main__":')[1]

@@ -1,6 +1,7 @@
 """The run around the step (engine/): the run folder, checkpoints, exact --resume, SIGTERM, locks, torchrun, LoRA."""
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -15,12 +16,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import data
+import dpo
+import evaluate
 import expo
 import reward
 import rollout
 import train
 from conftest import HERE, RESUME_ARGS, _args, _steps, tiny_llama
-from engine import checkpoint, lora
+from engine import checkpoint, lora, run
 from lab import compare
 
 
@@ -504,3 +508,161 @@ def test_compare_figure_has_one_legend_outside_the_panels(tmp_path, monkeypatch)
     fig = seen["fig"]
     assert [ax.get_legend() for ax in fig.axes] == [None] * len(fig.axes), "a legend inside a panel"
     assert [t.get_text() for t in fig.legends[0].get_texts()] == ["initial", "expo", "grpo"]
+
+
+# ---------------------------------------------------------------------------------------- what the run says of itself
+
+SUMMARY_REWARDS = [[[0, 0], [0, 0], [0, 0]], [[1, 0], [0, 0], [0, 0]], [[1, 1], [0, 0], [1, 0]]]  # [step][question][g]
+
+
+@pytest.mark.exercise7
+@pytest.mark.parametrize("drop", [False, True])
+def test_the_closing_summary_counts_what_the_steps_logged(tiny_dir, tmp_path, monkeypatch, capsys, drop):
+    """On a run with known groups and explanations, every count the closing summary prints is the truth and the sum of
+    metrics.jsonl's: the steps in which *every* group was all wrong (not any), the groups read as [questions, G] (not
+    [G, questions]), the explanations cut off (every one the budget stopped, whatever --drop_truncated then does) and
+    those that reached the gold (counts, not shares times a batch)."""
+    def rollouts(self, batch):  # 3 questions x G = 2; explanations: one right, one finished and wrong, one cut off
+        G = self.cfg.num_generations
+        roll = rollout.encode_targets(self.tokenizer, [expo.solve_prompt(e.question) for e in batch for _ in range(G)],
+                                      [f"try {g}" for _ in batch for g in range(G)], self.turn_end)
+        roll.prompt_index = torch.arange(len(batch)).repeat_interleave(G)
+        explanations = rollout.encode_targets(self.tokenizer, [expo.explain_prompt(e.question, e.answer) for e in batch],
+                                              [f"So \\boxed{{{batch[0].answer}}}.", "No idea.", "So the sum is"],
+                                              self.turn_end)
+        explanations.truncated = torch.tensor([False, False, True])
+        return roll, torch.tensor(SUMMARY_REWARDS[self.step], dtype=torch.float).view(-1), explanations
+    monkeypatch.setattr(train.Trainer, "rollouts", rollouts)
+    train.main(_args(tiny_dir, tmp_path, "--batch_size", "3", "--steps", "3", "--no-eval_before",
+                     *["--drop_truncated"] * drop))
+    out, steps = capsys.readouterr().out, _steps(tmp_path)
+    assert [s["all_wrong"] for s in steps] == pytest.approx([1, 2 / 3, 1 / 3])
+    assert [s["all_right"] for s in steps] == pytest.approx([0, 0, 1 / 3])
+    assert sum(s["explain_cut_off"] for s in steps) == 3 and sum(s["explain_reached"] for s in steps) == 3
+    assert [s["explain_truncated"] for s in steps] == pytest.approx([1 / 3] * 3)
+    assert "GRPO's term was exactly zero in 1 of 3 steps" in out, out
+    assert "9 self-explanations sampled: 3 cut off by the budget, 3 reached the gold answer alone" in out, out
+    assert f"{6 if drop else 9} self-explanation targets trained on, beta = 0.04: 6 finished explanations, " \
+        f"{0 if drop else 3} cut off" in out, out
+
+
+# ------------------------------------------------------------------------------------- every flag reaches its reader
+
+
+def test_every_flag_of_train_py_is_read_by_the_code_that_runs():
+    """Every field of train.Config is read as `cfg.<name>` outside the parser: a flag added and never read would
+    parse, print in --help, and change nothing."""
+    import dataclasses
+    sources = "\n".join(p.read_text() for p in [*HERE.glob("*.py"), *HERE.glob("*/*.py")]
+                        if p.parent.name not in ("tests", "docs") and not p.name.startswith("test_"))
+    unread = [f.name for f in dataclasses.fields(train.Config) if not re.search(rf"\bcfg\.{f.name}\b", sources)]
+    assert not unread, unread
+
+
+def _beta_by_step(t, monkeypatch):
+    seen, real = [], expo.microbatch_loss
+    monkeypatch.setattr(expo, "microbatch_loss", lambda *a, **kw: seen.append((t.step, kw["beta"])) or real(*a, **kw))
+    for _ in range(2):
+        t.update(t.train_set[:2])
+        t.step += 1
+    return sorted(set(seen))
+
+
+def _eval_budget(t, monkeypatch):
+    seen, real = [], evaluate.evaluate
+    monkeypatch.setattr(evaluate, "evaluate", lambda model, tok, ex, k, temp, budget, **kw: seen.append(budget) or
+                        real(model, tok, ex, k, temp, budget, **kw))
+    t.evaluate("before")
+    return seen
+
+
+def _refresh_steps(t, monkeypatch):
+    stamps = []
+    for _ in range(4):  # the same two questions every step: their explanations renewed every --dpo_refresh steps
+        t.update(t.train_set[:2])
+        stamps.append(sorted(v[0] for v in dpo.cache(t).values()))
+        t.step += 1
+    return stamps
+
+
+FLAG_EFFECTS = [  # (flags, what the code that reads the flag saw, expected)
+    (["--expert_style", "rpn"], lambda t, mp: t.train_set[0].solution,
+     data.load("arith", "train", levels=[2], expert_style="rpn")[0].solution),
+    (["--beta_schedule", "linear", "--steps", "2"], _beta_by_step, [(0, 0.04), (1, 0.02)]),
+    (["--eval_max_new_tokens", "3"], _eval_budget, [3]),
+    (["--method", "expo_dpo", "--dpo_refresh", "2"], _refresh_steps, [[0, 0], [0, 0], [2, 2], [2, 2]]),
+]
+
+
+@pytest.mark.exercise10
+@pytest.mark.parametrize("flags, seen, expected", FLAG_EFFECTS, ids=[" ".join(row[0]) for row in FLAG_EFFECTS])
+def test_a_flag_reaches_the_code_that_reads_it(tiny_dir, tmp_path, monkeypatch, flags, seen, expected):
+    """Set the flag, observe it where it is consumed: the training set's expert text, the beta each step trains with,
+    the evaluation's budget, the step an ExP-DPO explanation was renewed at (a flag that stops at the parser fails)."""
+    two = tmp_path / "two.jsonl"  # ExP-DPO's renewal needs questions seen again: a dataset of two
+    two.write_text('{"question": "What is 2 + 3?", "answer": "5"}\n{"question": "What is 4 + 4?", "answer": "8"}\n')
+    extra = ["--dataset", str(two), "--eval_limit", "1"] if "--dpo_refresh" in flags else []
+    t = train.Trainer(train.parse_args(_args(tiny_dir, tmp_path / "run", *flags, *extra)))
+    try:
+        assert seen(t, monkeypatch) == expected
+    finally:
+        checkpoint.unlock(t.out)
+
+
+# ------------------------------------------------------------------------------------------------------- checkpoints
+
+
+def test_a_checkpoint_is_complete_only_when_every_file_it_needs_is_written(tiny_dir, tmp_path, monkeypatch):
+    """Kill the writer of a checkpoint between any two of its writes: the newest checkpoint `latest` then finds is
+    whole (weights, tokenizer, AdamW's state, trainer state) -- the earlier one, or the new one if it was done. (Writing
+    AdamW's state after the file that marks a checkpoint complete leaves a "complete" one without it.)"""
+    t = train.Trainer(train.parse_args(_args(tiny_dir, tmp_path, "--method", "grpo")))
+    t.step = 1
+    t.save()
+    real = {"save_file": checkpoint.save_file, "write_text": Path.write_text, "rename": Path.rename,
+            "model": type(t.model).save_pretrained, "tokenizer": type(t.tokenizer).save_pretrained}
+    for k in itertools.count(1):
+        writes = []
+
+        def crashing(name):
+            def write(*a, **kw):
+                writes.append(name)
+                if len(writes) == k:
+                    raise Killed(f"write {k} ({name})")
+                return real[name](*a, **kw)
+            return write
+        monkeypatch.setattr(checkpoint, "save_file", crashing("save_file"))
+        for cls, name, attr in ((Path, "write_text", "write_text"), (Path, "rename", "rename"),
+                                (type(t.model), "model", "save_pretrained"), (type(t.tokenizer), "tokenizer",
+                                                                              "save_pretrained")):
+            monkeypatch.setattr(cls, attr, crashing(name))
+        t.step = 2
+        try:
+            t.save()
+            done = True
+        except Killed:
+            done = False
+        monkeypatch.undo()
+        folder, state = checkpoint.latest(tmp_path)
+        files = {p.name for p in folder.iterdir()}
+        assert state["step"] in (1, 2) and {"model.safetensors", "tokenizer.json", "optimizer.safetensors",
+                                            "trainer_state.json"} <= files, (k, writes, sorted(files))
+        checkpoint.load_optimizer(folder, t.optimizer, state)
+        if done:
+            assert state["step"] == 2 and k > 4
+            break
+    checkpoint.unlock(t.out)
+
+
+@pytest.mark.exercise10
+def test_timed_checkpoints_come_every_save_every_minutes_on_a_fake_clock(tiny_dir, tmp_path, monkeypatch):
+    """--save_every_minutes 2.5 with a clock that advances a minute a step: a checkpoint after steps 3 and 6 (and the
+    final one), not after every step once the first timed save has happened (a timer never reset)."""
+    now, saved = [0.0], []
+    real_step, real_save = train.Trainer.train_step, train.Trainer.save
+    monkeypatch.setattr(run.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(train.Trainer, "train_step", lambda self: now.__setitem__(0, now[0] + 60) or real_step(self))
+    monkeypatch.setattr(train.Trainer, "save", lambda self: saved.append(self.step) or real_save(self))
+    train.main(_args(tiny_dir, tmp_path, "--method", "grpo", "--steps", "6", "--save_every_minutes", "2.5",
+                     "--no-eval_before", "--eval_limit", "1", "--eval_k", "1"))
+    assert saved == [3, 6, 6], saved

@@ -180,10 +180,10 @@ def test_compare_runs_a_variant_beside_a_method_under_its_own_name(tiny_dir, tmp
     assert "| `expo:explain_loss=rkl` | 0 |" in (tmp_path / "compare.md").read_text()
 
 
-def test_distance_figure_places_each_style_at_its_nll_ratio_with_its_seeds(tmp_path):
+def test_distance_figure_places_each_style_at_its_nll_ratio_with_its_seeds(tmp_path, monkeypatch):
     """lab/distance.py: a style's x is its expert NLL per token over the self-explanations' (not the other way, not
-    the raw NLL); each style lists its own seeds' pass@1 in order; expo and grpo are the bands; styles without runs
-    are left out; a --styles entry without a path is refused."""
+    the raw NLL); each style lists its own seeds' pass@1 in order, its mean a level bar at that x in the figure; expo
+    and grpo are the bands; styles without runs are left out; a --styles entry without a path is refused."""
     from lab import distance
 
     def analysis(expert, self_explanation):
@@ -200,8 +200,15 @@ def test_distance_figure_places_each_style_at_its_nll_ratio_with_its_seeds(tmp_p
         method("expo", [0.06, 0.07]), method("grpo", [0.02, 0.03]), method("grpo_sft_gt", [0.12, 0.10, 0.11]),
         method("grpo_sft_gt:expert_style=far", [0.0, 0.01, 0.02])]}
     (tmp_path / "compare.json").write_text(json.dumps(summary))
+    import matplotlib.figure
+    figures, real_save = [], matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **kw: figures.append(fig) or
+                        real_save(fig, *a, **kw))
     distance.main(["--compare", str(tmp_path / "compare.json"), "--base", str(tmp_path / "base.json"), "--styles",
                    f"far={tmp_path / 'far.json'}", f"none={tmp_path / 'none.json'}", "--out", str(tmp_path / "d")])
+    bars = {round(float(line.get_xdata()[0]) + 0.05, 2): list(line.get_ydata()) for line in figures[0].axes[0].lines
+            if len(line.get_xdata()) == 2 and line.get_xdata()[1] - line.get_xdata()[0] == pytest.approx(0.1)}
+    assert bars == {1.3: [pytest.approx(0.11)] * 2, 2.5: [pytest.approx(0.01)] * 2}, bars  # a style's mean, level
     rows = (tmp_path / "d.md").read_text().splitlines()[2:]
     assert rows[0].startswith("| `grpo_sft_gt`, worded | 1.30x | 0, 1, 2 | 0.120, 0.100, 0.110 |"), rows[0]
     assert rows[1].startswith("| `grpo_sft_gt`, far | 2.50x | 0, 1, 2 | 0.000, 0.010, 0.020 |"), rows[1]
@@ -210,3 +217,37 @@ def test_distance_figure_places_each_style_at_its_nll_ratio_with_its_seeds(tmp_p
     with pytest.raises(SystemExit):
         distance.main(["--compare", str(tmp_path / "compare.json"), "--base", str(tmp_path / "base.json"),
                        "--styles", "far", "--out", str(tmp_path / "e")])
+
+
+ANALYZE_FLAGS = [  # (flags, where the flag is read, what it must have received)
+    (["--expert_style", "rpn"], "load", ("expert_style", "rpn")), (["--n", "3"], "load", ("limit", 3)),
+    (["--seed", "5"], "load", ("seed", 5)), (["--split", "test"], "load", ("split", "test")),
+    (["--levels", "4"], "load", ("levels", [4])), (["--drop_truncated"], "measure", ("drop_truncated", True)),
+    (["--no_drop_leaks"], "measure", ("drop_leaks", False)), (["--k", "3"], "measure", ("k", 3)),
+    (["--max_new_tokens", "7"], "measure", ("max_new_tokens", 7)), (["--temperature", "0.9"], "measure",
+                                                                    ("temperature", 0.9)),
+    (["--explain_hint", "step_by_step"], "measure", ("explain_hint", "step_by_step")),
+    (["--explain_temperature", "0.6"], "measure", ("explain_temperature", 0.6)),
+    (["--pass_k", "2"], "pass_at_k", ("n", 2)),
+]
+
+
+@pytest.mark.parametrize("flags, reader, expected", ANALYZE_FLAGS, ids=[" ".join(r[0]) for r in ANALYZE_FLAGS])
+def test_every_flag_of_lab_analyze_reaches_the_code_that_reads_it(tiny_dir, monkeypatch, flags, reader, expected):
+    """lab.analyze's flags arrive where they are read: the question set (data.load), the measurement (`measure`), the
+    pass@k curve. (Its --expert_style once stopped at the parser: the analysis measured the worded solutions.)"""
+    seen, real_load = {}, data.load
+
+    def load(name, split, **kw):
+        seen["load"] = {"split": split, **kw}
+        return real_load(name, split, **kw)
+    monkeypatch.setattr(analyze.data, "load", load)
+    monkeypatch.setattr(analyze, "measure", lambda model, tok, ex, k, max_new_tokens, temperature, seed, **kw:
+                        seen.setdefault("measure", dict(k=k, max_new_tokens=max_new_tokens, temperature=temperature,
+                                                        **kw)) and {})
+    monkeypatch.setattr(analyze, "pass_at_k_curve", lambda model, tok, ex, n, *a: seen.setdefault("pass_at_k", {"n": n})
+                        and {})
+    monkeypatch.setattr(analyze, "table", lambda result: "")
+    analyze.main(["--model", str(tiny_dir), "--n", "2", *flags])
+    key, value = expected
+    assert seen[reader][key] == value, seen[reader]

@@ -224,6 +224,7 @@ HEDGES = [
     ("What is 60 + 8?", "68", "\\boxed{69} or \\boxed 68", 0.0), ("What is 60 + 8?", "68", "\\boxed{69} \\text{ or } \\boxed{68}", 0.0),
     ("What is 60 + 8?", "68", "The answer is $68$ (or $69$).", 0.0), ("What is 60 + 8?", "68", "The answer is $68$ or so.", 0.0),
     ("What is 60 + 8?", "68", "The answer is 68 or more.", 0.0), ("How far?", "5", "\\boxed{5 cm or more}", 0.0),
+    ("How far?", "5", "The answer is 5 cm tall.", 0.0),  # every bare word after a value a unit, not any of them
     ("What is 60 + 8?", "68", "\\boxed{68 \\text{ or } 69}", 0.0),
     ("Solve $x^2 = 4$.", "2, -2", "\\boxed{x = 2 \\text{ or } x = -2}", 1.0),  # solutions, not a hedge
     ("What is 60 + 8?", "68", "\\boxed{68}, or \\boxed{68.0}", 1.0),  # one value twice

@@ -585,17 +585,19 @@ def _refresh_steps(t, monkeypatch):
     return stamps
 
 
+STEPS = pytest.mark.exercise10  # the rows that run steps or evaluations
 FLAG_EFFECTS = [  # (flags, what the code that reads the flag saw, expected)
-    (["--expert_style", "rpn"], lambda t, mp: t.train_set[0].solution,
-     data.load("arith", "train", levels=[2], expert_style="rpn")[0].solution),
-    (["--beta_schedule", "linear", "--steps", "2"], _beta_by_step, [(0, 0.04), (1, 0.02)]),
-    (["--eval_max_new_tokens", "3"], _eval_budget, [3]),
-    (["--method", "expo_dpo", "--dpo_refresh", "2"], _refresh_steps, [[0, 0], [0, 0], [2, 2], [2, 2]]),
+    pytest.param(["--expert_style", "rpn"], lambda t, mp: t.train_set[0].solution,
+                 data.load("arith", "train", levels=[2], expert_style="rpn")[0].solution, id="--expert_style rpn"),
+    pytest.param(["--beta_schedule", "linear", "--steps", "2"], _beta_by_step, [(0, 0.04), (1, 0.02)], marks=STEPS,
+                 id="--beta_schedule linear"),
+    pytest.param(["--eval_max_new_tokens", "3"], _eval_budget, [3], marks=STEPS, id="--eval_max_new_tokens 3"),
+    pytest.param(["--method", "expo_dpo", "--dpo_refresh", "2"], _refresh_steps, [[0, 0], [0, 0], [2, 2], [2, 2]],
+                 marks=STEPS, id="--dpo_refresh 2"),
 ]
 
 
-@pytest.mark.exercise10
-@pytest.mark.parametrize("flags, seen, expected", FLAG_EFFECTS, ids=[" ".join(row[0]) for row in FLAG_EFFECTS])
+@pytest.mark.parametrize("flags, seen, expected", FLAG_EFFECTS)
 def test_a_flag_reaches_the_code_that_reads_it(tiny_dir, tmp_path, monkeypatch, flags, seen, expected):
     """Set the flag, observe it where it is consumed: the training set's expert text, the beta each step trains with,
     the evaluation's budget, the step an ExP-DPO explanation was renewed at (a flag that stops at the parser fails)."""

@@ -56,7 +56,7 @@ RULES = {
 MAX_ANSWER_CHARS = 1000  # a longer "answer" is compared as a plain string: no real answer is that long
 MAX_DEPTH = 40  # nesting the parser accepts
 MAX_EXACT_BITS = 16_000  # an exact value of more bits (~5,000 digits) goes on as a float
-WORK_BUDGET = 200_000  # units of work a call may spend (a real answer spends a few hundred)
+WORK_BUDGET = 6_000  # units of work a call may spend (a real answer spends a few hundred; a unit is ~1-5 us)
 REL_TOL = 1e-9
 # where expressions in variables are compared: spread out, so that domains like x >= 2 still leave several points
 SAMPLE_POINTS = (0.5377, 1.8339, 2.2588, 0.8622, 1.3188, 3.5784, 4.7131, 6.2832, 9.4247, 12.5664, 25.1327)
@@ -111,9 +111,9 @@ class _Work:
     spent = largest = 0
 
     def spend(self, units: int = 1) -> None:
-        self.spent += units
-        if self.spent > WORK_BUDGET:
+        if self.spent + units > WORK_BUDGET:
             raise _OutOfWork
+        self.spent += units
 
 
 class _OutOfWork(Exception):

@@ -195,6 +195,29 @@ def restatement_scan(names=("arith", "gsm8k", "math", "math500"), every: int = 1
     return out
 
 
+# Strings a policy (or a bug) could hand the checker: long, deeply nested, huge exact values, chains of fractions, up
+# to 100,000 characters (a run's longest completion is --max_new_tokens tokens: a few thousand characters).
+HOSTILE = ["\\boxed{" * 20000, "{" * 50000 + "}" * 50000, "10^{10^{10^{10}}}", "2^{2^{2^{2^{2^{2}}}}}", "9" * 100000,
+           "(" * 3000 + "1" + ")" * 3000, "\\sqrt{" * 3000 + "2" + "}" * 3000, "5 " + "aa " * 30000 + "!", "1," * 40000,
+           "x^" * 20000, "\\frac" * 20000, "The answer is " * 5000, "#### " + "\\frac{1}{2}" * 8000,
+           "=".join(f"\\frac{{{7 ** 40 + i}}}{{{11 ** 40 + i}}}" for i in range(12)),
+           "*".join(["99^{4999}"] * 25), "\\sqrt{" * 39 + "2" + "}" * 39, "(x+1)" * 150, "1 \\pm " * 200 + "1"]
+
+
+def worst_times(texts=HOSTILE) -> tuple[float, float]:
+    """(worst wall seconds, worst CPU seconds) of one checker call over `texts`, each as the completion, the gold and
+    the question, boxed and bare, after a warm-up call."""
+    reward.score("\\boxed{1}", "1", "What is 1?")
+    wall = cpu = 0.0
+    for text in texts:
+        for call in (lambda: reward.score("\\boxed{" + text + "}", text, text), lambda: reward.score(text, "1", text),
+                     lambda: reward.is_equiv(text, text)):
+            start, start_cpu = time.perf_counter(), time.process_time()
+            call()
+            wall, cpu = max(wall, time.perf_counter() - start), max(cpu, time.process_time() - start_cpu)
+    return wall, cpu
+
+
 def references(drgrpo_path: str | None) -> dict:
     """The independent graders, each a function (completion, gold) -> bool; imported here: dev-only dependencies."""
     from math_verify import parse, verify
@@ -224,7 +247,9 @@ def main() -> None:
         for (name, split), (n, copied) in restatement_scan(timing=timing).items():
             print(f"{name} {split}: {n} questions, {len({c[0] for c in copied})} answered by a (padded) copy "
                   f"{copied[:3]}")
-        print(f"worst reward.score time in the scan: {timing['worst'] * 1000:.1f} ms")
+        wall, cpu = worst_times()
+        print(f"worst reward.score time in the scan: {timing['worst'] * 1000:.1f} ms; on the hostile strings "
+              f"(HOSTILE): {wall * 1000:.1f} ms ({cpu * 1000:.1f} ms of CPU)")
         return
     pairs = make_pairs(args.pairs, args.seed)
     graders = references(args.drgrpo)

@@ -300,21 +300,7 @@ def test_score_uses_extraction_and_equivalence():
     assert reward.score("So, the answer is \\boxed{81 \\times 56}.", "4536") == 0.0
 
 
-ADVERSARIAL = [
-    "\\boxed{" * 20000,
-    "{" * 50000 + "}" * 50000,
-    "10^{10^{10^{10}}}",
-    "2^{2^{2^{2^{2^{2}}}}}",
-    "9" * 100000,
-    "(" * 3000 + "1" + ")" * 3000,
-    "\\sqrt{" * 3000 + "2" + "}" * 3000,
-    "5 " + "aa " * 30000 + "!",
-    "1," * 40000,
-    "x^" * 20000,
-    "\\frac" * 20000,
-    "The answer is " * 5000,
-    "#### " + "\\frac{1}{2}" * 8000,
-]
+ADVERSARIAL = verify_agreement.HOSTILE
 
 
 @pytest.mark.exercise3

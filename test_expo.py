@@ -299,6 +299,21 @@ def test_explanation_targets_and_leak_filter():
 
 
 @pytest.mark.exercise7
+@pytest.mark.parametrize("explanation, truncated, target", [
+    ("48 + 8 = 56.\nSo 56 + 1 = 5", True, "48 + 8 = 56.\nThe answer is \\boxed{56}."),  # the half-written line goes
+    ("We add 48 and 8, which gives 5", True, "The answer is \\boxed{56}."),  # no finished line: the answer line alone
+    ("48 + 8 = 56.\nSo 56 + 1 = 5", False, "48 + 8 = 56.\nSo 56 + 1 = 5\nThe answer is \\boxed{56}."),  # finished
+    ("48 + 8 = 56, so \\boxed{56}. Then 56 +", True, "48 + 8 = 56, so \\boxed{56}."),  # boxed: the box rule
+])
+def test_a_cut_off_explanation_keeps_its_finished_lines_only(explanation, truncated, target):
+    """A self-explanation the budget cut off, without a box, keeps its finished lines and then "The answer is
+    \\boxed{gold}.": never a sum broken off mid-way followed by another number."""
+    assert expo.explanation_target(explanation, "56", truncated) == target
+    targets, counts = expo.self_explanation_targets([explanation], ["56"], [truncated])
+    assert targets == [target] and counts["targets_finished"] == (not truncated)
+
+
+@pytest.mark.exercise7
 @pytest.mark.parametrize("explanation, target", [
     ("so $\\boxed{7}$. Done", "so $\\boxed{85}$."),
     ("\\[\n\\boxed{5}\n\\]\nThus we are done.", "\\[\n\\boxed{85}\n\\]"),

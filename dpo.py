@@ -32,11 +32,7 @@ def step(t, batch: list[data.Example]) -> dict:
         roll, rewards, _ = t.rollouts(batch)
     scores = rewards.tolist()
     chosen, chosen_stats = chosen_responses(t, batch)
-    pairs = []  # (question, chosen text, rejected text): the first wrong rollout of the question
-    for i, e in enumerate(batch):
-        wrong = [roll.texts[i * G + j] for j in range(G) if scores[i * G + j] == 0]
-        if chosen[i] is not None and wrong:
-            pairs.append((e.question, chosen[i], wrong[0]))
+    pairs = preference_pairs(batch, chosen, roll.texts, scores, G)
     (n_pairs,) = distributed.all_sum([float(len(pairs))], t.ranks)  # the step's denominator: every rank's pairs
     loss_dpo = 0.0
     with timed(times, "t_update"):
@@ -60,6 +56,18 @@ def step(t, batch: list[data.Example]) -> dict:
         grad_norm = t.optimizer_step()
     return {**report.sampling_stats(roll, rewards, None, G, times["t_sample"], batch), **chosen_stats, **times,
             "pairs": len(pairs), "loss_dpo": loss_dpo, "grad_norm": grad_norm}
+
+
+def preference_pairs(batch: list[data.Example], chosen: list[str | None], texts: list[str], scores: list[float],
+                     G: int) -> list[tuple[str, str, str]]:
+    """(question, chosen, rejected) per question that has a chosen response and a wrong rollout: the first wrong one
+    of its G rows (`texts` [B*G], `scores` their rewards)."""
+    pairs = []
+    for i, e in enumerate(batch):
+        wrong = [texts[i * G + j] for j in range(G) if scores[i * G + j] == 0]
+        if chosen[i] is not None and wrong:
+            pairs.append((e.question, chosen[i], wrong[0]))
+    return pairs
 
 
 def pair_batch(t, questions: tuple[str, ...], chosen: tuple[str, ...], rejected: tuple[str, ...]) -> rollout.Rollouts:

@@ -87,7 +87,7 @@ def test_the_readmes_size_promise_is_the_counted_one():
 
 # The house's floors, from the bottom: a module imports only from its own floor or the floors beneath it.
 FLOORS = [("reward", "data"), ("backend",), ("expo", "rollout"), ("evaluate",), ("engine",), ("variants",),
-          ("dpo", "train"), ("lab",)]
+          ("dpo", "train"), ("lab",), ("scale",)]
 
 
 def test_imports_only_go_down_the_floors_and_the_lab_uses_only_public_names():

@@ -163,8 +163,9 @@ def table(before: dict, after: dict | None, k: int) -> str:
 
     names = [("all", before["all"], after["all"] if after else None)]
     for key in ("level", "subject"):
+        groups = {str(g): v for g, v in after.get(key, {}).items()} if after else {}  # a logged `before`: str keys
         for group, b in before.get(key, {}).items():
-            names.append((f"{key} {group}"[:12], b, after[key][group] if after else None))
+            names.append((f"{key} {group}"[:12], b, groups.get(str(group))))
     for name, b, a in names:
         lines.append(f"{name:>12} {b['n']:>5}" + "".join(f" {cell(b, a, c):>14}" for c in columns))
     return "\n".join(lines)

@@ -244,7 +244,7 @@ class Run:
             print(f"{cfg.method} on {cfg.dataset}, {levels}: {len(self.train_set)} train / {len(self.eval_set)} eval "
                   f"questions, device {self.device}, {self.ranks.world} process(es) of {torch.get_num_threads()} "
                   f"thread(s), sampling from {sampler}, training {trainer}, output {self.out}", flush=True)
-        before = self.evaluate("before") if self.step == 0 and cfg.eval_before else None
+        before = self.evaluate("before") if self.step == 0 and cfg.eval_before else self.logged_before()
         try:
             with self.signals:
                 self.loop()
@@ -331,6 +331,13 @@ class Run:
         records = [json.loads(line) for line in open(path)] if self.ranks.main and path.exists() else []
         logged = any("eval" in r and r["step"] == step and r["eval"] != "after" for r in records)
         return bool(distributed.all_sum([float(logged)], self.ranks)[0])  # every rank takes the same decision
+
+    def logged_before(self) -> dict | None:
+        """A resumed run's "before" evaluation, as metrics.jsonl logged it, so that its closing lines compare against
+        it as the uninterrupted run's do (None if it made none)."""
+        path = self.out / "metrics.jsonl"
+        records = [json.loads(line) for line in open(path)] if self.ranks.main and path.exists() else []
+        return next((r for r in records if r.get("eval") == "before"), None)
 
     def evaluate(self, label: str) -> dict | None:
         """pass@k on the eval set, logged; rank 0 evaluates while the other ranks wait."""

@@ -70,9 +70,10 @@ def _resume_and_match(tiny_dir, out, uninterrupted_run):
 
 @pytest.mark.exercise10
 @pytest.mark.parametrize("cut", ["clean", "crash_mid_swap", "crash_after_checkpoint"])
-def test_resume_reproduces_the_uninterrupted_run(tiny_dir, tmp_path, uninterrupted_run, monkeypatch, cut):
+def test_resume_reproduces_the_uninterrupted_run(tiny_dir, tmp_path, uninterrupted_run, monkeypatch, capsys, cut):
     """A run stopped after 2 steps (cleanly, or killed mid-checkpoint, or killed later) and resumed to 4 steps has the
-    uninterrupted run's weights and the same log: every step once, one before and one after evaluation."""
+    uninterrupted run's weights and the same log: every step once, one before and one after evaluation; its closing
+    lines compare against the logged "before" evaluation, as the uninterrupted run's do."""
     out = tmp_path / "cut"
     if cut == "clean":
         train.main(_args(tiny_dir, out, *RESUME_ARGS, "--steps", "2"))
@@ -86,9 +87,12 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_dir, tmp_path, uninterrupt
             assert not (out / "checkpoint").exists() and checkpoint.latest(out)[1]["step"] == 2
         else:
             assert [s["step"] for s in _steps(out)] == [0, 1, 2]  # step 2 was logged after its checkpoint
+    capsys.readouterr()
     _resume_and_match(tiny_dir, out, uninterrupted_run)
-    evals = [json.loads(line)["eval"] for line in open(out / "metrics.jsonl") if '"eval"' in line]
-    assert evals == ["before", "after"]
+    evals = [json.loads(line) for line in open(out / "metrics.jsonl") if '"eval"' in line]
+    assert [e["eval"] for e in evals] == ["before", "after"]
+    before, after = (e["all"]["pass@1"] for e in evals)
+    assert f"pass@1 {before:.3f} -> {after:.3f}" in capsys.readouterr().out
     headings = re.findall(r"^## step (\d+)$", (out / "samples.md").read_text(), re.MULTILINE)
     assert headings == ["0", "1", "2", "3"]
     assert not (out / ".checkpoint-tmp").exists() and not (out / ".checkpoint-old").exists()

@@ -136,12 +136,12 @@ class ExPOTrainer(GRPOTrainer):
 
     @contextlib.contextmanager
     def _sampling_temperature(self, temperature: float):
-        """TRL samples at args.temperature from its generation config (transformers) or vLLM's parameters."""
-        holders = [h for h in (getattr(self, "generation_config", None), getattr(self, "vllm_generation", None)) if
-                   h is not None and hasattr(h, "temperature")]
-        kwargs = getattr(self, "generation_kwargs", None) if isinstance(getattr(self, "generation_kwargs", None),
-                                                                         dict) else {}
-        saved = [h.temperature for h in holders], kwargs.get("temperature")
+        """Sample at `temperature` in this block: TRL reads args.temperature from its generation config and kwargs
+        (transformers) or from its vLLM generator; each is set here and restored after."""
+        kwargs = getattr(self, "generation_kwargs", None) or {}
+        holders = [h for h in (getattr(self, "generation_config", None), getattr(self, "vllm_generation", None))
+                   if hasattr(h, "temperature")]
+        saved, saved_kwarg = [h.temperature for h in holders], kwargs.get("temperature")
         for h in holders:
             h.temperature = temperature
         if "temperature" in kwargs:
@@ -149,10 +149,10 @@ class ExPOTrainer(GRPOTrainer):
         try:
             yield
         finally:
-            for h, t in zip(holders, saved[0]):
+            for h, t in zip(holders, saved):
                 h.temperature = t
             if "temperature" in kwargs:
-                kwargs["temperature"] = saved[1]
+                kwargs["temperature"] = saved_kwarg
 
     def _compute_loss(self, model, inputs):
         """Step 3: TRL's GRPO loss + expo_beta * the targets' NLL at T = 1, over the step's target tokens."""

@@ -78,13 +78,14 @@ def trl_step(tiny_dir, tmp_path, beta, loss_type, scale_rewards, grad_accum):
     trainer = trl_expo.ExPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_dir), args=config,
                                    reward_funcs=trl_expo.correctness, train_dataset=Dataset.from_list(rows),
                                    processing_class=AutoTokenizer.from_pretrained(tiny_dir))
-    seen = {}
+    seen, temperatures = {}, set()
 
     def generate(prompt_ids, *_):
         out = []
         for ids in prompt_ids:
             text = trainer._tokenizer.decode(ids)
             k = seen[text] = seen.get(text, -1) + 1
+            temperatures.add(("The correct final answer is" in text, trainer.generation_config.temperature))
             out.append(trainer._tokenizer(completion_of(text, k), add_special_tokens=False).input_ids +
                        [trainer.turn_end])
         return out, None
@@ -97,6 +98,7 @@ def trl_step(tiny_dir, tmp_path, beta, loss_type, scale_rewards, grad_accum):
         part_loss = trainer.compute_loss(trainer.model, part)
         part_loss.backward()
         loss += part_loss.item()
+    assert temperatures == {(False, 0.7)} | ({(True, 0.3)} if beta else set())  # rollouts, explanations
     return loss, {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
 
 
@@ -110,7 +112,8 @@ def trl_step(tiny_dir, tmp_path, beta, loss_type, scale_rewards, grad_accum):
 def test_trl_expo_trainer_gives_our_steps_loss_and_gradients(tiny_dir, tmp_path, monkeypatch, beta, norm, loss_type,
                                                              adv_scale, scale_rewards, grad_accum):
     """beta = 0: TRL's own GRPO loss against our --method grpo; beta = 0.04: ExPOTrainer against --method expo. A wrong
-    sign or a wrong denominator of the added term (its tokens counted per micro-batch) breaks the 1e-5 agreement."""
+    sign or a wrong denominator of the added term (its tokens counted per micro-batch) breaks the 1e-5 agreement; the
+    self-explanations are asked of TRL's generation at explain_temperature (0.3), the rollouts at temperature (0.7)."""
     ours_loss, ours = our_step(tiny_dir, tmp_path, monkeypatch, "expo" if beta else "grpo", beta, norm, adv_scale)
     trl_loss, theirs = trl_step(tiny_dir, tmp_path, beta, loss_type, scale_rewards, grad_accum)
     assert trl_loss == pytest.approx(ours_loss, abs=1e-5)

@@ -428,40 +428,18 @@ class _Parser:
         return tree
 
     def atom(self) -> tuple:
+        """One operand: a number, a constant, a variable, a bracket, \\frac / \\binom, a root, a function, a matrix, or
+        the math inside \\text{}."""
         _WORK.spend()
         tok = self.take()
         if tok[0].isdigit() or tok[0] == ".":
-            if self.peek() != "_" or not tok.isdigit():
-                return ("n", Fraction(tok), "dec" if "." in tok else "int")
-            self.take()  # 1011_2, 1011_{2}: a number in base b
-            base = self.group()
-            if base[0] != "n" or not 2 <= base[1] <= 36 or any(int(d, 36) >= base[1] for d in tok):
-                raise _ParseError
-            return ("base", tok.lstrip("0") or "0", int(base[1]))
+            return self.number(tok)
         if tok in ("\\pi", "\\infty"):
             return ("c", tok[1:3])
-        if tok.isalpha() and len(tok) > 1:  # `xy`: a product of one-letter variables; a longer word is text
-            if len(tok) > 3 or tok.lower() in UNITS | NOT_UNITS:
-                raise _ParseError
-            return functools.reduce(lambda a, b: ("*", a, b), [("v", c) for c in tok])
         if tok.isalpha() or tok[1:] in _GREEK:
-            if self.peek() != "_":
-                return ("v", tok)
-            self.take()  # x_1, a_{10}
-            index = self.take()
-            while index.count("{") > index.count("}") and self.peek() is not None:
-                index += self.take()
-            return ("v", f"{tok}_{index.strip('{}')}")
-        if tok in ("(", "[", "{", "\\{"):  # a parenthesis; a tuple or interval: (1, 2], [0, 5); a set
-            inner = ("list", ()) if tok + (self.peek() or "") == "\\{\\}" else self.answer()
-            close = self.take(*{"(": (")", "]"), "[": (")", "]"), "{": ("}",), "\\{": ("\\}",)}[tok])
-            if tok == "\\{":
-                return ("set", inner[1] if inner[0] in ("list", "or") else (inner,))
-            if inner[0] == "list" and tok != "{":
-                return ("tuple", tok + close, inner[1])
-            if tok + close in ("(]", "[)"):
-                raise _ParseError
-            return inner
+            return self.variable(tok)
+        if tok in ("(", "[", "{", "\\{"):
+            return self.bracket(tok)
         if tok in ("\\frac", "\\binom"):
             return ("/" if tok == "\\frac" else "binom", self.group(), self.group())
         if tok == "\\sqrt":
@@ -473,18 +451,58 @@ class _Parser:
             return ("root", self.group(), index)
         if tok in _FUNCTIONS:
             return ("f", tok, self.factor())
-        if tok == "⟦":  # a matrix: rows (⏎) of entries (&)
-            rows = [[self.sum()]]
-            while self.peek() in ("&", "⏎"):
-                if self.take() == "⏎" and self.peek() != "⟧":  # a row ends (the last may end in ⏎ too)
-                    rows.append([])
-                if self.peek() != "⟧":
-                    rows[-1].append(self.sum())
-            self.take("⟧")
-            return ("matrix", tuple(map(tuple, rows)))
+        if tok == "⟦":
+            return self.matrix()
         if tok[:6] == "\\text{":  # \text{(C)}, \text{5}: the math inside; else the answer is text
             return _Parser(_tokenize(clean(tok[6:-1]))).parse()
         raise _ParseError
+
+    def number(self, tok: str) -> tuple:
+        """12, 0.5, or a number in base b: 1011_2, 1011_{2}."""
+        if self.peek() != "_" or not tok.isdigit():
+            return ("n", Fraction(tok), "dec" if "." in tok else "int")
+        self.take()
+        base = self.group()
+        if base[0] != "n" or not 2 <= base[1] <= 36 or any(int(d, 36) >= base[1] for d in tok):
+            raise _ParseError
+        return ("base", tok.lstrip("0") or "0", int(base[1]))
+
+    def variable(self, tok: str) -> tuple:
+        """x, \\alpha, x_1, a_{10}; `xy` is a product of one-letter variables; a longer word is text."""
+        if tok.isalpha() and len(tok) > 1:
+            if len(tok) > 3 or tok.lower() in UNITS | NOT_UNITS:
+                raise _ParseError
+            return functools.reduce(lambda a, b: ("*", a, b), [("v", c) for c in tok])
+        if self.peek() != "_":
+            return ("v", tok)
+        self.take()
+        index = self.take()
+        while index.count("{") > index.count("}") and self.peek() is not None:
+            index += self.take()
+        return ("v", f"{tok}_{index.strip('{}')}")
+
+    def bracket(self, tok: str) -> tuple:
+        """A parenthesis; a tuple or an interval: (1, 2], [0, 5); a set: \\{1, 2\\}."""
+        inner = ("list", ()) if tok + (self.peek() or "") == "\\{\\}" else self.answer()
+        close = self.take(*{"(": (")", "]"), "[": (")", "]"), "{": ("}",), "\\{": ("\\}",)}[tok])
+        if tok == "\\{":
+            return ("set", inner[1] if inner[0] in ("list", "or") else (inner,))
+        if inner[0] == "list" and tok != "{":
+            return ("tuple", tok + close, inner[1])
+        if tok + close in ("(]", "[)"):
+            raise _ParseError
+        return inner
+
+    def matrix(self) -> tuple:
+        """A matrix: rows (⏎) of entries (&), up to ⟧."""
+        rows = [[self.sum()]]
+        while self.peek() in ("&", "⏎"):
+            if self.take() == "⏎" and self.peek() != "⟧":  # a row ends (the last may end in ⏎ too)
+                rows.append([])
+            if self.peek() != "⟧":
+                rows[-1].append(self.sum())
+        self.take("⟧")
+        return ("matrix", tuple(map(tuple, rows)))
 
 
 def _settle(tree: tuple) -> tuple:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import dpo
 import expo
@@ -48,8 +49,10 @@ def write_pairs(t: train.Trainer) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     """train.py's flags (--method is expo_dpo; --dpo_refresh 0); the pairs go to OUTPUT_DIR/pairs.jsonl."""
-    cfg = train.parse_args([*(sys.argv[1:] if argv is None else argv), "--method", "expo_dpo", "--dpo_refresh", "0"])
-    cfg.output_dir = cfg.output_dir if "--output_dir" in (argv or sys.argv) else "runs/expo_dpo-pairs"
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = train.parse_args([*argv, "--method", "expo_dpo", "--dpo_refresh", "0"])
+    if not any(a.split("=")[0] == "--output_dir" for a in argv):  # not the folder an ExP-DPO training run would take
+        cfg.output_dir = f"runs/expo_dpo-pairs-{Path(cfg.dataset).stem}"
     t = train.Trainer(cfg)
     print(f"{write_pairs(t)} pairs from {cfg.steps} steps of {cfg.batch_size} questions: {t.out / 'pairs.jsonl'}")
 

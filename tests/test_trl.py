@@ -10,6 +10,7 @@ import torch
 import data
 import dpo
 import expo
+import reward
 import rollout
 import train
 from conftest import _args
@@ -125,7 +126,8 @@ def test_trl_expo_trainer_gives_our_steps_loss_and_gradients(tiny_dir, tmp_path,
 @pytest.mark.exercise9
 def test_the_trl_preference_pairs_are_the_pairs_our_expo_dpo_trains_on(tiny_dir, tmp_path, monkeypatch):
     """scale.dpo_pairs writes, for step 0, the (question, self-explanation, own wrong answer) pairs that our ExP-DPO
-    step trains on at step 0 (spied where dpo.step encodes them), in TRL's conversational preference format."""
+    step trains on at step 0 (spied where dpo.step encodes them), in TRL's conversational preference format; chosen is
+    the self-explanation target (on the gold), rejected an own wrong answer, never the other way round."""
     flags = ["--method", "expo_dpo", "--steps", "1", "--batch_size", "4", "--num_generations", "2"]
     trained = []
     encode = dpo.pair_batch
@@ -133,6 +135,9 @@ def test_the_trl_preference_pairs_are_the_pairs_our_expo_dpo_trains_on(tiny_dir,
     t = train.Trainer(train.parse_args(_args(tiny_dir, tmp_path / "run", *flags)))
     t.train_step()  # step 0, as the run's loop makes it
     assert trained, "the tiny model's step made no pairs: the comparison would say nothing"
+    gold = {e.question: e.answer for e in t.train_set}
+    for question, chosen, rejected in trained:  # chosen: a target ending on the gold; rejected: an own wrong answer
+        assert f"\\boxed{{{gold[question]}}}" in chosen and reward.score(rejected, gold[question], question) == 0
     dpo_pairs.main(_args(tiny_dir, tmp_path / "pairs", *flags))
     rows = [json.loads(line) for line in open(tmp_path / "pairs" / "pairs.jsonl")]
     assert rows == [dpo_pairs.trl_row(*pair) for pair in trained]
